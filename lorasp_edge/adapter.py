@@ -1,0 +1,402 @@
+"""The LoRA-SP adapter: PEFT's LoRA plus per-matrix freezing masks.
+
+For every adapted linear layer with frozen base weight W0 (d_out x d_in):
+
+    y = W0 x + (alpha / r) * B (A x)          A: r x d_in (Kaiming-uniform), B: d_out x r (zeros)
+    trainable(A) = ~M_A,  trainable(B) = ~M_B  (masks: lorasp_edge.masks)
+
+PEFT does the injection (float, bitsandbytes 8-bit and 4-bit bases, GPT-2's Conv1D), the forward
+and the on-disk format. LoRA-SP adds, in one place (`_attach_masks`):
+- a non-persistent bool buffer `lorasp_trainable` on each `lora_A` / `lora_B` Linear;
+- a gradient hook that zeroes the frozen entries' gradient, so clipping, logging and the
+  data-parallel all-reduce see trainable entries only (one masked select per LoRA matrix per
+  backward: negligible beside the base matmuls);
+and `lorasp_edge.optim.MaskedAdamW`, which keeps AdamW state for trainable entries only and never
+writes a frozen entry, so frozen entries keep their value bit for bit.
+
+Adapter folder: PEFT's `adapter_config.json` + `adapter_model.safetensors` (so
+`PeftModel.from_pretrained(base, dir)` works without lorasp-edge), plus `lorasp.json` (ratio,
+seed, schedule, base, plan summary) and `lorasp_masks.safetensors` (bit-packed frozen masks).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorasp_edge import masks as masklib
+from lorasp_edge.errors import AdapterError
+
+ADAPTER_NAME = "default"
+LORASP_FILE = "lorasp.json"
+MASKS_FILE = "lorasp_masks.safetensors"
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+FORMAT = "lorasp-edge/1"
+
+
+@dataclass
+class LoRASPConfig:
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    ratio: float = field(default=0.5, metadata={"help": "share of each LoRA matrix frozen (paper: 0.5)"})
+    seed: int = 0
+    target_modules: list[str] | str = "all-linear"
+    layers: list[int] | None = field(default=None, metadata={"help": "decoder layers adapted; None = all"})
+    redraw_every: int = field(default=0, metadata={"help": "redraw masks every K optimizer steps; 0 = fixed"})
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.rank < 1:
+            found.append(f"rank must be >= 1, not {self.rank}")
+        if not 0.0 <= self.ratio < 1.0:
+            found.append(f"ratio must be in [0, 1), not {self.ratio}")
+        if not 0.0 <= self.dropout < 1.0:
+            found.append(f"dropout must be in [0, 1), not {self.dropout}")
+        if self.redraw_every < 0:
+            found.append(f"redraw_every must be >= 0, not {self.redraw_every}")
+        return found
+
+
+# ------------------------------------------------------------------------------- injection
+
+
+def apply_lorasp(model: nn.Module, config: LoRASPConfig):
+    """Wrap `model` (a transformers causal LM, float or bitsandbytes 4/8-bit) in a LoRA-SP PeftModel.
+
+    Every base parameter is frozen; LoRA A/B are trainable tensors whose frozen entries the masks
+    name. LoRA init draws from a generator seeded by `config.seed`, so the caller's RNG is untouched.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    problems = config.problems()
+    if problems:
+        raise ValueError("; ".join(problems))
+    lora_config = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=config.target_modules,
+        layers_to_transform=list(config.layers) if config.layers is not None else None,
+        bias="none",
+        task_type="CAUSAL_LM",
+        fan_in_fan_out=_uses_conv1d(model),
+    )
+    _disable_bnb_cpu_repack(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        peft_model = get_peft_model(model, lora_config)
+    _attach_masks(peft_model, config, draw=0)
+    peft_model.lorasp_config = config
+    return peft_model
+
+
+def _uses_conv1d(model: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return any(isinstance(module, Conv1D) for module in model.modules())
+
+
+def _disable_bnb_cpu_repack(model: nn.Module) -> None:
+    """bitsandbytes 0.50 on AVX512-BF16 CPUs repacks a Linear4bit weight on any eval-mode no-grad
+    forward, after which backward silently returns no input gradient (LoRA grads of earlier layers
+    become None while the loss still falls). Turning the fast path off keeps gradients flowing."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def lora_layers(peft_model) -> dict[str, nn.Module]:
+    """Adapted layers by their qualified name in the base model (e.g. 'model.layers.0.self_attn.q_proj')."""
+    from peft.tuners.lora import LoraLayer
+
+    base = peft_model.get_base_model()
+    return {name: module for name, module in base.named_modules() if isinstance(module, LoraLayer)}
+
+
+def lora_matrices(peft_model) -> list[tuple[str, str, nn.Linear]]:
+    """(qualified layer name, "A"|"B", the Linear holding that matrix) for every adapted layer."""
+    found = []
+    for name, layer in lora_layers(peft_model).items():
+        found.append((name, "A", layer.lora_A[ADAPTER_NAME]))
+        found.append((name, "B", layer.lora_B[ADAPTER_NAME]))
+    return found
+
+
+def _attach_masks(peft_model, config: LoRASPConfig, draw: int) -> None:
+    for name, part, linear in lora_matrices(peft_model):
+        frozen = masklib.draw_frozen_mask(linear.weight.shape, config.ratio, config.seed, name, part, draw)
+        _set_trainable_mask(linear, ~frozen)
+
+
+def _set_trainable_mask(linear: nn.Linear, trainable: torch.Tensor) -> None:
+    trainable = trainable.to(linear.weight.device)
+    if hasattr(linear, "lorasp_trainable"):
+        # In place: the optimizer and the gradient hook hold this very tensor.
+        linear.lorasp_trainable.copy_(trainable)
+        return
+    linear.register_buffer("lorasp_trainable", trainable, persistent=False)
+    if linear.weight.requires_grad:
+        linear.weight.register_hook(lambda grad, linear=linear: grad * linear.lorasp_trainable)
+
+
+def redraw_masks(peft_model, draw: int) -> None:
+    """Redraw every mask (the every-K-steps schedule). Frozen entries keep their current values;
+    the optimizer must drop its state (`MaskedAdamW.reset_state`), since it indexes trainable entries."""
+    _attach_masks(peft_model, peft_model.lorasp_config, draw)
+    peft_model.lorasp_draw = draw
+
+
+def trainable_masks(peft_model) -> dict[nn.Parameter, torch.Tensor]:
+    """Each LoRA parameter and its bool trainable mask (the optimizer's view)."""
+    return {linear.weight: linear.lorasp_trainable for _, _, linear in lora_matrices(peft_model)}
+
+
+def count_parameters(peft_model) -> dict[str, int]:
+    """lora: all LoRA entries; trainable: those LoRA-SP trains; frozen_lora: the rest; base: base model."""
+    lora = sum(linear.weight.numel() for _, _, linear in lora_matrices(peft_model))
+    trainable = sum(int(mask.sum()) for mask in trainable_masks(peft_model).values())
+    lora_ids = {id(linear.weight) for _, _, linear in lora_matrices(peft_model)}
+    base = sum(_numel(p) for p in peft_model.parameters() if id(p) not in lora_ids)
+    return {"lora": lora, "trainable": trainable, "frozen_lora": lora - trainable, "base": base}
+
+
+def _numel(parameter: nn.Parameter) -> int:
+    # A bitsandbytes Params4bit stores two 4-bit values a byte: count what it stands for.
+    shape = getattr(getattr(parameter, "quant_state", None), "shape", None)
+    return int(torch.Size(shape).numel()) if shape is not None else parameter.numel()
+
+
+# ------------------------------------------------------------------------------- save / load
+
+
+def save_adapter(peft_model, out_dir: str | Path, info: dict | None = None) -> Path:
+    """Write the adapter folder atomically: a temp folder beside `out_dir`, renamed at the end."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    config: LoRASPConfig = peft_model.lorasp_config
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        peft_model.save_pretrained(tmp, safe_serialization=True)
+        packed = {f"{name}.lora_{part}": masklib.pack(~linear.lorasp_trainable) for name, part, linear in lora_matrices(peft_model)}
+        save_file(packed, str(tmp / MASKS_FILE), metadata={"format": FORMAT})
+        record = {
+            "format": FORMAT,
+            **asdict(config),
+            "draw": getattr(peft_model, "lorasp_draw", 0),
+            "schedule": "redraw every %d steps" % config.redraw_every if config.redraw_every else "fixed",
+            **(info or {}),
+        }
+        (tmp / LORASP_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        for path in tmp.iterdir():
+            _fsync(path)
+        _replace_dir(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Swap `new` into `target`; the old folder is removed only after the new one is in place."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
+
+
+def read_adapter_info(adapter_dir: str | Path) -> dict:
+    """The validated contents of `lorasp.json`, with PEFT's config under 'peft_config'."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise AdapterError(f"{adapter_dir}: no such adapter folder")
+    for name in (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, LORASP_FILE, MASKS_FILE):
+        if not (adapter_dir / name).is_file():
+            raise AdapterError(f"{adapter_dir / name}: missing (not a lorasp-edge adapter folder?)")
+    info = _read_json(adapter_dir / LORASP_FILE)
+    peft_config = _read_json(adapter_dir / PEFT_CONFIG_FILE)
+    for key, kind in (("rank", int), ("alpha", (int, float)), ("ratio", (int, float)), ("seed", int)):
+        if not isinstance(info.get(key), kind):
+            raise AdapterError(f"{adapter_dir / LORASP_FILE}: field '{key}' is missing or not a number")
+    if peft_config.get("r") != info["rank"]:
+        raise AdapterError(f"{adapter_dir / PEFT_CONFIG_FILE}: rank r={peft_config.get('r')} disagrees with lorasp.json rank={info['rank']}")
+    info["peft_config"] = peft_config
+    return info
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise AdapterError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise AdapterError(f"{path}: unreadable ({error})") from None
+    if not isinstance(data, dict):
+        raise AdapterError(f"{path}: expected a JSON object")
+    return data
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as error:  # safetensors raises several types for truncated or corrupt files
+        raise AdapterError(f"{path}: corrupt or truncated safetensors file ({str(error).splitlines()[0]})") from None
+
+
+def load_adapter(base_model: nn.Module, adapter_dir: str | Path, trainable: bool = False):
+    """Attach a saved LoRA-SP adapter to `base_model`, after checking every tensor against it."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    info = read_adapter_info(adapter_dir)
+    weights = _read_safetensors(adapter_dir / PEFT_WEIGHTS_FILE)
+    packed_masks = _read_safetensors(adapter_dir / MASKS_FILE)
+    _check_against_base(base_model, weights, info, adapter_dir / PEFT_WEIGHTS_FILE)
+
+    _disable_bnb_cpu_repack(base_model)
+    peft_model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=trainable)
+    config = LoRASPConfig(**{key: info[key] for key in LoRASPConfig.__dataclass_fields__ if key in info})
+    peft_model.lorasp_config = config
+    peft_model.lorasp_draw = int(info.get("draw", 0))
+    for name, part, linear in lora_matrices(peft_model):
+        key = f"{name}.lora_{part}"
+        if key not in packed_masks:
+            raise AdapterError(f"{adapter_dir / MASKS_FILE}: no mask for {key}")
+        frozen = masklib.unpack(packed_masks[key], linear.weight.shape)
+        expected = masklib.draw_frozen_mask(linear.weight.shape, config.ratio, config.seed, name, part, peft_model.lorasp_draw)
+        if not torch.equal(frozen, expected):
+            raise AdapterError(f"{adapter_dir / MASKS_FILE}: mask {key} does not match seed {config.seed} and ratio {config.ratio}")
+        _set_trainable_mask(linear, ~frozen)
+    return peft_model
+
+
+def _check_against_base(base_model: nn.Module, weights: dict[str, torch.Tensor], info: dict, path: Path) -> None:
+    """Every adapter tensor must name a layer of this base with matching shapes."""
+    modules = dict(base_model.named_modules())
+    rank = info["rank"]
+    fan_in_fan_out = bool(info["peft_config"].get("fan_in_fan_out", False))
+    for key, tensor in weights.items():
+        prefix = "base_model.model."
+        if not key.startswith(prefix) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
+            raise AdapterError(f"{path}: unexpected tensor '{key}' (not a LoRA A/B weight)")
+        name, part = key[len(prefix) :].rsplit(".lora_", 1)
+        layer = modules.get(name)
+        if layer is None:
+            raise AdapterError(f"{path}: '{name}' does not exist in the base model (adapter trained on another model?)")
+        d_in, d_out = _linear_shape(layer, fan_in_fan_out)
+        expected = (rank, d_in) if part.startswith("A") else (d_out, rank)
+        if tuple(tensor.shape) != expected:
+            raise AdapterError(
+                f"{path}: {key} has shape {tuple(tensor.shape)} but this base model needs {expected} "
+                "(adapter trained on another model?)"
+            )
+        if not torch.isfinite(tensor).all():
+            raise AdapterError(f"{path}: {key} holds NaN or Inf values")
+
+
+def _linear_shape(layer: nn.Module, fan_in_fan_out: bool) -> tuple[int, int]:
+    if hasattr(layer, "in_features") and hasattr(layer, "out_features"):
+        return layer.in_features, layer.out_features
+    weight = getattr(layer, "weight", None)
+    if weight is None or weight.dim() != 2:
+        raise AdapterError(f"adapter targets '{type(layer).__name__}', which is not a linear layer")
+    return (weight.shape[0], weight.shape[1]) if fan_in_fan_out else (weight.shape[1], weight.shape[0])
+
+
+# ------------------------------------------------------------------------------------- merge
+
+
+def dequantized_weight(base_layer: nn.Module) -> torch.Tensor:
+    """The base layer's weight in fp32 (bitsandbytes 4/8-bit weights dequantized), as stored."""
+    from peft.utils.integrations import dequantize_bnb_weight, get_bnb_param_type
+
+    weight = base_layer.weight
+    if get_bnb_param_type(weight):
+        return dequantize_bnb_weight(weight, state=getattr(base_layer, "state", None)).float()
+    return weight.detach().float()
+
+
+def merged_state_dict(peft_model) -> dict[str, torch.Tensor]:
+    """The base model's state dict with W0 + (alpha/r) B A in every adapted layer, all fp32.
+
+    Computed in fp32 and finite-checked; quantized bases are dequantized first. Nothing in
+    `peft_model` changes. Keys are the plain model's, so the result loads with strict=True.
+    """
+    base = peft_model.get_base_model()
+    merged: dict[str, torch.Tensor] = {}
+    handled: set[str] = set()
+    for name, layer in lora_layers(peft_model).items():
+        base_layer = layer.get_base_layer()
+        weight = dequantized_weight(base_layer)
+        A = layer.lora_A[ADAPTER_NAME].weight.detach().float()
+        B = layer.lora_B[ADAPTER_NAME].weight.detach().float()
+        delta = (B @ A) * layer.scaling[ADAPTER_NAME]
+        merged_weight = weight + (delta.T if layer.fan_in_fan_out else delta)
+        if not torch.isfinite(merged_weight).all():
+            raise ValueError(f"merging {name} produced NaN or Inf")
+        merged[f"{name}.weight"] = merged_weight
+        if getattr(base_layer, "bias", None) is not None:
+            merged[f"{name}.bias"] = base_layer.bias.detach().float()
+        handled.add(name)
+    for name, module in base.named_modules():
+        if type(module).__name__ in ("Linear4bit", "Linear8bitLt") and not _under(name, handled):
+            merged[f"{name}.weight"] = dequantized_weight(module)
+            if module.bias is not None:
+                merged[f"{name}.bias"] = module.bias.detach().float()
+            handled.add(name)
+    for key, tensor in base.state_dict().items():
+        if not _under(key, handled):
+            merged[key] = tensor.detach().float() if tensor.is_floating_point() else tensor.detach()
+    return {key: value.cpu().contiguous() for key, value in merged.items()}
+
+
+def _under(key: str, module_names: set[str]) -> bool:
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in module_names for i in range(1, len(parts) + 1))
+
+
+def merged_model(peft_model):
+    """A new plain fp32 model of the base's class holding the merged weights (input untouched)."""
+    import copy
+
+    base = peft_model.get_base_model()
+    config = copy.deepcopy(base.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    plain = type(base)(config).to(torch.float32)
+    state = merged_state_dict(peft_model)
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    # Tied weights (lm_head = embed_tokens) may appear under one name only.
+    tied = set(getattr(plain, "_tied_weights_keys", None) or [])
+    missing = [key for key in missing if key not in tied and not _is_tied_duplicate(plain, key)]
+    if missing or unexpected:
+        raise ValueError(f"merged weights do not fit the plain model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    plain.tie_weights()
+    return plain.eval()
+
+
+def _is_tied_duplicate(model: nn.Module, key: str) -> bool:
+    output = model.get_output_embeddings()
+    input_embeddings = model.get_input_embeddings()
+    return output is not None and key.endswith("weight") and output.weight is input_embeddings.weight
