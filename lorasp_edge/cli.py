@@ -12,7 +12,9 @@ budget, 4: export verification failed); they never print a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from lorasp_edge.errors import UserError
 
@@ -40,12 +42,88 @@ def _run_plan(args) -> int:
 
 
 def _add_train(subparsers) -> None:
-    parser = subparsers.add_parser("train", help="fine-tune with LoRA-SP within a memory plan")
+    parser = subparsers.add_parser(
+        "train",
+        help="fine-tune with LoRA-SP within a memory plan",
+        description=(
+            "Fine-tune a causal LM with LoRA-SP (LoRA with half of each adapter matrix frozen at random) from a "
+            "streamed data file, inside a memory plan. Data: JSONL with 'text', 'prompt'/'completion' (loss on the "
+            "completion only) or chat 'messages'; or plain .txt. Writes DIR/adapter (PEFT-loadable), DIR/plan.json, "
+            "DIR/metrics.jsonl, DIR/loss.png, DIR/summary.json and DIR/checkpoint.pt. Under torchrun it trains "
+            "data-parallel (one adapter, gradients averaged over ranks)."
+        ),
+    )
+    parser.add_argument("--model", help="base model: a bundled alias (smollm2-135m), a local HF folder or a hub id (default: the plan's model)")
+    parser.add_argument("--data", required=True, type=Path, help="training data (.jsonl or .txt), read lazily")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--plan", type=Path, help="plan file from 'lorasp-edge plan'")
+    budget.add_argument("--mem", help="plan here for this memory budget (e.g. 8GB, 6GiB); default: free memory")
+    parser.add_argument("--seq-len", type=int, help="tokens per block when planning here (default: the planner's)")
+    parser.add_argument("--batch", type=int, help="effective batch in blocks when planning here")
+    parser.add_argument("--eval-data", type=Path, help="held-out data: eval loss every --eval-every steps and at the end")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="optimizer steps")
+    length.add_argument("--epochs", type=float, help="passes over the data (default 1; steps estimated from the file size)")
+    parser.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4; warmup then cosine)")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay on trainable entries (default 0)")
+    parser.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 5%% of steps, at most 100)")
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping over trainable entries (default 1.0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for LoRA init, masks and data order (default 0)")
+    parser.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (default 50; 0: only at the end)")
+    parser.add_argument("--eval-every", type=int, default=0, help="eval every N steps with --eval-data (default: only at the end)")
+    parser.add_argument("--redraw-every", type=int, default=0, help="redraw LoRA-SP masks every K steps (default 0: fixed masks)")
+    parser.add_argument("--skip-bad-lines", action="store_true", help="count and skip malformed data lines instead of stopping")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint, exactly")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=_run_train)
 
 
 def _run_train(args) -> int:
-    raise UserError("train: not available yet")
+    from lorasp_edge.job import TrainRequest, run_training
+    from lorasp_edge.report import format_summary
+    from lorasp_edge.trainer import TrainSettings
+
+    settings = TrainSettings(
+        steps=args.steps,
+        epochs=args.epochs,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        max_grad_norm=args.max_grad_norm,
+        seed=args.seed,
+        save_every=args.save_every,
+        eval_every=args.eval_every,
+        redraw_every=args.redraw_every,
+        skip_bad_lines=args.skip_bad_lines,
+    )
+    request = TrainRequest(
+        data=args.data,
+        out=args.out,
+        model=args.model,
+        plan=args.plan,
+        mem_bytes=_memory_argument(args.mem) if args.mem else None,
+        seq_len=args.seq_len,
+        batch=args.batch,
+        eval_data=args.eval_data,
+        resume=args.resume,
+        device=args.device,
+        settings=settings,
+    )
+    summary = run_training(request, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_summary(summary))
+    if summary.get("stopped") in ("SIGINT", "SIGTERM"):
+        print(f"stopped by {summary['stopped']} at step {summary['steps']}: checkpoint written; continue with --resume", file=sys.stderr)
+        return 130 if summary["stopped"] == "SIGINT" else 143
+    return 0
+
+
+def _memory_argument(text: str) -> int:
+    from lorasp_edge.planner import parse_memory
+
+    return parse_memory(text)
 
 
 # -------------------------------------------------------------------------------------- export

@@ -1,0 +1,69 @@
+"""Causal-LM loss without full-sequence logits.
+
+The logits of a small model are often its largest tensor: SmolLM2-135M at batch 4 x 256 has a
+49152-wide vocabulary, so fp32 logits take 4 * 256 * 49152 * 4 B = 192 MiB a copy, and autograd
+keeps several copies (logits, log-softmax, their gradients). Here the decoder runs to its final
+hidden states; lm_head and the fp32 cross-entropy then run in chunks of `chunk_tokens` tokens,
+each chunk recomputed in backward (non-reentrant checkpoint). Only one chunk's logits live at a
+time: chunk_tokens x vocab x (compute-dtype logits + fp32 logits + fp32 gradient).
+
+    loss = sum over valid targets of CE(lm_head(h_t), x_{t+1}) / normalizer
+
+The caller passes `normalizer` (the number of valid targets in the whole optimizer step, over
+micro-batches and data-parallel ranks), so gradient accumulation and data parallelism give the
+same gradient as one big batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+def valid_targets(labels: torch.Tensor) -> int:
+    """Number of positions that carry a loss (labels shift left by one)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+class ChunkedCausalLMLoss(nn.Module):
+    """Wraps a (PEFT-wrapped) causal LM so that forward returns the summed chunked loss.
+
+    A module, not a function, so that DistributedDataParallel can wrap it: DDP's gradient
+    all-reduce hooks run only for forwards that go through the DDP wrapper.
+    """
+
+    def __init__(self, model: nn.Module, chunk_tokens: int = 256):
+        super().__init__()
+        self.model = model
+        self.chunk_tokens = chunk_tokens
+        transformer = _unwrap(model)
+        self.decoder = transformer.base_model  # e.g. LlamaModel, GPT2Model
+        self.lm_head = transformer.get_output_embeddings()
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, normalizer: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss / normalizer to backpropagate, summed loss detached)."""
+        hidden = self.decoder(input_ids=input_ids).last_hidden_state
+        hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        targets = labels[:, 1:].reshape(-1)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, targets.numel(), self.chunk_tokens):
+            end = start + self.chunk_tokens
+            if self.training and torch.is_grad_enabled():
+                total = total + checkpoint(self._chunk_loss, hidden[start:end], targets[start:end], use_reentrant=False)
+            else:
+                total = total + self._chunk_loss(hidden[start:end], targets[start:end])
+        return total / normalizer, total.detach()
+
+    def _chunk_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden).float()
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PeftModel (or the model itself)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
