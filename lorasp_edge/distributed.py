@@ -16,6 +16,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from lorasp_edge.errors import UserError
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
 
 @dataclass
 class World:
@@ -29,19 +36,29 @@ class World:
         return cls(device=device or torch.device("cpu"))
 
     @classmethod
-    def from_env(cls, device: torch.device, timeout_s: float = 300.0) -> "World":
+    def from_env(cls, device: torch.device) -> "World":
+        """torchrun's world, or a single process. LORASP_EDGE_DIST_TIMEOUT (seconds, default 300)
+        bounds every wait on another rank: rendezvous and each collective."""
         size = int(os.environ.get("WORLD_SIZE", "1"))
         if size <= 1:
             return cls.single(device)
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        timeout_s = float(os.environ.get("LORASP_EDGE_DIST_TIMEOUT", "300"))
         if device.type == "cuda":
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
         if not dist.is_initialized():
-            dist.init_process_group(
-                backend="nccl" if device.type == "cuda" else "gloo",
-                timeout=datetime.timedelta(seconds=timeout_s),
-            )
+            try:
+                dist.init_process_group(
+                    backend="nccl" if device.type == "cuda" else "gloo",
+                    timeout=datetime.timedelta(seconds=timeout_s),
+                )
+            except dist.DistError as error:
+                address = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+                raise UserError(
+                    f"rank {rank} of {size}: the other ranks did not join at {address} within {timeout_s:g} s "
+                    f"({_first_line(error)})"
+                ) from None
         return cls(rank=rank, size=size, local_rank=local_rank, device=device)
 
     @property

@@ -51,6 +51,9 @@ def run_training(request: TrainRequest, progress: bool = True) -> dict:
     world = World.from_env(device)
     try:
         return _run(request, world, progress)
+    except torch.distributed.DistError as error:
+        # A rank died or hung: every wait is bounded by the process group's timeout.
+        raise UserError(f"rank {world.rank} of {world.size}: lost contact with another rank ({str(error).strip().splitlines()[0][:200]})") from None
     finally:
         world.close()
 

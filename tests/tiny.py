@@ -1,0 +1,67 @@
+"""Tiny models and tokenizers for tests: built from a config, tokenizer trained here (no hub)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def corpus(lines: int = 400) -> list[str]:
+    """A learnable corpus: counting sequences and simple sentences."""
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    text = []
+    for i in range(lines):
+        start = i % 20
+        text.append(" ".join(str(n) for n in range(start, start + 12)))
+        text.append(" ".join(words[(i + k) % len(words)] for k in range(8)))
+    return text
+
+
+def train_tokenizer(vocab_size: int = 300):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(corpus(), trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
+
+
+def make_model_dir(path: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
+    """Save a tiny randomly initialised causal LM and a trained tokenizer into `path`."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = train_tokenizer()
+    vocab = len(tokenizer)
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        config = GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256, **overrides)
+        model = GPT2LMHeadModel(config)
+    else:
+        fields = dict(
+            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, **overrides,
+        )
+        model = (Qwen2ForCausalLM(Qwen2Config(**fields)) if arch == "qwen2" else LlamaForCausalLM(LlamaConfig(**fields)))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_text_jsonl(path: Path, lines: int = 400) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps({"text": line}) + "\n" for line in corpus(lines)))
+    return path
