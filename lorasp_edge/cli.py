@@ -130,24 +130,85 @@ def _memory_argument(text: str) -> int:
 
 
 def _add_export(subparsers) -> None:
-    parser = subparsers.add_parser("export", help="merge an adapter and export a verified ONNX model")
+    parser = subparsers.add_parser(
+        "export",
+        help="merge an adapter and export a verified ONNX model",
+        description=(
+            "Merge base + LoRA-SP adapter in fp32 (a 4/8-bit base is dequantized, as trained) and write OUT/hf "
+            "(Hugging Face folder), OUT/onnx (KV-cache decoder, optimum's names) and OUT/manifest.json. "
+            "onnxruntime is checked against PyTorch on every run; a failed check exits 4 and writes nothing."
+        ),
+    )
+    parser.add_argument("--adapter", required=True, type=Path, help="adapter folder written by `lorasp-edge train`")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--model", help="base model (bundled alias, local folder or hub id); default: the one the adapter names")
+    parser.add_argument("--format", default="both", choices=["onnx", "hf", "both"], help="what to write (default: both)")
+    parser.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
+                        help="also write OUT/onnx-int8 or OUT/onnx-int4 (MatMulNBits weight-only; default: none)")
+    parser.add_argument("--block-size", type=int, default=32, help="quantization block size (default: 32)")
+    parser.add_argument("--opset", type=int, help="ONNX opset, 14-20 (default: 17)")
+    parser.add_argument("--eval-text", type=Path, help="held-out text file for perplexity (default: the Python language reference)")
     parser.set_defaults(run=_run_export)
 
 
 def _run_export(args) -> int:
-    raise UserError("export: not available yet")
+    from lorasp_edge.exporter import ExportSettings, export
+
+    settings = ExportSettings(
+        adapter=args.adapter, out=args.out, model=args.model, format=args.format, quantize=args.quantize,
+        block_size=args.block_size, eval_text=args.eval_text, **({"opset": args.opset} if args.opset else {}),
+    )
+    report = export(settings, progress=lambda message: print(message, file=sys.stderr, flush=True))
+    manifest = report.manifest
+    print(f"exported to {report.out} in {report.seconds:.0f} s")
+    for name, size in manifest["files"].items():
+        if name != "fp32_parameters":
+            print(f"  {name:<10} {size / 1e6:9.1f} MB")
+    for name, check in manifest["verification"].items():
+        line = f"  {name:<10} max |logit diff| {check['max_abs_diff']:.2e} ({check['relative_diff']:.2e} of scale), greedy agreement {check['greedy_agreement']:.1%}"
+        if "perplexity_ratio" in check:
+            line += f", perplexity x{check['perplexity_ratio']:.3f}"
+        print(line)
+    for name, value in manifest["perplexity"].items():
+        if isinstance(value, float):
+            print(f"  perplexity {name:<10} {value:.2f}")
+    return 0
 
 
 # ------------------------------------------------------------------------------------ generate
 
 
 def _add_generate(subparsers) -> None:
-    parser = subparsers.add_parser("generate", help="generate text with an exported model (onnxruntime)")
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate text with an exported model (onnxruntime)",
+        description="Stream text from an export folder (its onnx/), any folder with model.onnx, or a merged Hugging Face folder.",
+    )
+    parser.add_argument("--model", required=True, type=Path, help="export folder, ONNX folder or Hugging Face folder")
+    parser.add_argument("--prompt", required=True, help="the prompt text")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="new tokens at most (default: 128)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     parser.set_defaults(run=_run_generate)
 
 
 def _run_generate(args) -> int:
-    raise UserError("generate: not available yet")
+    from lorasp_edge.generate import GenerateSettings, generate
+
+    settings = GenerateSettings(
+        model=args.model, prompt=args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_p=args.top_p, chat=args.chat, seed=args.seed,
+    )
+    result = generate(settings, on_text=lambda piece: print(piece, end="", flush=True))
+    print()
+    print(
+        f"{result.new_tokens} tokens in {result.total_seconds:.2f} s: {result.tokens_per_s:.1f} tokens/s "
+        f"({result.backend}, prompt {result.prompt_tokens} tokens, first token after {result.prefill_seconds:.2f} s)",
+        file=sys.stderr,
+    )
+    return 0
 
 
 # ---------------------------------------------------------------------------------------- main
@@ -169,8 +230,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Keep the terminal for lorasp-edge's own output: library notices that need no action go."""
+    import logging
+    import warnings
+
+    # bitsandbytes logs a warning on every import on AVX512-BF16 CPUs about an optional hub kernel.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_libraries()
     try:
         return int(args.run(args) or 0)
     except UserError as error:

@@ -114,6 +114,10 @@ def _run(request: TrainRequest, world: World, progress: bool) -> dict:
         _write_json(out / "plan.json", plan.to_dict())
 
     tokenizer = load_tokenizer(model_name)
+    # Malformed or too-short data is reported before the (slow) model load, not after it.
+    probe = PackedStream(request.data, tokenizer, plan.seq_len, skip_bad_lines=settings.skip_bad_lines, rank=world.rank, world_size=world.size)
+    probe.next_batch(plan.micro_batch)
+    probe.close()
     torch.manual_seed(settings.seed)
     model = build_model(plan, model_name, device=world.device, seed=settings.seed, redraw_every=settings.redraw_every)
     optimizer = build_optimizer(model, lr=settings.lr, weight_decay=settings.weight_decay)
