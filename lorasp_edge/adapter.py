@@ -193,6 +193,7 @@ def save_adapter(peft_model, out_dir: str | Path, info: dict | None = None) -> P
         record = {
             "format": FORMAT,
             **asdict(config),
+            "base_fingerprint": base_fingerprint(peft_model.get_base_model()),
             "draw": getattr(peft_model, "lorasp_draw", 0),
             "schedule": "redraw every %d steps" % config.redraw_every if config.redraw_every else "fixed",
             **(info or {}),
@@ -204,6 +205,19 @@ def save_adapter(peft_model, out_dir: str | Path, info: dict | None = None) -> P
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """A short hash that tells base models apart even when their shapes agree: the model type and
+    shape fields plus a corner of the input embeddings (which stay float in 4/8-bit bases), rounded
+    to bf16 so a float32 and a bfloat16 load of the same weights agree."""
+    import hashlib
+
+    config = model.config
+    fields = [getattr(config, key, None) for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")]
+    corner = model.get_input_embeddings().weight.detach()[:64, :16].to("cpu", torch.bfloat16).contiguous()
+    digest = hashlib.sha256(json.dumps(fields).encode() + corner.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _fsync(path: Path) -> None:
@@ -236,6 +250,8 @@ def read_adapter_info(adapter_dir: str | Path) -> dict:
     for key, kind in (("rank", int), ("alpha", (int, float)), ("ratio", (int, float)), ("seed", int)):
         if not isinstance(info.get(key), kind):
             raise AdapterError(f"{adapter_dir / LORASP_FILE}: field '{key}' is missing or not a number")
+    if info.get("base_quant_bits") not in (None, 4, 8):
+        raise AdapterError(f"{adapter_dir / LORASP_FILE}: base_quant_bits must be 4, 8 or null, not {info.get('base_quant_bits')!r}")
     if peft_config.get("r") != info["rank"]:
         raise AdapterError(f"{adapter_dir / PEFT_CONFIG_FILE}: rank r={peft_config.get('r')} disagrees with lorasp.json rank={info['rank']}")
     info["peft_config"] = peft_config
@@ -272,6 +288,12 @@ def load_adapter(base_model: nn.Module, adapter_dir: str | Path, trainable: bool
     weights = _read_safetensors(adapter_dir / PEFT_WEIGHTS_FILE)
     packed_masks = _read_safetensors(adapter_dir / MASKS_FILE)
     _check_against_base(base_model, weights, info, adapter_dir / PEFT_WEIGHTS_FILE)
+    expected = info.get("base_fingerprint")
+    if expected is not None and expected != base_fingerprint(base_model):
+        raise AdapterError(
+            f"{adapter_dir / LORASP_FILE}: the adapter was trained on another base model "
+            f"(base '{info.get('base_model', '?')}', fingerprint {expected}; this base: {base_fingerprint(base_model)})"
+        )
 
     _disable_bnb_cpu_repack(base_model)
     peft_model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=trainable)
@@ -352,7 +374,8 @@ def merged_state_dict(peft_model) -> dict[str, torch.Tensor]:
         B = layer.lora_B[ADAPTER_NAME].weight.detach().float()
         delta = (B @ A) * layer.scaling[ADAPTER_NAME]
         merged_weight = weight + (delta.T if layer.fan_in_fan_out else delta)
-        if not torch.isfinite(merged_weight).all():
+        # A NaN or Inf anywhere makes the sum non-finite; one reduction instead of a full bool mask.
+        if not torch.isfinite(merged_weight.sum()):
             raise ValueError(f"merging {name} produced NaN or Inf")
         merged[f"{name}.weight"] = merged_weight
         if getattr(base_layer, "bias", None) is not None:
@@ -393,6 +416,7 @@ def merged_model(peft_model):
     if missing or unexpected:
         raise ValueError(f"merged weights do not fit the plain model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     plain.tie_weights()
+    plain.generation_config = copy.deepcopy(base.generation_config)
     return plain.eval()
 
 

@@ -80,6 +80,7 @@ def _materialize_bundled(alias: str) -> Path:
     # save_pretrained refuses a GGUF-loaded model while its config still names the GGUF quantization.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    model.hf_quantizer = None
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
     try:

@@ -332,6 +332,11 @@ def test_wrong_base_model_is_refused(saved_adapter):
         load_adapter(tiny_gpt2(), saved_adapter)
 
 
+def test_same_shape_other_base_is_refused(saved_adapter):
+    with pytest.raises(AdapterError, match="trained on another base model"):
+        load_adapter(tiny_llama(seed=1), saved_adapter)
+
+
 def test_tampered_mask_is_refused(saved_adapter):
     from safetensors.torch import load_file, save_file
 

@@ -1,0 +1,296 @@
+"""Text generation with an exported model: onnxruntime over the KV-cache decoder graph, or a merged
+Hugging Face folder through transformers.
+
+    prompt -> prefill (whole prompt, empty cache) -> logits of the last position
+           -> pick a token (greedy at temperature 0, else temperature + nucleus sampling)
+           -> decode step (one token, the cache grows by one) -> ... until EOS or max_new_tokens
+
+Nucleus (top-p) sampling keeps the smallest set of most likely tokens whose probabilities sum to
+at least p (Holtzman et al., "The Curious Case of Neural Text Degeneration", ICLR 2020, section 3.1).
+Text is streamed as it is decoded; a piece that ends inside a multi-byte character is held back
+until the character completes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lorasp_edge.errors import UserError
+from lorasp_edge.onnx_export import ONNX_FILE, cache_keyword, io_names
+
+
+# ----------------------------------------------------------------------------- ONNX decoder
+
+
+class OnnxDecoder:
+    """An onnxruntime session over the decoder graph (optimum's names), one forward per call."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        path = Path(path)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise UserError(f"{path}: onnxruntime cannot load it ({str(error).splitlines()[0]})") from None
+        past_inputs = [item for item in self.session.get_inputs() if item.name.startswith("past_key_values.")]
+        if not past_inputs:
+            raise UserError(f"{path}: not a decoder graph with KV cache (no past_key_values.* inputs)")
+        self.num_layers = len(past_inputs) // 2
+        self.kv_heads, self.head_dim = int(past_inputs[0].shape[1]), int(past_inputs[0].shape[3])
+        self.input_names, self.output_names = io_names(self.num_layers)
+
+    def empty_cache(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for _ in range(2 * self.num_layers)]
+
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: list[np.ndarray]):
+        """Logits (batch, seq, vocab) and the grown cache."""
+        feed = dict(zip(self.input_names, [input_ids.astype(np.int64), attention_mask.astype(np.int64), position_ids.astype(np.int64), *past]))
+        logits, *present = self.session.run(self.output_names, feed)
+        return logits, present
+
+
+class OnnxStepper:
+    """Batch-1 generation state over an `OnnxDecoder`: prefill once, then one token a step."""
+
+    def __init__(self, decoder: OnnxDecoder):
+        self.decoder = decoder
+        self.past: list[np.ndarray] = []
+        self.length = 0
+
+    def prefill(self, token_ids: list[int]) -> np.ndarray:
+        ids = np.asarray([token_ids], dtype=np.int64)
+        self.length = len(token_ids)
+        logits, self.past = self.decoder(ids, np.ones_like(ids), np.arange(self.length)[None], self.decoder.empty_cache(1))
+        return logits[0, -1]
+
+    def step(self, token_id: int) -> np.ndarray:
+        self.length += 1
+        logits, self.past = self.decoder(
+            np.asarray([[token_id]]), np.ones((1, self.length), np.int64), np.asarray([[self.length - 1]]), self.past
+        )
+        return logits[0, -1]
+
+
+class TorchStepper:
+    """The same interface over a transformers model (a merged HF folder), with its DynamicCache."""
+
+    def __init__(self, model):
+        self.model = model
+        self.cache = None
+        self.length = 0
+
+    def _forward(self, ids: list[int]) -> np.ndarray:
+        import torch
+        from transformers import DynamicCache
+
+        if self.cache is None:
+            self.cache = DynamicCache(config=self.model.config)
+        start = self.length
+        self.length += len(ids)
+        with torch.inference_mode():
+            output = self.model(
+                input_ids=torch.tensor([ids]),
+                position_ids=torch.arange(start, self.length)[None],
+                use_cache=True,
+                **{cache_keyword(self.model): self.cache},
+            )
+        return output.logits[0, -1].float().numpy()
+
+    def prefill(self, token_ids: list[int]) -> np.ndarray:
+        self.cache, self.length = None, 0
+        return self._forward(list(token_ids))
+
+    def step(self, token_id: int) -> np.ndarray:
+        return self._forward([token_id])
+
+
+# ----------------------------------------------------------------------------------- sampling
+
+
+def pick_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """Greedy at temperature 0; otherwise softmax(logits / T) restricted to the top-p nucleus."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    scaled = logits.astype(np.float64) / temperature
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs, kind="stable")
+    cumulative = np.cumsum(probs[order])
+    keep = order[: int(np.searchsorted(cumulative, top_p) + 1)]  # smallest prefix reaching top_p
+    kept = probs[keep] / probs[keep].sum()
+    return int(keep[rng.choice(len(keep), p=kept)])
+
+
+def generate_ids(stepper, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 eos_ids: set[int] | frozenset = frozenset(), seed: int = 0) -> Iterator[int]:
+    """New token ids, one at a time, as they are chosen (stops after an EOS, which is not yielded)."""
+    rng = np.random.default_rng(seed)
+    logits = stepper.prefill(prompt_ids)
+    for index in range(max_new_tokens):
+        token = pick_token(logits, temperature, top_p, rng)
+        if token in eos_ids:
+            return
+        yield token
+        if index + 1 < max_new_tokens:
+            logits = stepper.step(token)
+
+
+# ------------------------------------------------------------------------------- the command
+
+
+@dataclass
+class GenerateSettings:
+    model: Path = field(metadata={"help": "an export folder, its onnx*/ or hf/ subfolder, or any folder with model.onnx"})
+    prompt: str = ""
+    max_new_tokens: int = field(default=128, metadata={"help": "stop after this many new tokens"})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass, (0, 1]"})
+    chat: bool = field(default=False, metadata={"help": "wrap the prompt in the tokenizer's chat template"})
+    seed: int = 0
+    threads: int | None = field(default=None, metadata={"help": "onnxruntime intra-op threads; None = all cores"})
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.max_new_tokens < 1:
+            found.append(f"--max-new-tokens must be >= 1, not {self.max_new_tokens}")
+        if self.temperature < 0:
+            found.append(f"--temperature must be >= 0, not {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            found.append(f"--top-p must be in (0, 1], not {self.top_p}")
+        if not self.prompt:
+            found.append("--prompt is empty")
+        return found
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    backend: str  # "onnxruntime" or "transformers"
+    model_dir: str
+    prompt_tokens: int
+    new_tokens: int
+    token_ids: list[int]
+    prefill_seconds: float
+    total_seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        """New tokens per second of the whole generation (prefill included)."""
+        return self.new_tokens / self.total_seconds if self.total_seconds > 0 else 0.0
+
+
+def resolve_model_dir(path: Path) -> tuple[Path, str]:
+    """The folder to load and its backend: an export root prefers its fp32 ONNX model."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: no such model folder")
+    for candidate in (path, path / "onnx"):
+        if (candidate / ONNX_FILE).is_file():
+            return candidate, "onnxruntime"
+    for candidate in (path, path / "hf"):
+        if (candidate / "config.json").is_file() and any(candidate.glob("*.safetensors")):
+            return candidate, "transformers"
+    raise UserError(f"{path}: neither an ONNX model (model.onnx) nor a Hugging Face folder (config.json + *.safetensors)")
+
+
+def load_stepper(model_dir: Path, backend: str, threads: int | None = None):
+    if backend == "onnxruntime":
+        return OnnxStepper(OnnxDecoder(model_dir / ONNX_FILE, threads))
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    except (OSError, ValueError) as error:
+        raise UserError(f"{model_dir}: transformers cannot load it ({str(error).splitlines()[0]})") from None
+    return TorchStepper(model.eval())
+
+
+def eos_token_ids(model_dir: Path, tokenizer) -> set[int]:
+    import json
+
+    ids = set()
+    generation_config = model_dir / "generation_config.json"
+    if generation_config.is_file():
+        value = json.loads(generation_config.read_text()).get("eos_token_id")
+        ids.update(value if isinstance(value, list) else [value] if value is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
+    if not chat:
+        return list(tokenizer(prompt)["input_ids"])
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("--chat: this model's tokenizer has no chat template")
+    encoded = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+    return list(encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded)
+
+
+class TextStream:
+    """Turns token ids into text pieces, holding back a piece that ends mid-character."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.sent = text[len(self.sent):], text
+        return piece
+
+    def finish(self) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        piece, self.sent = text[len(self.sent):], text
+        return piece
+
+
+def generate(settings: GenerateSettings, on_text: Callable[[str], None] | None = None) -> GenerationResult:
+    """Generate from `settings.prompt`, calling `on_text` with each new piece of text as it is decoded."""
+    from transformers import AutoTokenizer
+
+    problems = settings.problems()
+    if problems:
+        raise UserError("; ".join(problems))
+    model_dir, backend = resolve_model_dir(settings.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as error:
+        raise UserError(f"{model_dir}: no usable tokenizer ({str(error).splitlines()[0]})") from None
+    stepper = load_stepper(model_dir, backend, settings.threads)
+    prompt_ids = encode_prompt(tokenizer, settings.prompt, settings.chat)
+    stream = TextStream(tokenizer)
+    emit = on_text or (lambda piece: None)
+
+    start = time.perf_counter()
+    prefill_seconds = 0.0
+    for token in generate_ids(stepper, prompt_ids, settings.max_new_tokens, settings.temperature, settings.top_p,
+                              eos_token_ids(model_dir, tokenizer), settings.seed):
+        if not stream.ids:
+            prefill_seconds = time.perf_counter() - start
+        piece = stream.push(token)
+        if piece:
+            emit(piece)
+    total_seconds = time.perf_counter() - start
+    tail = stream.finish()
+    if tail:
+        emit(tail)
+    return GenerationResult(
+        text=stream.sent, backend=backend, model_dir=str(model_dir), prompt_tokens=len(prompt_ids),
+        new_tokens=len(stream.ids), token_ids=list(stream.ids), prefill_seconds=prefill_seconds, total_seconds=total_seconds,
+    )

@@ -1,0 +1,333 @@
+"""Export: merge, ONNX graph, verification, quantization and bad input, on tiny models built here."""
+
+import copy
+import errno
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from tiny import corpus, make_model_dir
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from lorasp_edge import exporter
+from lorasp_edge.adapter import LoRASPConfig, apply_lorasp, load_adapter, save_adapter, trainable_masks
+from lorasp_edge.cli import main
+from lorasp_edge.errors import AdapterError, UserError, VerificationError
+from lorasp_edge.exporter import ExportSettings, export, verify_onnx, write_portable_config
+from lorasp_edge.generate import OnnxDecoder
+from lorasp_edge.models import load_model
+from lorasp_edge.onnx_export import ONNX_DATA_FILE, TIED_TABLE, export_decoder, onnx_weight_bytes
+from lorasp_edge.optim import MaskedAdamW
+
+SMALL = dict(vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+def train_adapter(base_dir, adapter_dir, quant_bits=None, steps=5, seed=1):
+    """A few MaskedAdamW steps, so B != 0 and the merge changes the weights; saved like `train` does."""
+    model = load_model(str(base_dir), quant_bits=quant_bits, device="cpu")
+    peft_model = apply_lorasp(model, LoRASPConfig(rank=4, alpha=8, seed=seed))
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    batch = tokenizer(corpus(4)[:4], return_tensors="pt", padding=True).input_ids
+    optimizer = MaskedAdamW(trainable_masks(peft_model), lr=1e-2)
+    peft_model.train()
+    for _ in range(steps):
+        peft_model(batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    info = {"base_model": str(base_dir), "base_quant_bits": quant_bits, "compute_dtype": "float32", "plan": {"rank": 4}}
+    save_adapter(peft_model.eval(), adapter_dir, info)
+    return adapter_dir
+
+
+@pytest.fixture(scope="module")
+def llama_adapter(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llama")
+    base = make_model_dir(root / "base", "llama")
+    return base, train_adapter(base, root / "adapter")
+
+
+@pytest.fixture(scope="module")
+def llama_export(llama_adapter, tmp_path_factory):
+    base, adapter = llama_adapter
+    out = tmp_path_factory.mktemp("export") / "out"
+    return base, adapter, export(ExportSettings(adapter=adapter, out=out, quantize="int8"))
+
+
+def leftovers(folder):
+    """Anything an export left beside its target (temp folders start with a dot)."""
+    return sorted(path.name for path in folder.iterdir() if path.name.startswith("."))
+
+
+# ------------------------------------------------------------------------------- merge + files
+
+
+def test_merged_hf_folder_reloads_to_the_adapted_model(llama_export):
+    base, adapter, report = llama_export
+    out = report.out
+    adapted = load_adapter(load_model(str(base), device="cpu"), adapter).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32).eval()
+    x = torch.randint(0, 250, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = adapted(x).logits, reloaded(x).logits
+    assert (got - expected).abs().max() < 1e-5
+    # The adapter moved the model: the merge is not a no-op.
+    plain = load_model(str(base), device="cpu").eval()
+    with torch.no_grad():
+        assert (plain(x).logits - expected).abs().max() > 1e-3
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json"):
+        assert (out / "hf" / name).is_file(), name
+    assert "quantization_config" not in json.loads((out / "hf" / "config.json").read_text())
+
+
+def test_manifest_records_what_was_verified(llama_export):
+    _, adapter, report = llama_export
+    manifest = json.loads((report.out / "manifest.json").read_text())
+    assert manifest == report.manifest
+    assert manifest["base_model"].endswith("base") and manifest["base_quant_bits"] is None
+    assert len(manifest["adapter"]["sha256"]) == 64 and manifest["adapter"]["sha256"] == exporter.adapter_hash(adapter)
+    assert manifest["plan"] == {"rank": 4}
+    checks = manifest["verification"]
+    assert checks["merge"]["relative_diff"] < 1e-5
+    assert checks["hf_reload"]["max_abs_diff"] == 0.0
+    assert checks["onnx"]["relative_diff"] < 1e-5 and checks["onnx"]["tolerance"] == 1e-3
+    assert checks["onnx"]["greedy_agreement"] == 1.0 and checks["onnx"]["positions"] == 21 + 2 * 3
+    perplexity = manifest["perplexity"]
+    assert abs(perplexity["onnx"] / perplexity["pytorch"] - 1) < 1e-4
+    assert manifest["files"]["onnx-int8"] < 0.7 * manifest["files"]["onnx"]
+    assert not leftovers(report.out.parent)
+
+
+def test_int8_onnx_keeps_top1_agreement_and_perplexity(llama_export):
+    check = llama_export[2].manifest["verification"]["onnx-int8"]
+    assert check["greedy_agreement"] > 0.95
+    assert check["perplexity_ratio"] < 1.01
+    nodes = onnx.load(str(llama_export[2].out / "onnx-int8" / "model.onnx")).graph.node
+    assert sum(node.op_type == "MatMulNBits" for node in nodes) == 2 * 7 + 1  # every linear + lm_head
+    assert not any(node.op_type == "MatMul" and "proj" in node.name for node in nodes)
+
+
+def test_portable_config_reads_rope_theta_in_both_layouts(tmp_path):
+    config = LlamaConfig(**SMALL, rope_parameters={"rope_type": "default", "rope_theta": 100000.0})
+    config.save_pretrained(tmp_path)
+    write_portable_config(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["rope_theta"] == 100000.0  # what transformers 4.x reads
+    assert AutoConfig.from_pretrained(tmp_path).rope_parameters["rope_theta"] == 100000.0  # what 5.x reads
+
+
+def test_exported_tokenizer_names_a_class_both_transformers_know(llama_export):
+    folder = llama_export[2].out / "onnx"
+    assert json.loads((folder / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    original = AutoTokenizer.from_pretrained(llama_export[0])
+    assert AutoTokenizer.from_pretrained(folder)("1 2 3 alpha")["input_ids"] == original("1 2 3 alpha")["input_ids"]
+
+
+# ------------------------------------------------------------------------------------ ONNX graph
+
+
+def tiny_model(kind, seed=0):
+    torch.manual_seed(seed)
+    if kind == "llama":
+        return LlamaForCausalLM(LlamaConfig(**SMALL, initializer_range=0.1)).eval()
+    if kind == "qwen2-tied":
+        return Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=True, initializer_range=0.1)).eval()
+    return Qwen3ForCausalLM(Qwen3Config(**SMALL, head_dim=16, initializer_range=0.1)).eval()
+
+
+def padded_batch(batch=3, length=9, vocab=120):
+    input_ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(1))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :4] = 0  # left padding on one row
+    return input_ids, attention_mask
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2-tied", "qwen3"])
+def test_onnx_prefill_and_decode_match_pytorch(kind, tmp_path):
+    model = tiny_model(kind)
+    export_decoder(model, tmp_path)
+    decoder = OnnxDecoder(tmp_path / "model.onnx")
+    names = [item.name for item in decoder.session.get_inputs()]
+    assert names[:3] == ["input_ids", "attention_mask", "position_ids"] and names[3:5] == ["past_key_values.0.key", "past_key_values.0.value"]
+    assert [item.name for item in decoder.session.get_outputs()][:2] == ["logits", "present.0.key"]
+    # batch 3, length 9 and 5 decode steps: none of the sizes the graph was traced with
+    check = verify_onnx(decoder, model, *padded_batch(), steps=5)
+    assert check.relative_diff < 1e-5 and check.greedy_agreement == 1.0
+    assert check.positions == 27 - 4 + 3 * 5
+
+
+def test_kv_cache_decode_equals_full_recompute(tmp_path):
+    model = tiny_model("llama")
+    export_decoder(model, tmp_path)
+    decoder = OnnxDecoder(tmp_path / "model.onnx")
+    ids = np.random.default_rng(0).integers(0, 120, (2, 12))
+    positions = np.arange(12)[None].repeat(2, 0)
+    full, _ = decoder(ids, np.ones_like(ids), positions, decoder.empty_cache(2))
+    logits, past = decoder(ids[:, :6], np.ones((2, 6)), positions[:, :6], decoder.empty_cache(2))
+    steps = [logits]
+    for t in range(6, 12):
+        logits, past = decoder(ids[:, t : t + 1], np.ones((2, t + 1)), positions[:, t : t + 1], past)
+        steps.append(logits)
+    assert past[0].shape == (2, 2, 12, 16)
+    assert np.abs(np.concatenate(steps, axis=1) - full).max() < 1e-5
+
+
+def test_tied_embeddings_are_stored_once(tmp_path):
+    model = tiny_model("qwen2-tied")
+    export_decoder(model, tmp_path)
+    parameter_bytes = 4 * sum(p.numel() for p in model.parameters())  # counts the tied table once
+    assert onnx_weight_bytes(tmp_path / "model.onnx") <= 1.01 * parameter_bytes
+    proto = onnx.load(str(tmp_path / "model.onnx"))
+    vocab_sized = [t.name for t in proto.graph.initializer if 120 in t.dims]
+    assert vocab_sized == [TIED_TABLE]
+
+
+def test_external_data_above_the_threshold(tmp_path):
+    model = tiny_model("llama")
+    export_decoder(model, tmp_path, external_threshold_bytes=0)
+    assert (tmp_path / ONNX_DATA_FILE).stat().st_size > 4 * 0.9 * sum(p.numel() for p in model.parameters())
+    assert (tmp_path / "model.onnx").stat().st_size < 200_000
+    check = verify_onnx(OnnxDecoder(tmp_path / "model.onnx"), model, *padded_batch())
+    assert check.relative_diff < 1e-5
+
+
+# ------------------------------------------------------------------------------ other bases
+
+
+def test_export_from_a_4bit_trained_adapter(tmp_path):
+    base = make_model_dir(tmp_path / "base", "qwen2", tie_word_embeddings=True)
+    adapter = train_adapter(base, tmp_path / "adapter", quant_bits=4)
+    report = export(ExportSettings(adapter=adapter, out=tmp_path / "out", quantize="int4", eval_tokens=256))
+    manifest = report.manifest
+    assert manifest["base_quant_bits"] == 4
+    # merged = dequantized NF4 weights + delta: it reproduces the 4-bit model the adapter was trained in
+    assert manifest["verification"]["merge"]["relative_diff"] < 1e-3
+    assert manifest["verification"]["onnx"]["relative_diff"] < 1e-5
+    int4 = manifest["verification"]["onnx-int4"]
+    assert int4["perplexity_ratio"] < 1.30 and int4["greedy_agreement"] > 0.5
+    # the tied table is shared in quantized form: no float copy is left for the lookup
+    graph = onnx.load(str(report.out / "onnx-int4" / "model.onnx")).graph
+    assert any(node.op_type == "GatherBlockQuantized" for node in graph.node)
+    assert TIED_TABLE not in {tensor.name for tensor in graph.initializer}
+    # the saved HF weights are plain fp32, loadable without bitsandbytes
+    reloaded = AutoModelForCausalLM.from_pretrained(report.out / "hf")
+    assert all(p.dtype == torch.float32 for p in reloaded.parameters())
+
+
+# -------------------------------------------------------------------------------- bad input
+
+
+def test_missing_adapter_is_one_line_and_writes_nothing(tmp_path, capsys):
+    code = main(["export", "--adapter", str(tmp_path / "nope"), "--out", str(tmp_path / "out")])
+    error = capsys.readouterr().err
+    assert code == 2 and error.count("\n") == 1 and "no such adapter folder" in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_adapter_for_another_model_is_rejected(llama_adapter, tmp_path):
+    _, adapter = llama_adapter
+    other = tmp_path / "other"  # same architecture and names, other sizes
+    LlamaForCausalLM(LlamaConfig(**{**SMALL, "vocab_size": 400, "hidden_size": 32})).save_pretrained(other)
+    AutoTokenizer.from_pretrained(llama_adapter[0]).save_pretrained(other)
+    with pytest.raises(AdapterError, match="shape"):
+        export(ExportSettings(adapter=adapter, out=tmp_path / "out", model=str(other)))
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
+def test_unsupported_architecture(tmp_path):
+    base = make_model_dir(tmp_path / "base", "gpt2")
+    adapter = train_adapter(base, tmp_path / "adapter", steps=1)
+    with pytest.raises(UserError, match="architecture 'gpt2' is not supported"):
+        export(ExportSettings(adapter=adapter, out=tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_room_on_disk_before_writing(llama_adapter, tmp_path, monkeypatch):
+    monkeypatch.setattr(exporter, "_free_bytes", lambda folder: 1000)
+    with pytest.raises(UserError, match="no room on disk"):
+        export(ExportSettings(adapter=llama_adapter[1], out=tmp_path / "out"))
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
+def test_disk_full_while_writing_leaves_nothing(llama_adapter, tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(exporter, "export_decoder", full)
+    with pytest.raises(UserError, match="no room on disk"):
+        export(ExportSettings(adapter=llama_adapter[1], out=tmp_path / "out"))
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
+def test_verification_failure_exits_4_and_removes_files(llama_adapter, tmp_path, monkeypatch, capsys):
+    real_export = exporter.export_decoder
+
+    def export_a_different_model(model, *args, **kwargs):
+        broken = copy.deepcopy(model)
+        with torch.no_grad():
+            broken.model.norm.weight.mul_(1.5)
+        return real_export(broken, *args, **kwargs)
+
+    monkeypatch.setattr(exporter, "export_decoder", export_a_different_model)
+    code = main(["export", "--adapter", str(llama_adapter[1]), "--out", str(tmp_path / "out"), "--format", "onnx"])
+    error = capsys.readouterr().err
+    assert code == VerificationError.exit_code == 4
+    assert "ONNX logits differ from PyTorch" in error.splitlines()[-1]
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
+def test_refuses_to_overwrite_a_folder_that_is_not_an_export(llama_adapter, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not an earlier export"):
+        export(ExportSettings(adapter=llama_adapter[1], out=tmp_path / "out"))
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
+
+def test_settings_report_every_problem_at_once(tmp_path):
+    settings = ExportSettings(adapter=tmp_path, out=tmp_path / "o", format="hf", quantize="int4", block_size=48, opset=9)
+    problems = settings.problems()
+    assert len(problems) == 3 and any("--quantize" in p for p in problems)
+
+
+# ------------------------------------------------------------------------------ real model
+
+
+@pytest.mark.slow
+def test_smollm2_export_with_a_trained_adapter_agrees_with_pytorch(tmp_path):
+    from lorasp_edge.generate import OnnxStepper, generate_ids
+
+    model = load_model("smollm2-135m", device="cpu")
+    tokenizer = AutoTokenizer.from_pretrained(exporter_model_dir())
+    peft_model = apply_lorasp(model, LoRASPConfig(rank=4, alpha=8, target_modules=["q_proj", "v_proj"], seed=0))
+    batch = tokenizer(["The capital of France is Paris. The capital of Italy is Rome."], return_tensors="pt").input_ids
+    optimizer = MaskedAdamW(trainable_masks(peft_model), lr=1e-3)
+    peft_model.train()
+    for _ in range(2):
+        peft_model(batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    save_adapter(peft_model.eval(), tmp_path / "adapter", {"base_model": "smollm2-135m", "base_quant_bits": None})
+    del peft_model, model
+
+    report = export(ExportSettings(adapter=tmp_path / "adapter", out=tmp_path / "out", format="onnx", eval_tokens=64))
+    check = report.manifest["verification"]["onnx"]
+    assert check["relative_diff"] < 1e-4 and check["greedy_agreement"] == 1.0
+    assert report.manifest["files"]["onnx"] <= 1.01 * report.manifest["files"]["fp32_parameters"]
+
+    merged = AutoModelForCausalLM.from_pretrained(exporter_model_dir(), dtype=torch.float32)
+    from lorasp_edge.adapter import merged_model
+
+    merged = merged_model(load_adapter(merged, tmp_path / "adapter")).eval()
+    prompt = tokenizer("Once upon a time, in a small village,", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = merged.generate(prompt, max_new_tokens=16, do_sample=False, min_new_tokens=16)[0, prompt.shape[1] :].tolist()
+    got = list(generate_ids(OnnxStepper(OnnxDecoder(report.out / "onnx" / "model.onnx")), prompt[0].tolist(), 16))
+    assert got == expected
+
+
+def exporter_model_dir():
+    from lorasp_edge.models import resolve_model
+
+    return resolve_model("smollm2-135m")
