@@ -22,7 +22,6 @@ seed, schedule, base, plan summary) and `lorasp_masks.safetensors` (bit-packed f
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -33,6 +32,7 @@ from torch import nn
 
 from lorasp_edge import masks as masklib
 from lorasp_edge.errors import AdapterError
+from lorasp_edge.files import fsync_file, replace_dir
 
 ADAPTER_NAME = "default"
 LORASP_FILE = "lorasp.json"
@@ -200,8 +200,8 @@ def save_adapter(peft_model, out_dir: str | Path, info: dict | None = None) -> P
         }
         (tmp / LORASP_FILE).write_text(json.dumps(record, indent=2) + "\n")
         for path in tmp.iterdir():
-            _fsync(path)
-        _replace_dir(tmp, out_dir)
+            fsync_file(path)
+        replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
@@ -218,23 +218,6 @@ def base_fingerprint(model: nn.Module) -> str:
     corner = model.get_input_embeddings().weight.detach()[:64, :16].to("cpu", torch.bfloat16).contiguous()
     digest = hashlib.sha256(json.dumps(fields).encode() + corner.view(torch.int16).numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Swap `new` into `target`; the old folder is removed only after the new one is in place."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
 
 
 def read_adapter_info(adapter_dir: str | Path) -> dict:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from lorasp_edge.errors import UserError
+from lorasp_edge.files import fsync_dir
 
 FORMAT = "lorasp-edge-checkpoint/1"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -37,17 +38,7 @@ def save_checkpoint(path: str | Path, record: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    if os.name != "posix":
-        return
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    fsync_dir(path.parent)
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -25,7 +25,6 @@ import copy
 import errno
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 
 from lorasp_edge.errors import UserError, VerificationError
+from lorasp_edge.files import replace_dir
 from lorasp_edge.onnx_export import (
     DEFAULT_OPSET,
     ONNX_FILE,
@@ -197,17 +197,6 @@ def _check_out(out: Path) -> None:
         raise UserError(f"--out {out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
         raise UserError(f"--out {out}: folder exists and is not an earlier export; choose another or empty it")
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
 
 
 # ------------------------------------------------------------------------------- verification
@@ -383,7 +372,7 @@ def export(settings: ExportSettings, progress: Callable[[str], None] | None = No
         manifest["verification"]["merge"] = {**asdict(merge_check), "tolerance": merge_tolerance}
         manifest["seconds"] = round(time.perf_counter() - started, 1)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except OSError as error:
         if error.errno == errno.ENOSPC:
             raise UserError(f"no room on disk while writing the export to {out.parent} (nothing was left behind)") from None

@@ -23,11 +23,12 @@ from lorasp_edge import checkpoint as ckpt
 from lorasp_edge.data import PackedStream, estimate_blocks, eval_batches
 from lorasp_edge.distributed import World
 from lorasp_edge.errors import UserError
+from lorasp_edge.files import write_text_atomic
 from lorasp_edge.memory_guard import MemoryGuard
 from lorasp_edge.models import default_device, load_tokenizer
 from lorasp_edge.planner import Plan, plan_training
 from lorasp_edge.report import plot_losses
-from lorasp_edge.trainer import DTYPES, Trainer, TrainSettings, build_model, build_optimizer, build_scheduler
+from lorasp_edge.trainer import Trainer, TrainSettings, build_model, build_optimizer, build_scheduler
 
 
 @dataclass
@@ -188,7 +189,4 @@ def _last_loss(metrics_path: Path) -> float | None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
+    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")

@@ -161,7 +161,7 @@ def main() -> None:
         return statistics.median(r[key] for r in results[method])
 
     reference = "peft-lora"
-    print(f"| method | tokens/s | x PEFT | peak RSS (GB) | / PEFT | final loss | / PEFT |")
+    print("| method | tokens/s | x PEFT | peak RSS (GB) | / PEFT | final loss | / PEFT |")
     print("|---|---|---|---|---|---|---|")
     for method in methods:
         speed, peak, loss = median(method, "tokens_per_s"), median(method, "peak_rss_bytes"), median(method, "final_loss")
