@@ -30,12 +30,55 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_plan(subparsers) -> None:
-    parser = subparsers.add_parser("plan", help="choose a fine-tuning setting that fits a memory budget")
+    parser = subparsers.add_parser(
+        "plan",
+        help="choose a fine-tuning setting that fits a memory budget",
+        description=(
+            "Choose the LoRA-SP setting (base bits, rank, target modules, adapted layers, checkpointing, micro-batch) "
+            "with the best quality proxy whose predicted peak memory fits the budget with headroom, print it with its "
+            "memory by component and write the plan file the trainer reads. Exit code 2 when nothing fits, with the "
+            "smallest budget that would."
+        ),
+    )
+    parser.add_argument("--mem", help="memory budget: 8GB, 8G, 7.5 GB, 8192MB (GB = 10^9 bytes) or 8GiB, 512MiB (GiB = 2^30); overrides --profile's")
+    parser.add_argument("--model", help="catalog id (see docs/planner.md, e.g. qwen2.5-0.5b) or a local folder with config.json (default: smollm2-135m)")
+    parser.add_argument("--profile", help="device profile name or YAML file: sets the budget, device kind, bf16 and quantization support")
+    parser.add_argument("--seq-len", type=int, help="tokens per sequence (default 512)")
+    parser.add_argument("--batch", type=int, help="effective batch in sequences per optimizer step, over all ranks (default 8)")
+    parser.add_argument("--world-size", type=int, default=1, help="data-parallel ranks; memory is planned per rank (default 1)")
+    parser.add_argument("--headroom", type=float, default=0.10, help="share of the budget kept free (default 0.10)")
+    parser.add_argument("--out", type=Path, default=Path("plan.json"), help="plan file to write (default plan.json)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of the table")
+    parser.add_argument("--list-profiles", action="store_true", help="list the bundled device profiles and exit")
     parser.set_defaults(run=_run_plan)
 
 
 def _run_plan(args) -> int:
-    raise UserError("plan: not available yet")
+    from lorasp_edge.planner import format_plan, plan_training
+    from lorasp_edge.profiles import format_profiles, list_profiles
+
+    if args.list_profiles:
+        print(format_profiles(list_profiles()))
+        return 0
+    plan = plan_training(
+        model=args.model,
+        budget_bytes=_memory_argument(args.mem) if args.mem is not None else None,
+        profile=args.profile,
+        seq_len=args.seq_len,
+        batch=args.batch,
+        world_size=args.world_size,
+        headroom=args.headroom,
+    )
+    try:
+        plan.to_json(args.out)
+    except OSError as error:
+        raise UserError(f"--out {args.out}: cannot write ({error.strerror or error})") from None
+    if args.json:
+        print(plan.to_json(), end="")
+    else:
+        print(format_plan(plan))
+        print(f"\nplan written to {args.out}")
+    return 0
 
 
 # --------------------------------------------------------------------------------------- train

@@ -1,0 +1,327 @@
+"""Peak training memory of one LoRA-SP setting, by component, in bytes (per data-parallel rank).
+
+    peak = runtime + frozen weights + LoRA-SP state + dequantization buffer
+         + saved activations + max(chunked loss, one layer's backward)
+
+Each term follows what the trainer runs (lorasp_edge.trainer / loss / optim / adapter) and the
+libraries under it; the formulas below name their source. The constants measured on this
+project's machines (runtime, allocator slack) come from tools/validate_planner.py; docs/planner.md
+holds the table they were fitted on. Notation: T = micro_batch x seq_len tokens, h hidden size,
+q = heads x head_dim, kv = kv_heads x head_dim, i intermediate size, V vocabulary, r rank,
+c bytes of the compute dtype (2 for bf16/fp16, 4 for fp32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lorasp_edge.catalog import Architecture, Linear
+
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+LORA_BYTES = 4  # PEFT keeps adapter weights in fp32 (LoraConfig autocast_adapter_dtype=True)
+
+# Bytes the process holds before any model exists.
+#   cpu:  resident set of a fresh trainer process after importing torch, transformers, peft,
+#         bitsandbytes and lorasp_edge (median over the validation runs, docs/planner.md).
+#   cuda: the CUDA context, which torch.cuda.max_memory_allocated does not see: 287,047,680 B with
+#         lazy module loading (PyTorch PR #86509, default since PyTorch 1.13 and CUDA 12.2);
+#         cited, not measured here (no GPU on this project's machines).
+#   mps:  unified memory: the host process itself, as for cpu (not measured here).
+RUNTIME_BYTES = {"cpu": 410_000_000, "cuda": 300 * 2**20, "mps": 410_000_000}
+
+# glibc malloc on CPU. Past its dynamic mmap threshold (it rises to the largest freed block, up to
+# 32 MiB) tensors come from the heap, and a heap keeps what it once held: holes between live
+# tensors and up to twice the threshold at its top stay resident. The resident set therefore
+# settles above the live tensors by a share of the step's churn; the constants below are fitted
+# on tools/validate_planner.py's grid (docs/planner.md), with the live tensors themselves
+# checked separately against autograd (same document).
+HEAP_SLACK_OF_LIVE = 0.35  # of the activations and transient live at the peak
+HEAP_SLACK_OF_LAYER = 1.5  # of one layer's working set (its activations and backward)
+HEAP_SLACK_OF_RECOMPUTE = 1.0  # of one layer's working set again under checkpointing
+HEAP_SLACK_BYTES = 60_000_000  # first-step allocations: oneDNN kernels, thread pools, autograd
+HEAP_SLACK_OF_LOAD = 0.5  # of the compute-dtype copy quantization makes of each linear weight
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of the planner's search space (what the plan file calls the same names)."""
+
+    quant_bits: int  # 16 (float in compute dtype), 8 (LLM.int8) or 4 (NF4 + double quantization)
+    compute_dtype: str
+    rank: int
+    target_modules: tuple[str, ...]
+    adapted_layers: int  # the last n decoder layers get adapters
+    gradient_checkpointing: bool
+    micro_batch: int
+    seq_len: int
+    loss_chunk_tokens: int
+    ratio: float = 0.5
+    world_size: int = 1
+
+
+# ----------------------------------------------------------------------------- frozen weights
+
+
+def quantized_weight_bytes(linear: Linear, bits: int, compute_bytes: int) -> int:
+    """Storage of one frozen linear weight (bias not included).
+
+    16: the weight in the compute dtype.
+    8:  LLM.int8 (Dettmers et al. 2022, arXiv 2208.07339, Sec. 3.1 vector-wise quantization):
+        int8 weight + one fp32 scale per output row (bitsandbytes Int8Params SCB).
+    4:  NF4 with double quantization (Dettmers et al. 2023, QLoRA, arXiv 2305.14314, Sec. 3):
+        4-bit codes, blocksize 64; the 64-block absmax constants are themselves quantized to 8 bit
+        in blocks of 256 with one fp32 absmax each: 4 + 8/64 + 32/(64*256) bits per parameter,
+        plus the 256-entry fp32 code and an fp32 offset per tensor (bitsandbytes QuantState).
+    """
+    n = linear.weight_params
+    if bits == 16:
+        return n * compute_bytes
+    if bits == 8:
+        return n + 4 * linear.d_out
+    if bits == 4:
+        blocks = -(-n // 64)
+        return -(-n // 2) + blocks + 4 * -(-blocks // 256) + 4 * 256 + 4
+    raise ValueError(f"quant bits must be 4, 8 or 16, not {bits}")
+
+
+def weight_bytes(arch: Architecture, bits: int, compute_bytes: int) -> dict[str, int]:
+    """Decoder linears in their storage format; embeddings, lm_head, norms and biases stay in the
+    compute dtype (transformers quantizes only the decoder's nn.Linear layers and skips lm_head)."""
+    params = arch.parameters()
+    quantized = arch.num_layers * sum(quantized_weight_bytes(linear, bits, compute_bytes) for linear in arch.linears())
+    floating = (params["total"] - params["linear"]) * compute_bytes
+    return {"weights_linear": quantized, "weights_float": floating}
+
+
+def checkpoint_page_bytes(arch: Architecture, bits: int, compute_dtype: str) -> int:
+    """Pages of the memory-mapped checkpoint that stay resident after loading a 4/8-bit model.
+
+    transformers reads safetensors through mmap; a float tensor whose dtype already matches the
+    compute dtype (embeddings, norms) is used in place, which keeps the file mapped, and the
+    linear weights read for quantization stay in the resident set with it (measured with
+    /proc/self/smaps_rollup: Pss_File). They are clean page cache, reclaimable under pressure,
+    but a resident-set watchdog counts them. With a dtype conversion nothing maps the file."""
+    if bits == 16 or arch.checkpoint_dtype != compute_dtype:
+        return 0
+    return arch.parameters()["linear"] * DTYPE_BYTES.get(arch.checkpoint_dtype, 4)
+
+
+def dequant_buffer_bytes(arch: Architecture, bits: int, compute_bytes: int) -> int:
+    """A 4/8-bit weight is dequantized to the compute dtype for each matmul and freed after it
+    (bitsandbytes 0.50: gemm_4bit / MatMul4Bit.backward call dequantize_4bit; MatMul8bitFp and
+    MatMul8bitLt.backward build CB * SCB / 127), so one largest linear lives at a time; for 4-bit
+    the fp32 absmax vector is dequantized beside it (one fp32 value per block of 64)."""
+    if bits == 16:
+        return 0
+    largest = max(linear.weight_params for linear in arch.linears())
+    absmax = 4 * -(-largest // 64) if bits == 4 else 0
+    return largest * compute_bytes + absmax
+
+
+# ----------------------------------------------------------------------------- LoRA-SP state
+
+
+def adapted_linears(arch: Architecture, target_modules: tuple[str, ...]) -> list[Linear]:
+    return [linear for linear in arch.linears() if linear.name in target_modules]
+
+
+def lora_entries(arch: Architecture, setting: Setting) -> tuple[int, int]:
+    """(all LoRA entries, trainable entries): A is r x d_in, B is d_out x r (Hu et al. 2021,
+    arXiv 2106.09685, Sec. 4.1); LoRA-SP freezes round(ratio * numel) of each matrix
+    (Wu et al. 2024, arXiv 2403.08822; lorasp_edge.masks.frozen_count)."""
+    total = trainable = 0
+    for linear in adapted_linears(arch, setting.target_modules):
+        for numel in (setting.rank * linear.d_in, linear.d_out * setting.rank):
+            total += numel
+            trainable += numel - int(round(setting.ratio * numel))
+    return total * setting.adapted_layers, trainable * setting.adapted_layers
+
+
+def lora_state_bytes(arch: Architecture, setting: Setting) -> dict[str, int]:
+    """fp32 LoRA weights and full-size fp32 gradients (frozen entries' gradients are zeroed, not
+    dropped), one bool mask byte per entry (adapter._set_trainable_mask), and AdamW m and v in fp32
+    for trainable entries only (optim.MaskedAdamW; Loshchilov & Hutter 2019, Alg. 2).
+    Under mixed precision autocast keeps a compute-dtype copy of every LoRA weight for the step."""
+    total, trainable = lora_entries(arch, setting)
+    compute_bytes = DTYPE_BYTES[setting.compute_dtype]
+    casts = total * compute_bytes if compute_bytes != LORA_BYTES else 0
+    state = {
+        "lora_weights": total * LORA_BYTES + casts,
+        "lora_grads": total * LORA_BYTES,
+        "lora_masks": total,
+        "optimizer_state": 2 * 4 * trainable,
+    }
+    if setting.world_size > 1:
+        # DistributedDataParallel copies gradients into flat buckets of the same size.
+        state["ddp_buckets"] = total * LORA_BYTES
+    return state
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+def _linear_groups(arch: Architecture) -> list[tuple[int, list[str]]]:
+    """(input width, linears reading that same input tensor) in forward order."""
+    h, i, q = arch.hidden_size, arch.intermediate_size, arch.q_size
+    if arch.model_type == "gpt2":
+        return [(h, ["c_attn"]), (h, ["c_proj"]), (h, ["c_fc"]), (i, ["c_proj"])]
+    if arch.model_type == "phi3":
+        return [(h, ["qkv_proj"]), (q, ["o_proj"]), (h, ["gate_up_proj"]), (i, ["down_proj"])]
+    return [(h, ["q_proj", "k_proj", "v_proj"]), (q, ["o_proj"]), (h, ["gate_proj", "up_proj"]), (i, ["down_proj"])]
+
+
+def linear_input_bytes(arch: Architecture, setting: Setting, tokens: int) -> int:
+    """Inputs kept for the linears' backward, per layer.
+
+    A frozen float linear keeps no input (autograd saves x only for the weight's gradient).
+    LoRA's A needs its input. With fp32 compute that is the very tensor the base layer read (shared
+    by q, k and v); under bf16 autocast PEFT first casts x to the fp32 adapter dtype
+    (LoraLayer._cast_input_dtype) and autocast casts it back, so each adapted module keeps its own
+    compute-dtype copy. bitsandbytes' 8-bit matmul keeps its input on ctx (MatMul8bitFp on CPU,
+    MatMul8bitLt on CUDA: `ctx.A = A`), outside autograd's saved tensors, so checkpointing
+    does not free it. LoRA's B keeps A's output: T x r.
+    """
+    c = DTYPE_BYTES[setting.compute_dtype]
+    mixed = c != LORA_BYTES
+    kept = 0
+    for group, (width, names) in enumerate(_linear_groups(arch)):
+        adapted = [name for name in names if name in setting.target_modules]
+        # The attention output feeding o_proj is the tensor attention already keeps (sdpa's
+        # output is laid out so that the transpose back is free; eager's is its own copy).
+        shared_kept = group != 1 and (setting.quant_bits == 8 or (adapted and not mixed))
+        kept += tokens * width * c if shared_kept else 0
+        if mixed:
+            kept += len(adapted) * tokens * width * c
+        kept += len(adapted) * tokens * setting.rank * c
+    return kept
+
+
+def attention_bytes(arch: Architecture, setting: Setting) -> int:
+    """Saved by attention, per layer.
+
+    sdpa (transformers' default; CPU flash kernel with is_causal and no mask, GQA via enable_gqa):
+    the rotated q and k, v, the output and an fp32 logsumexp per head and token.
+    eager (Gemma 2, whose logit soft-capping sdpa cannot do): scores, their tanh cap, the fp32
+    softmax and its compute-dtype copy, b x H x s x s each, plus q and the kv heads repeated to H.
+    """
+    c = DTYPE_BYTES[setting.compute_dtype]
+    b, s = setting.micro_batch, setting.seq_len
+    tokens = b * s
+    q, kv, heads = arch.q_size, arch.kv_size, arch.num_heads
+    if arch.model_type == "gemma2":
+        square = b * heads * s * s
+        return tokens * (q + 2 * q) * c + square * (2 * c + 4) + tokens * q * c
+    if arch.model_type == "phi3":
+        # v is a view of the fused qkv output, which therefore stays alive whole.
+        return tokens * (q + kv) * c + tokens * (q + 2 * kv) * c + tokens * q * c + 4 * b * heads * s
+    return tokens * (q + kv + kv + q) * c + 4 * b * heads * s
+
+
+def layer_activation_bytes(arch: Architecture, setting: Setting) -> int:
+    """Bytes autograd keeps for one adapted decoder layer without checkpointing.
+
+    RMSNorm (transformers LlamaRMSNorm: x.to(fp32), pow, mean, rsqrt, mul) keeps the fp32 input
+    and the fp32 reciprocal RMS per token; gated MLP keeps gate, act(gate) and up
+    (T x i each; SwiGLU, Shazeer 2020, arXiv 2002.05202); plus attention and linear inputs.
+    """
+    c = DTYPE_BYTES[setting.compute_dtype]
+    tokens = setting.micro_batch * setting.seq_len
+    h, i = arch.hidden_size, arch.intermediate_size
+    norms = arch.norms_per_layer * (4 * tokens * h + 4 * tokens)
+    mlp = 3 * tokens * i * c
+    return norms + attention_bytes(arch, setting) + mlp + linear_input_bytes(arch, setting, tokens)
+
+
+def layer_backward_bytes(arch: Architecture, setting: Setting) -> int:
+    """Gradients in flight inside one layer's backward: the MLP's (d act*up, d gate, d up, T x i
+    each) beside the incoming gradient of the residual stream (T x h)."""
+    c = DTYPE_BYTES[setting.compute_dtype]
+    tokens = setting.micro_batch * setting.seq_len
+    return 3 * tokens * arch.intermediate_size * c + 2 * tokens * arch.hidden_size * c
+
+
+def activation_bytes(arch: Architecture, setting: Setting) -> dict[str, int]:
+    """Saved activations over the whole step, and the transient on top of them.
+
+    Layers before the first adapted one hold nothing: no tensor there requires grad. With
+    transformers' non-reentrant checkpointing (Chen et al. 2016, arXiv 1604.06174) each adapted
+    layer keeps only its input, and one layer is recomputed at a time during backward.
+    After the decoder: the final norm and the flattened hidden states the chunked loss reads.
+    """
+    c = DTYPE_BYTES[setting.compute_dtype]
+    tokens = setting.micro_batch * setting.seq_len
+    h = arch.hidden_size
+    n = setting.adapted_layers
+    per_layer = layer_activation_bytes(arch, setting)
+    final = 4 * tokens * h + 4 * tokens + tokens * h * c
+    rope = 2 * tokens * arch.head_dim * c  # cos and sin, shared by all layers
+    if setting.gradient_checkpointing:
+        kept_8bit = n * _int8_inputs(arch, setting, tokens)
+        saved = n * tokens * h * c + kept_8bit + final + rope
+        recompute = per_layer
+    else:
+        saved = n * per_layer + final + rope
+        recompute = 0
+    return {"saved": saved, "recompute": recompute, "backward": layer_backward_bytes(arch, setting)}
+
+
+def _int8_inputs(arch: Architecture, setting: Setting, tokens: int) -> int:
+    if setting.quant_bits != 8:
+        return 0
+    c = DTYPE_BYTES[setting.compute_dtype]
+    return sum(tokens * width * c for width, _ in _linear_groups(arch))
+
+
+def loss_bytes(arch: Architecture, setting: Setting) -> int:
+    """The chunked loss (lorasp_edge.loss): lm_head + fp32 cross-entropy over `chunk` tokens at a
+    time, recomputed in backward. At the chunk's backward peak three fp32 chunk x V tensors live:
+    the saved log-softmax, the gradient nll_loss hands back and the gradient log-softmax makes
+    (the compute-dtype logits are freed by then: .float() keeps no input)."""
+    chunk = min(setting.loss_chunk_tokens, setting.micro_batch * (setting.seq_len - 1))
+    return chunk * arch.vocab_size * 12
+
+
+def heap_slack_bytes(arch: Architecture, setting: Setting, live_bytes: int) -> int:
+    """Resident memory glibc's heap holds beyond the live tensors (CPU only).
+
+    Loading a 4/8-bit model first makes a compute-dtype (LLM.int8: fp16) copy of each linear
+    weight to quantize it, leaving holes the size of those copies; training reuses them, so the
+    larger of the two leftovers counts, not their sum."""
+    layer = layer_activation_bytes(arch, setting) + layer_backward_bytes(arch, setting)
+    training = (
+        HEAP_SLACK_OF_LIVE * live_bytes
+        + HEAP_SLACK_OF_LAYER * layer
+        + HEAP_SLACK_OF_RECOMPUTE * layer * setting.gradient_checkpointing
+        + HEAP_SLACK_BYTES
+    )
+    converts = setting.quant_bits == 8 or (setting.quant_bits == 4 and arch.checkpoint_dtype != setting.compute_dtype)
+    loading = HEAP_SLACK_OF_LOAD * arch.parameters()["linear"] * 2 if converts else 0
+    return int(max(training, loading))
+
+
+# ----------------------------------------------------------------------------- the total
+
+
+def estimate(arch: Architecture, setting: Setting, device_kind: str = "cpu", unified_memory: bool = False) -> dict[str, int]:
+    """Peak bytes by component, with `total_bytes`."""
+    compute_bytes = DTYPE_BYTES[setting.compute_dtype]
+    runtime = RUNTIME_BYTES[device_kind]
+    if device_kind == "cuda" and unified_memory:
+        runtime += RUNTIME_BYTES["cpu"]  # Jetson: the host process shares the same memory
+    parts = {"runtime": runtime}
+    parts.update(weight_bytes(arch, setting.quant_bits, compute_bytes))
+    if device_kind in ("cpu", "mps") or unified_memory:
+        parts["checkpoint_pages"] = checkpoint_page_bytes(arch, setting.quant_bits, setting.compute_dtype)
+    parts.update(lora_state_bytes(arch, setting))
+    activations = activation_bytes(arch, setting)
+    parts["activations"] = activations["saved"]
+    # After the decoder's forward, the loss chunks run (their backward is the first thing backward
+    # does); only then does backward walk the layers, recomputing one under checkpointing, with
+    # the 4/8-bit weights dequantized one at a time. The larger of the two sits on top of `saved`.
+    layer_walk = activations["recompute"] + activations["backward"] + dequant_buffer_bytes(arch, setting.quant_bits, compute_bytes)
+    parts["transient"] = max(loss_bytes(arch, setting), layer_walk)
+    if device_kind == "cpu":
+        parts["allocator_slack"] = heap_slack_bytes(arch, setting, parts["activations"] + parts["transient"])
+    parts = {key: int(value) for key, value in parts.items() if value}
+    parts["total_bytes"] = sum(parts.values())
+    return parts

@@ -1,0 +1,443 @@
+"""Check the planner's memory model against real training steps.
+
+    python tools/validate_planner.py [--quick] [--write-docs] [--json out.json]
+
+Each grid point (model x quant bits x compute dtype x checkpointing x seq x batch x rank x
+targets) runs in a fresh process: import everything, record the resident set (the baseline:
+what the planner calls the runtime), build the model with the trainer's `build_model`, run a few
+optimizer steps with the trainer's `train_step`, and take the peak resident set during the steps
+(a 5 ms sampling thread and the kernel's VmHWM, reset after loading: /proc/self/clear_refs).
+Measured = peak - baseline; predicted = the planner's total minus its runtime term. On a machine
+with a GPU the points run on CUDA and measured = torch.cuda.max_memory_allocated.
+
+Models: the bundled SmolLM2-135M and small models built from a config (random weights, saved
+once under $LORASP_EDGE_CACHE/validate). `--write-docs` replaces the table between the markers
+in docs/planner.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs" / "planner.md"
+BEGIN, END = "<!-- validation:begin -->", "<!-- validation:end -->"
+
+# Small architectures built from a config: the llama path (GQA), Qwen2 (q/k/v bias, tied),
+# Phi-3 (fused qkv and gate_up) and Gemma 2 (eager attention, four norms a layer).
+TINY_CONFIGS = {
+    "tiny-llama": dict(model_type="llama", hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                       num_key_value_heads=2, head_dim=64, vocab_size=8192, tie_word_embeddings=False, max_position_embeddings=2048),
+    "tiny-qwen2": dict(model_type="qwen2", hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
+                       num_key_value_heads=2, vocab_size=16384, tie_word_embeddings=True, max_position_embeddings=2048),
+    "tiny-phi3": dict(model_type="phi3", hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
+                      num_key_value_heads=6, vocab_size=8192, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                      tie_word_embeddings=False, max_position_embeddings=2048),
+    "tiny-gemma2": dict(model_type="gemma2", hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=64, vocab_size=8192, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                        max_position_embeddings=2048),
+}
+
+ALL, ATTENTION, QV = "all", "attn", "qv"
+
+
+def point(model, bits, dtype, ckpt, seq, batch, rank=16, targets=ALL, layers=None, chunk=1024, held_out=False):
+    return dict(model=model, bits=bits, dtype=dtype, ckpt=ckpt, seq=seq, batch=batch, rank=rank, targets=targets, layers=layers,
+                chunk=chunk, held_out=held_out)
+
+
+def grid(quick: bool) -> list[dict]:
+    """The points the CPU heap constants in lorasp_edge/memory.py were fitted on, and held-out ones
+    (`held_out=True`: settings the fit never saw)."""
+    bf, fp = "bfloat16", "float32"
+    if quick:
+        return [
+            point("tiny-llama", 16, bf, False, 512, 2),
+            point("tiny-llama", 4, bf, True, 512, 2),
+            point("tiny-llama", 8, fp, False, 512, 2),
+            point("smollm2-135m", 16, bf, True, 256, 4),
+        ]
+    return [
+        point("tiny-llama", 16, bf, False, 512, 2),
+        point("tiny-llama", 16, bf, True, 512, 2),
+        point("tiny-llama", 16, fp, False, 512, 2),
+        point("tiny-llama", 16, fp, True, 512, 2),
+        point("tiny-llama", 8, bf, False, 512, 2),
+        point("tiny-llama", 8, fp, True, 512, 2),
+        point("tiny-llama", 4, bf, False, 512, 2),
+        point("tiny-llama", 4, bf, True, 512, 2),
+        point("tiny-llama", 4, fp, True, 512, 2),
+        point("tiny-llama", 16, bf, False, 128, 8, rank=64),
+        point("tiny-llama", 16, bf, False, 1024, 1, rank=8),
+        point("tiny-llama", 4, bf, False, 256, 4, rank=8, targets=ATTENTION),
+        point("tiny-llama", 16, fp, False, 256, 4, rank=32, targets=QV, layers=4),
+        point("tiny-qwen2", 16, bf, False, 512, 2),
+        point("tiny-qwen2", 4, fp, True, 512, 2),
+        point("tiny-phi3", 16, bf, False, 512, 2),
+        point("tiny-gemma2", 16, bf, False, 256, 2),
+        point("smollm2-135m", 16, bf, False, 256, 4),
+        point("smollm2-135m", 16, bf, True, 256, 4),
+        point("smollm2-135m", 4, bf, True, 256, 4),
+        point("smollm2-135m", 8, bf, False, 128, 2),
+        # held out: not in the fit
+        point("tiny-llama", 16, bf, False, 256, 4, rank=32, held_out=True),
+        point("tiny-qwen2", 8, bf, True, 1024, 2, held_out=True),
+        point("tiny-phi3", 4, fp, False, 512, 1, held_out=True),
+        point("smollm2-135m", 16, bf, True, 512, 2, rank=32, held_out=True),
+    ]
+
+
+# --------------------------------------------------------------------------- one point (child)
+
+
+def tiny_model_dir(name: str) -> Path:
+    from lorasp_edge.models import cache_root
+
+    return cache_root() / "validate" / name
+
+
+def prepare_tiny_model(name: str) -> None:
+    """Save a randomly initialised model of the named config (run in its own process)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    target = tiny_model_dir(name)
+    if (target / "config.json").is_file():
+        return
+    fields = dict(TINY_CONFIGS[name])
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    tmp = target.with_name(target.name + ".tmp")
+    model.save_pretrained(tmp)
+    os.replace(tmp, target)
+
+
+def setting_of(spec: dict, arch):
+    from lorasp_edge.memory import Setting
+    from lorasp_edge.planner import target_choices
+
+    choices = dict(zip((ALL, ATTENTION, QV), target_choices(arch)))
+    return Setting(
+        quant_bits=spec["bits"], compute_dtype=spec["dtype"], rank=spec["rank"], target_modules=choices[spec["targets"]],
+        adapted_layers=spec["layers"] or arch.num_layers, gradient_checkpointing=spec["ckpt"], micro_batch=spec["batch"],
+        seq_len=spec["seq"], loss_chunk_tokens=spec["chunk"],
+    )
+
+
+def model_name(spec: dict) -> str:
+    return spec["model"] if spec["model"] in ("smollm2-135m",) else str(tiny_model_dir(spec["model"]))
+
+
+def run_point(spec: dict, steps: int) -> dict:
+    import threading
+
+    import psutil
+    import torch
+
+    from lorasp_edge.catalog import resolve
+    from lorasp_edge.memory import estimate
+    from lorasp_edge.planner import Device, plan_for_setting
+    from lorasp_edge.trainer import build_model, build_optimizer, train_step
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = model_name(spec)
+    arch = resolve(name).architecture
+    _import_model_code(arch.model_type)
+    setting = setting_of(spec, arch)
+    plan = plan_for_setting(name, setting, Device(device.type, True, (16, 8, 4)))
+    predicted = estimate(arch, setting, device.type)
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, arch.vocab_size, (spec["batch"], spec["seq"]), generator=generator)
+    batch = {"input_ids": input_ids, "labels": input_ids.clone()}
+
+    process = psutil.Process()
+    baseline = process.memory_info().rss
+
+    model = build_model(plan, name, device=device)
+    # from_pretrained leaves the decoder in eval mode, where transformers skips gradient
+    # checkpointing; training runs in train mode.
+    model.train()
+    optimizer = build_optimizer(model)
+    loaded = process.memory_info().rss
+    _reset_peak()
+    peak = {"rss": process.memory_info().rss}
+    stop = threading.Event()
+
+    def sample():
+        while not stop.wait(0.005):
+            peak["rss"] = max(peak["rss"], process.memory_info().rss)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # the peak restarts from what is allocated now: the model
+    started = time.perf_counter()
+    losses = [train_step(model, optimizer, batch, plan)["loss"] for _ in range(steps)]
+    seconds = time.perf_counter() - started
+    stop.set()
+    sampler.join()
+    peak_rss = max(peak["rss"], _vm_hwm())
+    result = {
+        "spec": spec,
+        "predicted": predicted,
+        "baseline_rss": baseline,
+        "loaded_rss": loaded,
+        "static_measured": loaded - baseline,
+        "peak_rss": peak_rss,
+        "measured": peak_rss - baseline,
+        "losses": losses,
+        "step_seconds": seconds / steps,
+        "device": device.type,
+    }
+    if device.type == "cuda":
+        # Every tensor on the device, weights included; the CUDA context is outside it, as the
+        # planner's runtime term is outside `predicted`.
+        result["measured"] = torch.cuda.max_memory_allocated()
+    return result
+
+
+LIVE_POINTS = [
+    point("tiny-llama", 16, "bfloat16", False, 256, 2),
+    point("tiny-llama", 4, "bfloat16", True, 256, 2),
+    point("tiny-llama", 8, "float32", False, 256, 2),
+    point("tiny-llama", 16, "float32", False, 256, 2, targets=QV, layers=4),
+    point("tiny-llama", 16, "float32", True, 512, 2),
+    point("tiny-llama", 4, "float32", False, 512, 2, rank=64, targets=ATTENTION, chunk=512),
+    point("tiny-qwen2", 16, "bfloat16", False, 256, 2),
+    point("tiny-phi3", 16, "bfloat16", False, 256, 2),
+    point("tiny-gemma2", 16, "bfloat16", False, 256, 2),
+]
+
+
+def live_point(spec: dict) -> dict:
+    """Peak bytes of the tensors autograd keeps during one train_step, beyond weights and optimizer
+    state, against the planner's activations + transient + LoRA gradients (+ autocast's copies)."""
+    import torch
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    from lorasp_edge.catalog import resolve
+    from lorasp_edge.memory import estimate, lora_entries
+    from lorasp_edge.planner import Device, plan_for_setting
+    from lorasp_edge.trainer import build_model, build_optimizer, train_step
+
+    class LiveBytes(TorchDispatchMode):
+        def __init__(self, known: set[int]):
+            super().__init__()
+            self.known, self.live, self.current, self.peak = known, {}, 0, 0
+
+        def _sweep(self):
+            for key in [key for key, (ref, _) in self.live.items() if ref.expired()]:
+                self.current -= self.live.pop(key)[1]
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in tree_flatten(out)[0]:
+                if not isinstance(tensor, torch.Tensor):
+                    continue
+                storage = tensor.untyped_storage()
+                key = (storage.data_ptr(), storage.nbytes())
+                if key in self.live and self.live[key][0].expired():
+                    self.current -= self.live.pop(key)[1]  # the address was freed and reused
+                if key[0] and key not in self.live and key[0] not in self.known:
+                    self.live[key] = (StorageWeakRef(storage), storage.nbytes())
+                    self.current += storage.nbytes()
+                    if self.current > self.peak:
+                        self._sweep()
+                        self.peak = max(self.peak, self.current)
+            return out
+
+    name = model_name(spec)
+    arch = resolve(name).architecture
+    setting = setting_of(spec, arch)
+    plan = plan_for_setting(name, setting, Device("cpu", True, (16, 8, 4)))
+    input_ids = torch.randint(0, arch.vocab_size, (spec["batch"], spec["seq"]), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": input_ids, "labels": input_ids.clone()}
+    model = build_model(plan, name, device="cpu")
+    model.train()  # see run_point
+    optimizer = build_optimizer(model)
+    train_step(model, optimizer, batch, plan)  # optimizer state exists from here on
+    known = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    known |= {t.untyped_storage().data_ptr() for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)}
+    with LiveBytes(known) as tracker:
+        train_step(model, optimizer, batch, plan)
+    parts = estimate(arch, setting, "cpu")
+    casts = lora_entries(arch, setting)[0] * 2 if setting.compute_dtype != "float32" else 0
+    predicted = parts["activations"] + parts["transient"] + parts["lora_grads"] + casts
+    return {"spec": spec, "live": tracker.peak, "predicted": predicted}
+
+
+def _import_model_code(model_type: str) -> None:
+    """Everything build_model imports lazily, so that the baseline holds the libraries' code."""
+    import importlib
+
+    import bitsandbytes  # noqa: F401
+    import peft  # noqa: F401
+    from peft import LoraConfig, get_peft_model  # noqa: F401
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: F401
+
+    importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+
+
+def _reset_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # reset the peak resident set (VmHWM) to the current one
+    except OSError:
+        pass
+
+
+def _vm_hwm() -> int:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+# --------------------------------------------------------------------------- the grid (parent)
+
+
+def measure(spec: dict, steps: int) -> dict:
+    done = subprocess.run(
+        [sys.executable, __file__, "--point", json.dumps(spec), "--steps", str(steps)],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"point {spec} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+
+
+def prepare(names: set[str]) -> None:
+    for name in sorted(names):
+        if name in TINY_CONFIGS and not (tiny_model_dir(name) / "config.json").is_file():
+            subprocess.run([sys.executable, __file__, "--prepare", name], check=True, cwd=ROOT)
+
+
+def describe(spec: dict) -> str:
+    layers = f" L{spec['layers']}" if spec["layers"] else ""
+    held_out = " *" if spec.get("held_out") else ""
+    return (f"{spec['model']:13s} {spec['bits']:>2d}b {spec['dtype'][:4]:4s} {'ckpt' if spec['ckpt'] else '    '} "
+            f"{spec['batch']}x{spec['seq']:<5d} r{spec['rank']:<3d}{spec['targets']:4s}{layers}{held_out}")
+
+
+def table(results: list[dict]) -> str:
+    lines = [
+        "| point (model, bits, compute dtype, checkpointing, batch x seq, rank, targets, adapted layers; * held out) | predicted MB | measured MB | error |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in results:
+        predicted = r["predicted"]["total_bytes"] - r["predicted"]["runtime"]
+        lines.append(f"| `{describe(r['spec'])}` | {predicted / 1e6:,.0f} | {r['measured'] / 1e6:,.0f} | {error(r):+.1f}% |")
+    errors = [abs(error(r)) for r in results]
+    held_out = [abs(error(r)) for r in results if r["spec"].get("held_out")]
+    baselines = [r["baseline_rss"] for r in results]
+    lines += [
+        "",
+        f"{len(results)} points on {results[0]['device']}: median |error| {statistics.median(errors):.1f}%, worst {max(errors):.1f}%"
+        + (f"; held out (*): median {statistics.median(held_out):.1f}%, worst {max(held_out):.1f}%" if held_out else "")
+        + "; "
+        f"process baseline after imports (the runtime term): median {statistics.median(baselines) / 1e6:.0f} MB "
+        f"(min {min(baselines) / 1e6:.0f}, max {max(baselines) / 1e6:.0f}).",
+    ]
+    return "\n".join(lines)
+
+
+def repredict(result: dict) -> dict:
+    """The same measurement against the planner as it is now."""
+    from lorasp_edge.catalog import resolve
+    from lorasp_edge.memory import estimate
+
+    arch = resolve(model_name(result["spec"])).architecture
+    return {**result, "predicted": estimate(arch, setting_of(result["spec"], arch), result["device"])}
+
+
+def error(result: dict) -> float:
+    predicted = result["predicted"]["total_bytes"] - result["predicted"]["runtime"]
+    return (predicted / result["measured"] - 1) * 100
+
+
+def write_docs(text: str) -> None:
+    doc = DOCS.read_text()
+    if BEGIN not in doc or END not in doc:
+        raise SystemExit(f"{DOCS}: markers {BEGIN} / {END} not found")
+    head, rest = doc.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    DOCS.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a 4-point grid (about a minute)")
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per point (default 3)")
+    parser.add_argument("--write-docs", action="store_true", help="write the table into docs/planner.md")
+    parser.add_argument("--json", type=Path, help="also write every result as JSON")
+    parser.add_argument("--only", help="run only points whose model name contains this")
+    parser.add_argument("--from-json", type=Path, help="re-predict the measurements saved by an earlier --json run (no training)")
+    parser.add_argument("--live", action="store_true", help="check activations against the tensors autograd keeps (no allocator)")
+    parser.add_argument("--point", help=argparse.SUPPRESS)
+    parser.add_argument("--prepare", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.prepare:
+        prepare_tiny_model(args.prepare)
+        return 0
+    if args.point:
+        spec = json.loads(args.point)
+        print("RESULT " + json.dumps(live_point(spec) if args.live else run_point(spec, args.steps)))
+        return 0
+    if args.live:
+        prepare({p["model"] for p in LIVE_POINTS})
+        print("| point | live peak MB | predicted MB | error |\n|---|---:|---:|---:|")
+        for spec in LIVE_POINTS:
+            done = subprocess.run([sys.executable, __file__, "--live", "--point", json.dumps(spec)], capture_output=True, text=True, cwd=ROOT)
+            line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+            if line is None:
+                raise RuntimeError(f"point {spec} failed:\n{done.stderr[-3000:]}")
+            r = json.loads(line[len("RESULT "):])
+            print(f"| `{describe(spec)}` | {r['live'] / 1e6:.1f} | {r['predicted'] / 1e6:.1f} | {(r['predicted'] / r['live'] - 1) * 100:+.1f}% |", flush=True)
+        return 0
+
+    if args.from_json:
+        results = [repredict(r) for r in json.loads(args.from_json.read_text())]
+        text = table(results)
+        print(text)
+        if args.write_docs:
+            write_docs(text)
+        return 0
+
+    points = [p for p in grid(args.quick) if not args.only or args.only in p["model"]]
+    prepare({p["model"] for p in points})
+    results = []
+    started = time.time()
+    for spec in points:
+        result = measure(spec, args.steps)
+        results.append(result)
+        predicted = result["predicted"]["total_bytes"] - result["predicted"]["runtime"]
+        print(f"{describe(spec)}  predicted {predicted / 1e6:8.1f} MB  measured {result['measured'] / 1e6:8.1f} MB  "
+              f"{error(result):+6.1f}%  ({result['step_seconds']:.1f} s/step)", flush=True)
+    text = table(results)
+    print()
+    print(text)
+    print(f"\n{time.time() - started:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    if args.write_docs:
+        write_docs(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
