@@ -43,6 +43,8 @@ class ChunkedCausalLMLoss(nn.Module):
         transformer = _unwrap(model)
         self.decoder = transformer.base_model  # e.g. LlamaModel, GPT2Model
         self.lm_head = transformer.get_output_embeddings()
+        # Gemma 2 caps its logits: cap * tanh(logits / cap) (transformers' Gemma2ForCausalLM).
+        self.logit_softcap = getattr(transformer.config, "final_logit_softcapping", None)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, normalizer: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss / normalizer to backpropagate, summed loss detached)."""
@@ -60,6 +62,8 @@ class ChunkedCausalLMLoss(nn.Module):
 
     def _chunk_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden).float()
+        if self.logit_softcap:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 

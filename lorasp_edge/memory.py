@@ -27,7 +27,7 @@ LORA_BYTES = 4  # PEFT keeps adapter weights in fp32 (LoraConfig autocast_adapte
 #         lazy module loading (PyTorch PR #86509, default since PyTorch 1.13 and CUDA 12.2);
 #         cited, not measured here (no GPU on this project's machines).
 #   mps:  unified memory: the host process itself, as for cpu (not measured here).
-RUNTIME_BYTES = {"cpu": 410_000_000, "cuda": 300 * 2**20, "mps": 410_000_000}
+RUNTIME_BYTES = {"cpu": 411_000_000, "cuda": 300 * 2**20, "mps": 411_000_000}
 
 # glibc malloc on CPU. Past its dynamic mmap threshold (it rises to the largest freed block, up to
 # 32 MiB) tensors come from the heap, and a heap keeps what it once held: holes between live
@@ -35,10 +35,11 @@ RUNTIME_BYTES = {"cpu": 410_000_000, "cuda": 300 * 2**20, "mps": 410_000_000}
 # settles above the live tensors by a share of the step's churn; the constants below are fitted
 # on tools/validate_planner.py's grid (docs/planner.md), with the live tensors themselves
 # checked separately against autograd (same document).
-HEAP_SLACK_OF_LIVE = 0.35  # of the activations and transient live at the peak
-HEAP_SLACK_OF_LAYER = 1.5  # of one layer's working set (its activations and backward)
-HEAP_SLACK_OF_RECOMPUTE = 1.0  # of one layer's working set again under checkpointing
-HEAP_SLACK_BYTES = 60_000_000  # first-step allocations: oneDNN kernels, thread pools, autograd
+GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit (glibc malloc/malloc.c)
+HEAP_SLACK_OF_LIVE = 0.30  # of the activations and transient live at the peak
+HEAP_SLACK_OF_LAYER = 3.5  # of one layer's working set (its activations and backward)
+HEAP_SLACK_OF_RECOMPUTE = 2.0  # of one layer's working set more under checkpointing
+HEAP_SLACK_BYTES = 10_000_000  # first-step allocations: oneDNN kernels, thread pools, autograd
 HEAP_SLACK_OF_LOAD = 0.5  # of the compute-dtype copy quantization makes of each linear weight
 
 
@@ -295,7 +296,9 @@ def heap_slack_bytes(arch: Architecture, setting: Setting, live_bytes: int) -> i
         + HEAP_SLACK_BYTES
     )
     converts = setting.quant_bits == 8 or (setting.quant_bits == 4 and arch.checkpoint_dtype != setting.compute_dtype)
-    loading = HEAP_SLACK_OF_LOAD * arch.parameters()["linear"] * 2 if converts else 0
+    # A copy of 32 MiB or more gets its own mmap from glibc and goes back to the system when freed.
+    copies = sum(2 * linear.weight_params for linear in arch.linears() if 2 * linear.weight_params < GLIBC_MMAP_THRESHOLD_MAX)
+    loading = HEAP_SLACK_OF_LOAD * copies * arch.num_layers if converts else 0
     return int(max(training, loading))
 
 
@@ -310,7 +313,7 @@ def estimate(arch: Architecture, setting: Setting, device_kind: str = "cpu", uni
         runtime += RUNTIME_BYTES["cpu"]  # Jetson: the host process shares the same memory
     parts = {"runtime": runtime}
     parts.update(weight_bytes(arch, setting.quant_bits, compute_bytes))
-    if device_kind in ("cpu", "mps") or unified_memory:
+    if device_kind == "cpu":  # on a GPU every weight is copied to device memory: nothing stays mapped
         parts["checkpoint_pages"] = checkpoint_page_bytes(arch, setting.quant_bits, setting.compute_dtype)
     parts.update(lora_state_bytes(arch, setting))
     activations = activation_bytes(arch, setting)

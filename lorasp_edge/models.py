@@ -106,6 +106,11 @@ def resolve_model(name: str) -> str:
         if not (path / "config.json").is_file():
             raise UserError(f"model '{name}': folder has no config.json")
         return str(path)
+    # A planner catalog id (e.g. qwen2.5-0.5b) names its hub model.
+    from lorasp_edge.catalog import catalog_ids, catalog_entry
+
+    if key in catalog_ids():
+        return catalog_entry(key)["hf_id"]
     return name
 
 

@@ -21,6 +21,7 @@ The feasible set only grows with the budget, so more memory never gives a lower-
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -289,13 +290,14 @@ def plan_training(
                 return _make_plan(info, arch, chosen, budget_bytes, headroom, device, profile, per_rank_batch, key)
 
     cheapest = min((setting(bits, targets, layers, rank, *smallest) for _, bits, targets, layers, rank in candidates), key=total)
-    needed = -(-total(cheapest) // (1 - headroom))
-    needed = int(needed)
+    needed = math.ceil(total(cheapest) / (1 - headroom))
+    while int(needed * (1 - headroom)) < total(cheapest):  # float rounding
+        needed += 1
     where = f" (a {profile.name} gives {budget_bytes / 1e9:.2f} GB)" if profile is not None else ""
     device_note = f"; a device with {needed / (1 - profile.reserved) / 2**30:.1f} GiB would do" if profile is not None else ""
     raise NoFitError(
         f"nothing fits in {budget_bytes / 1e9:.2f} GB{where} with {headroom:.0%} headroom: the smallest setting "
-        f"({describe_setting(cheapest, arch)}) needs {needed / 1e9:.2f} GB: use --mem {needed / 1e9:.2f}GB or more, "
+        f"({describe_setting(cheapest, arch)}) needs {math.ceil(needed / 1e7) / 100:.2f} GB: use --mem {math.ceil(needed / 1e7) / 100:.2f}GB or more, "
         f"or a shorter --seq-len{device_note}",
         needed,
         cheapest,

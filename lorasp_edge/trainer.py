@@ -90,7 +90,11 @@ def build_model(plan, model_name: str, device: torch.device | str | None = None,
         layers=layers,
         redraw_every=redraw_every,
     )
-    return apply_lorasp(model, config)
+    peft_model = apply_lorasp(model, config)
+    # from_pretrained returns an eval-mode model, and transformers checkpoints layers only in
+    # training mode: without this, a plan's gradient checkpointing would silently not happen.
+    peft_model.train()
+    return peft_model
 
 
 def build_optimizer(model, lr: float = 2e-4, weight_decay: float = 0.0) -> MaskedAdamW:

@@ -127,6 +127,24 @@ def test_sigterm_checkpoints_then_resume_completes(tmp_path, model_dir, data_fil
     assert len(losses(out)) == 400
 
 
+def test_build_model_trains_with_checkpointing_on(tmp_path, model_dir):
+    """A plan's gradient checkpointing must really run: transformers checkpoints in training mode only."""
+    from lorasp_edge.planner import Plan
+    from lorasp_edge.trainer import build_model
+
+    plan = Plan.from_json(write_plan(tmp_path / "plan.json", model_dir, gradient_checkpointing=True))
+    model = build_model(plan, str(model_dir), device="cpu")
+    decoder = model.get_base_model().model
+    assert model.training and decoder.training and decoder.gradient_checkpointing
+    assert all(layer.training for layer in decoder.layers)
+
+
+def test_catalog_ids_resolve_to_their_hub_model():
+    from lorasp_edge.models import resolve_model
+
+    assert resolve_model("qwen2.5-0.5b") == "Qwen/Qwen2.5-0.5B"
+
+
 def test_torn_checkpoint_write_leaves_previous_usable(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     ckpt.save_checkpoint(path, {"step": 3, "lora": {"a": torch.ones(2)}})

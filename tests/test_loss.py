@@ -1,0 +1,24 @@
+"""The chunked loss equals transformers' own causal-LM loss."""
+
+import pytest
+import torch
+from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from lorasp_edge.loss import ChunkedCausalLMLoss, valid_targets
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2"])
+def test_chunked_loss_equals_model_loss(kind):
+    torch.manual_seed(0)
+    common = dict(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    if kind == "gemma2":  # soft-capped logits (final_logit_softcapping=30)
+        model = Gemma2ForCausalLM(Gemma2Config(**common, head_dim=8, final_logit_softcapping=30.0)).eval()
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common)).eval()
+    ids = torch.randint(0, 120, (3, 20), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, :7] = -100  # a masked prompt
+    with torch.no_grad():
+        expected = model(input_ids=ids, labels=labels).loss
+        loss, _ = ChunkedCausalLMLoss(model, chunk_tokens=7)(ids, labels, valid_targets(labels))
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
