@@ -10,23 +10,10 @@ import subprocess
 import sys
 import time
 
-import pytest
 from safetensors.torch import load_file
 
 from test_trainer import losses, run_cli, write_plan
-from tiny import make_model_dir, write_text_jsonl
-
 from lorasp_edge import checkpoint as ckpt
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_model_dir(tmp_path_factory.mktemp("model") / "tiny-llama")
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    return write_text_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", lines=400)
 
 
 def free_port() -> int:
