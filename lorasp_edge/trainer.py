@@ -186,7 +186,6 @@ class Trainer:
         eval_batches: list[dict] | None = None,
         guard: MemoryGuard | None = None,
         progress: bool = True,
-        info: dict | None = None,
     ):
         self.model = model  # PeftModel
         self.optimizer, self.scheduler, self.stream = optimizer, scheduler, stream
@@ -196,7 +195,6 @@ class Trainer:
         self.eval_batches = eval_batches or []
         self.guard = guard
         self.progress = progress and self.world.is_main
-        self.info = info or {}
         self.loss_module = self.world.wrap(ChunkedCausalLMLoss(model, chunk_tokens=plan.loss_chunk_tokens))
         self.compute_dtype = DTYPES[plan.compute_dtype]
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
