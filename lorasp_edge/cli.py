@@ -85,6 +85,8 @@ def _run_plan(args) -> int:
 
 
 def _add_train(subparsers) -> None:
+    from lorasp_edge.planner import DEFAULT_LR
+
     parser = subparsers.add_parser(
         "train",
         help="fine-tune with LoRA-SP within a memory plan",
@@ -108,7 +110,7 @@ def _add_train(subparsers) -> None:
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="optimizer steps")
     length.add_argument("--epochs", type=float, help="passes over the data (default 1; steps estimated from the file size)")
-    parser.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4; warmup then cosine)")
+    parser.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"peak learning rate (default {DEFAULT_LR:g}, twice LoRA's usual 2e-4: docs/results.md; warmup then cosine)")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay on trainable entries (default 0)")
     parser.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 5%% of steps, at most 100)")
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping over trainable entries (default 1.0)")

@@ -33,6 +33,7 @@ from lorasp_edge.loss import ChunkedCausalLMLoss, valid_targets
 from lorasp_edge.memory_guard import MemoryGuard
 from lorasp_edge.models import load_model
 from lorasp_edge.optim import MaskedAdamW
+from lorasp_edge.planner import DEFAULT_LR
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -41,7 +42,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class TrainSettings:
     steps: int | None = field(default=None, metadata={"help": "optimizer steps (default: one epoch)"})
     epochs: float | None = field(default=None, metadata={"help": "passes over the data (ignored with steps)"})
-    lr: float = field(default=2e-4, metadata={"help": "peak learning rate"})
+    lr: float = field(default=DEFAULT_LR, metadata={"help": "peak learning rate"})
     weight_decay: float = 0.0
     warmup_steps: int | None = field(default=None, metadata={"help": "default: 5% of steps, at most 100"})
     min_lr_ratio: float = 0.1
@@ -97,7 +98,7 @@ def build_model(plan, model_name: str, device: torch.device | str | None = None,
     return peft_model
 
 
-def build_optimizer(model, lr: float = 2e-4, weight_decay: float = 0.0) -> MaskedAdamW:
+def build_optimizer(model, lr: float = DEFAULT_LR, weight_decay: float = 0.0) -> MaskedAdamW:
     return MaskedAdamW(trainable_masks(model), lr=lr, weight_decay=weight_decay)
 
 

@@ -47,6 +47,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -408,10 +409,10 @@ def plot(bases: dict[str, dict], summaries: dict[str, dict], seeds: int, path: P
     import matplotlib.pyplot as plt
 
     names = list(summaries)
-    labels = [METHODS[name].label.replace(", ", "\n") for name in names]
+    labels = [textwrap.fill(METHODS[name].label.replace(",", ""), 11) for name in names]
     kind_colors = {"lorasp": "tab:orange", "lora": "tab:blue", "full": "tab:gray"}
     colors = [kind_colors[METHODS[name].kind] for name in names]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), dpi=110)
     accuracy = [summaries[n]["exact_match"] for n in names]
     bars = left.bar(labels, [100 * m for m, _ in accuracy], yerr=[100 * s for _, s in accuracy], color=colors, capsize=4)
     left.bar_label(bars, fmt="%.1f", fontsize=8, label_type="center")
@@ -530,6 +531,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write every run's raw result here")
     parser.add_argument("--plot", type=Path, help="PNG path (default: docs/results.png with --write-docs, else build/quality.png)")
     parser.add_argument("--write-docs", action="store_true", help="fill the results section of docs/results.md")
+    parser.add_argument("--replot", type=Path, metavar="JSON", help="only redraw the plot from a --json file of an earlier run")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-seed", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--child-train", help=argparse.SUPPRESS)
@@ -542,6 +544,13 @@ def main() -> None:
     if args.child:
         result = run_child(args.child, args.child_seed, args.steps, Path(args.child_train), Path(args.child_heldout), args.lr, args.full_lr)
         print("RESULT " + json.dumps(result))
+        return
+
+    if args.replot:
+        record = json.loads(args.replot.read_text())
+        summaries = {name: summarize(results) for name, results in record["runs"].items()}
+        path = plot(record["bases"], summaries, len(record["settings"]["seeds"]), args.plot or ROOT / "build" / "quality.png")
+        print(f"plot: {path}")
         return
 
     defaults = QUICK if args.quick else {"steps": STEPS, "seeds": SEEDS, "heldout": HELDOUT}
