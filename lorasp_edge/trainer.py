@@ -78,7 +78,11 @@ def build_model(plan, model_name: str, device: torch.device | str | None = None,
     model.config.use_cache = False
     if plan.gradient_checkpointing:
         # Non-reentrant: works with frozen inputs and with DDP, recomputes each decoder layer.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5 renamed the switch (the old name warns); 4.x has only the old one.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     n_layers = model.config.num_hidden_layers if hasattr(model.config, "num_hidden_layers") else model.config.n_layer
     layers = list(plan.layers) if plan.layers is not None and len(plan.layers) < n_layers else None
     config = LoRASPConfig(
