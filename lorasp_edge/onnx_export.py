@@ -229,11 +229,11 @@ INT4_KEEP_8BIT = ("v_proj", "down_proj", "up_proj")
 
 
 def quantize_decoder(source: Path, out_dir: Path, bits: int, block_size: int = 32, accuracy_level: int = 4,
-                     external_threshold_bytes: int = PROTOBUF_LIMIT_BYTES) -> Path:
+                     external_threshold_bytes: int = PROTOBUF_LIMIT_BYTES, keep_8bit: tuple[str, ...] = INT4_KEEP_8BIT) -> Path:
     """Weight-only block quantization of every MatMul with a constant weight (onnxruntime's MatMulNBits).
 
-    Asymmetric blocks (a zero point per block). bits=4 keeps the lm_head and INT4_KEEP_8BIT at
-    8 bits. A tied table is shared afterwards (`_share_tied_table`).
+    Asymmetric blocks (a zero point per block). bits=4 keeps the lm_head and the `keep_8bit` modules
+    (short names) at 8 bits. A tied table is shared afterwards (`_share_tied_table`).
     """
     import logging
 
@@ -250,7 +250,7 @@ def quantize_decoder(source: Path, out_dir: Path, bits: int, block_size: int = 3
     if bits == 8:
         groups = {8: weighted}
     else:
-        eight = [name for name in weighted if name in head or any(f"/{part}/" in name for part in INT4_KEEP_8BIT)]
+        eight = [name for name in weighted if name in head or any(f"/{part}/" in name for part in keep_8bit)]
         groups = {4: [name for name in weighted if name not in eight], 8: eight}
     logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level = logger.level
