@@ -90,7 +90,7 @@ def apply_lorasp(model: nn.Module, config: LoRASPConfig):
         task_type="CAUSAL_LM",
         fan_in_fan_out=_uses_conv1d(model),
     )
-    _disable_bnb_cpu_repack(model)
+    disable_bnb_cpu_repack(model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         peft_model = get_peft_model(model, lora_config)
@@ -105,7 +105,7 @@ def _uses_conv1d(model: nn.Module) -> bool:
     return any(isinstance(module, Conv1D) for module in model.modules())
 
 
-def _disable_bnb_cpu_repack(model: nn.Module) -> None:
+def disable_bnb_cpu_repack(model: nn.Module) -> None:
     """bitsandbytes 0.50 on AVX512-BF16 CPUs repacks a Linear4bit weight on any eval-mode no-grad
     forward, after which backward silently returns no input gradient (LoRA grads of earlier layers
     become None while the loss still falls). Turning the fast path off keeps gradients flowing."""
@@ -278,7 +278,7 @@ def load_adapter(base_model: nn.Module, adapter_dir: str | Path, trainable: bool
             f"(base '{info.get('base_model', '?')}', fingerprint {expected}; this base: {base_fingerprint(base_model)})"
         )
 
-    _disable_bnb_cpu_repack(base_model)
+    disable_bnb_cpu_repack(base_model)
     peft_model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=trainable)
     config = LoRASPConfig(**{key: info[key] for key in LoRASPConfig.__dataclass_fields__ if key in info})
     peft_model.lorasp_config = config

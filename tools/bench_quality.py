@@ -199,6 +199,7 @@ def score_heldout(model, tokenizer, heldout_path: Path) -> dict:
 def run_child(method_name: str, seed: int, steps: int, train_path: Path, heldout_path: Path, lora_lr: float, full_lr: float) -> dict:
     import torch
 
+    from lorasp_edge.adapter import disable_bnb_cpu_repack
     from lorasp_edge.data import eval_batches
     from lorasp_edge.loss import ChunkedCausalLMLoss, valid_targets
     from lorasp_edge.models import load_model, load_tokenizer
@@ -214,9 +215,7 @@ def run_child(method_name: str, seed: int, steps: int, train_path: Path, heldout
     if method_name in BASE_MODELS:
         model = load_model("smollm2-135m", quant_bits=BASE_MODELS[method_name], compute_dtype=compute_dtype, device="cpu")
         model.config.use_cache = False
-        for module in model.modules():  # as apply_lorasp does: the NF4 kernels lorasp-4bit runs
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
+        disable_bnb_cpu_repack(model)  # as apply_lorasp does: the NF4 kernels lorasp-4bit runs
         loss_module = ChunkedCausalLMLoss(model)
         result.update(trainable=0, optimizer_state_bytes=0, steps=0)
     else:
