@@ -97,7 +97,8 @@ def main() -> None:
     ]
     for label, ms in rows:
         print(f"{label:55s} {ms:8.1f} ms")
-    print(f"int32 index cache: {4 * sum(int(m.sum()) for m in mask_list) / 1e6:.1f} MB, against {8 * sum(int(m.sum()) for m in mask_list) / 1e6:.1f} MB of m and v")
+    trainable = sum(index.numel() for index in indices)
+    print(f"int32 index cache: {4 * trainable / 1e6:.1f} MB, against {8 * trainable / 1e6:.1f} MB of m and v")
 
 
 if __name__ == "__main__":
