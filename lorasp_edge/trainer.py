@@ -121,11 +121,14 @@ def autocast(device: torch.device, compute_dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=compute_dtype, enabled=enabled)
 
 
-def train_step(model, optimizer, batch, plan=None, max_grad_norm: float = 1.0, world: World | None = None) -> dict:
+def train_step(model, optimizer, batch, plan=None, max_grad_norm: float = 1.0, world: World | None = None,
+               compute_dtype: torch.dtype | None = None) -> dict:
     """One optimizer step over `batch` (one micro-batch dict, or a list of them).
 
     `model` is a ChunkedCausalLMLoss (or DDP around one), or a PeftModel that is wrapped here.
-    Returns loss (mean CE over the step's valid targets, all ranks), grad_norm and tokens.
+    Gradients are clipped over the tensors `optimizer` steps. Autocast runs in `compute_dtype`,
+    else the plan's, else fp32. Returns loss (mean CE over the step's valid targets, all ranks),
+    grad_norm and tokens.
     """
     world = world or World.single()
     micro_batches = batch if isinstance(batch, list) else [batch]
@@ -134,7 +137,8 @@ def train_step(model, optimizer, batch, plan=None, max_grad_norm: float = 1.0, w
     )
     inner = loss_module.module if isinstance(loss_module, torch.nn.parallel.DistributedDataParallel) else loss_module
     device = next(inner.parameters()).device
-    compute_dtype = DTYPES[plan.compute_dtype] if plan is not None else torch.float32
+    if compute_dtype is None:
+        compute_dtype = DTYPES[plan.compute_dtype] if plan is not None else torch.float32
     # The normalizer spans micro-batches and ranks, so the gradient equals one big batch's.
     # DDP averages gradients over ranks; scaling by world size turns that average into the sum.
     counts = torch.tensor([sum(valid_targets(mb["labels"]) for mb in micro_batches)], dtype=torch.float64)
@@ -146,7 +150,7 @@ def train_step(model, optimizer, batch, plan=None, max_grad_norm: float = 1.0, w
             loss, summed = loss_module(input_ids, labels, normalizer)
         loss.backward()
         total += summed.double().cpu()
-    parameters = [linear.weight for _, _, linear in lora_matrices(inner.model)]
+    parameters = [param for group in optimizer.param_groups for param in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

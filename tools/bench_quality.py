@@ -115,7 +115,7 @@ def method_lr(method: Method, lora_lr: float, full_lr: float) -> float:
 
 
 def build(method: Method, seed: int, lr: float):
-    """(model, optimizer, trainable tensors, trainable entry count) for one method."""
+    """(model, optimizer, trainable entry count) for one method."""
     import torch
 
     from lorasp_edge.adapter import LoRASPConfig, apply_lorasp, count_parameters
@@ -132,8 +132,7 @@ def build(method: Method, seed: int, lr: float):
     if method.kind == "lorasp":
         model = apply_lorasp(model, LoRASPConfig(rank=method.rank, alpha=alpha, ratio=0.5, seed=seed, target_modules="all-linear"))
         optimizer = build_optimizer(model, lr=lr, weight_decay=0.0)
-        parameters = [p for p in model.parameters() if p.requires_grad]
-        return model, optimizer, parameters, count_parameters(model)["trainable"]
+        return model, optimizer, count_parameters(model)["trainable"]
     if method.kind == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -144,7 +143,7 @@ def build(method: Method, seed: int, lr: float):
             model = get_peft_model(model, config)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
-    return model, optimizer, parameters, sum(p.numel() for p in parameters)
+    return model, optimizer, sum(p.numel() for p in parameters)
 
 
 def training_batches(path: Path, tokenizer, steps: int) -> list[dict]:
@@ -201,14 +200,14 @@ def run_child(method_name: str, seed: int, steps: int, train_path: Path, heldout
 
     from lorasp_edge.adapter import disable_bnb_cpu_repack
     from lorasp_edge.data import eval_batches
-    from lorasp_edge.loss import ChunkedCausalLMLoss, valid_targets
+    from lorasp_edge.loss import ChunkedCausalLMLoss
     from lorasp_edge.models import load_model, load_tokenizer
     from lorasp_edge.optim import state_bytes
-    from lorasp_edge.trainer import autocast, build_scheduler, evaluate
+    from lorasp_edge.trainer import build_scheduler, evaluate, train_step
 
     torch.manual_seed(seed)
     tokenizer = load_tokenizer("smollm2-135m")
-    device, compute_dtype = torch.device("cpu"), torch.bfloat16
+    compute_dtype = torch.bfloat16
     result: dict = {"method": method_name, "seed": seed}
     heldout = eval_batches(heldout_path, tokenizer, SEQ_LEN, EVAL_BATCH, max_blocks=EVAL_LOSS_BLOCKS)
 
@@ -222,26 +221,19 @@ def run_child(method_name: str, seed: int, steps: int, train_path: Path, heldout
         method = METHODS[method_name]
         lr = method_lr(method, lora_lr, full_lr)
         batches = training_batches(train_path, tokenizer, steps)
-        model, optimizer, parameters, trainable = build(method, seed, lr)
+        model, optimizer, trainable = build(method, seed, lr)
         loss_module = ChunkedCausalLMLoss(model).train()
         warmup = min(100, max(1, steps // 20))  # as lorasp_edge.job sets it
         scheduler = build_scheduler(optimizer, steps, warmup, MIN_LR_RATIO)
         losses, step_seconds = [], []
         cpu_started = time.process_time()
         for batch in batches:
-            # One step, as lorasp_edge.trainer.train_step does it for one micro-batch on one rank;
-            # clipping spans this method's trainable tensors (train_step clips LoRA matrices only).
+            # The trainer's step (clipping over the tensors this method's optimizer steps).
             started = time.perf_counter()
-            normalizer = valid_targets(batch["labels"])
-            with autocast(device, compute_dtype):
-                loss, summed = loss_module(batch["input_ids"], batch["labels"], normalizer)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
-            optimizer.step()
+            step = train_step(loss_module, optimizer, batch, max_grad_norm=MAX_GRAD_NORM, compute_dtype=compute_dtype)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             step_seconds.append(time.perf_counter() - started)
-            losses.append(float(summed) / normalizer)
+            losses.append(step["loss"])
         result.update(
             lr=lr,
             steps=steps,
