@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from lorasp_edge.errors import UserError
+from lorasp_edge.export.formats import FORMATS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,8 +55,8 @@ def _add_plan(subparsers) -> None:
 
 
 def _run_plan(args) -> int:
-    from lorasp_edge.planner import format_plan, plan_training
-    from lorasp_edge.profiles import format_profiles, list_profiles
+    from lorasp_edge.plan.profiles import format_profiles, list_profiles
+    from lorasp_edge.plan.search import format_plan, plan_training
 
     if args.list_profiles:
         print(format_profiles(list_profiles()))
@@ -85,7 +86,7 @@ def _run_plan(args) -> int:
 
 
 def _add_train(subparsers) -> None:
-    from lorasp_edge.planner import DEFAULT_LR
+    from lorasp_edge.train.settings import DEFAULT_LR
 
     parser = subparsers.add_parser(
         "train",
@@ -126,9 +127,9 @@ def _add_train(subparsers) -> None:
 
 
 def _run_train(args) -> int:
-    from lorasp_edge.job import TrainRequest, run_training
-    from lorasp_edge.report import format_summary
-    from lorasp_edge.trainer import TrainSettings
+    from lorasp_edge.train.job import TrainRequest, run_training
+    from lorasp_edge.train.report import format_summary
+    from lorasp_edge.train.settings import TrainSettings
 
     settings = TrainSettings(
         steps=args.steps,
@@ -166,7 +167,7 @@ def _run_train(args) -> int:
 
 
 def _memory_argument(text: str) -> int:
-    from lorasp_edge.planner import parse_memory
+    from lorasp_edge.plan.units import parse_memory
 
     return parse_memory(text)
 
@@ -187,7 +188,7 @@ def _add_export(subparsers) -> None:
     parser.add_argument("--adapter", required=True, type=Path, help="adapter folder written by `lorasp-edge train`")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--model", help="base model (bundled alias, local folder or hub id); default: the one the adapter names")
-    parser.add_argument("--format", default="both", choices=["onnx", "hf", "both"], help="what to write (default: both)")
+    parser.add_argument("--format", default="both", help="formats to write, comma-separated: " + "; ".join(f"{name}: {item.description}" for name, item in FORMATS.items()) + "; both = hf,onnx (default: both)")
     parser.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
                         help="also write OUT/onnx-int8 or OUT/onnx-int4 (MatMulNBits weight-only; default: none)")
     parser.add_argument("--block-size", type=int, default=32, help="quantization block size (default: 32)")
@@ -197,7 +198,7 @@ def _add_export(subparsers) -> None:
 
 
 def _run_export(args) -> int:
-    from lorasp_edge.exporter import ExportSettings, export
+    from lorasp_edge.export.pipeline import ExportSettings, export
 
     settings = ExportSettings(
         adapter=args.adapter, out=args.out, model=args.model, format=args.format, quantize=args.quantize,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from lorasp_edge.devices import default_device
 from lorasp_edge.errors import UserError
 
 BUNDLED_MODELS = {
@@ -32,31 +33,10 @@ def cache_root() -> Path:
     return Path(os.environ.get("LORASP_EDGE_CACHE", Path.home() / ".cache" / "lorasp-edge"))
 
 
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
-def bf16_supported(device: torch.device) -> bool:
-    """Whether bf16 compute is fast and exact enough to train in on this device."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        # oneDNN runs bf16 matmuls natively on AVX512-BF16 / AMX CPUs (about 4x fp32 here);
-        # elsewhere they are emulated and slower than fp32.
-        return bool(getattr(torch.backends.mkldnn, "is_available", lambda: False)()) and _cpu_has_bf16()
-    return device.type == "mps"
 
 
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _materialize_bundled(alias: str) -> Path:
@@ -107,7 +87,7 @@ def resolve_model(name: str) -> str:
             raise UserError(f"model '{name}': folder has no config.json")
         return str(path)
     # A planner catalog id (e.g. qwen2.5-0.5b) names its hub model.
-    from lorasp_edge.catalog import catalog_ids, catalog_entry
+    from lorasp_edge.plan.catalog import catalog_entry, catalog_ids
 
     if key in catalog_ids():
         return catalog_entry(key)["hf_id"]

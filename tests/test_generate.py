@@ -9,8 +9,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorasp_edge.cli import main
 from lorasp_edge.errors import UserError
-from lorasp_edge.exporter import ExportSettings, export
-from lorasp_edge.generate import GenerateSettings, TextStream, encode_prompt, generate, pick_token, resolve_model_dir
+from lorasp_edge.export.pipeline import ExportSettings, export
+from lorasp_edge.generate import (
+    GenerateSettings,
+    TextStream,
+    encode_prompt,
+    generate,
+    pick_token,
+    resolve_model_dir,
+)
 
 PROMPT = "3 4 5 6 7"
 

@@ -118,7 +118,7 @@ def test_answer_found_accepts_the_answer_inside_other_words_only():
 
 
 def test_the_trainer_stream_reads_the_files_with_loss_on_replies_only(tmp_path):
-    from lorasp_edge.data import PackedStream
+    from lorasp_edge.train.data import PackedStream
 
     paths = task.write_task(tmp_path, train=20, heldout=10, seed=3)
     tokenizer = train_tokenizer()

@@ -40,7 +40,14 @@ def train_tokenizer(vocab_size: int = 300):
 
 def make_model_dir(path: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
     """Save a tiny randomly initialised causal LM and a trained tokenizer into `path`."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     tokenizer = train_tokenizer()
     vocab = len(tokenizer)

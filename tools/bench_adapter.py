@@ -42,8 +42,13 @@ def measure(method: str, steps: int, warmup: int) -> dict:
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**CONFIG))
     if method == "lorasp":
-        from lorasp_edge.adapter import LoRASPConfig, apply_lorasp, count_parameters, trainable_masks
-        from lorasp_edge.optim import MaskedAdamW
+        from lorasp_edge.train.adapter import (
+            LoRASPConfig,
+            apply_lorasp,
+            count_parameters,
+            trainable_masks,
+        )
+        from lorasp_edge.train.optim import MaskedAdamW
 
         model = apply_lorasp(model, LoRASPConfig(rank=16, alpha=32, target_modules="all-linear"))
         optimizer = MaskedAdamW(trainable_masks(model), lr=2e-4)
@@ -54,7 +59,7 @@ def measure(method: str, steps: int, warmup: int) -> dict:
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    from lorasp_edge.optim import state_bytes
+    from lorasp_edge.train.optim import state_bytes
 
     params = [p for p in model.parameters() if p.requires_grad]
     batch = torch.randint(0, CONFIG["vocab_size"], (4, 256), generator=torch.Generator().manual_seed(1))

@@ -28,7 +28,7 @@ SEQ_LEN, EFFECTIVE_BATCH = 128, 8
 
 
 def plan_file(folder: Path, nproc: int) -> Path:
-    from lorasp_edge.planner import plan_training
+    from lorasp_edge.plan.search import plan_training
 
     plan = plan_training(model="smollm2-135m", budget_bytes=16 * 10**9, seq_len=SEQ_LEN, batch=EFFECTIVE_BATCH, world_size=nproc)
     plan = dataclasses.replace(plan, micro_batch=EFFECTIVE_BATCH // nproc, grad_accum=1, rank=16, alpha=32.0, gradient_checkpointing=False)

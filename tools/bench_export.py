@@ -3,7 +3,7 @@
     python tools/bench_export.py [--adapter DIR] [--new-tokens 128] [--json out.json]
 
 1. A small LoRA-SP adapter (2 MaskedAdamW steps, rank 8, all linear layers), unless --adapter names one.
-2. `lorasp_edge.exporter.export` twice, with --quantize int8 and int4: merged HF model, fp32 ONNX and
+2. `lorasp_edge.export.pipeline.export` twice, with --quantize int8 and int4: merged HF model, fp32 ONNX and
    each quantized ONNX, verified; their manifests give file sizes and held-out perplexities.
 3. Tokens/s of greedy generation of exactly --new-tokens tokens (EOS ignored) from one prompt, batch 1,
    CPU: onnxruntime through `lorasp_edge.generate` (what `lorasp-edge generate` runs) for fp32, int8 and
@@ -31,9 +31,14 @@ PROMPT = "Write a short story about a robot who learns to paint."
 def small_adapter(out_dir: Path) -> Path:
     from transformers import AutoTokenizer
 
-    from lorasp_edge.adapter import LoRASPConfig, apply_lorasp, save_adapter, trainable_masks
     from lorasp_edge.models import load_model, resolve_model
-    from lorasp_edge.optim import MaskedAdamW
+    from lorasp_edge.train.adapter import (
+        LoRASPConfig,
+        apply_lorasp,
+        save_adapter,
+        trainable_masks,
+    )
+    from lorasp_edge.train.optim import MaskedAdamW
 
     model = load_model("smollm2-135m", device="cpu")
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
@@ -60,7 +65,8 @@ def _timed(run) -> float:
 
 
 def onnx_speed(folder: Path, prompt_ids: list[int], new_tokens: int, repeats: int) -> float:
-    from lorasp_edge.generate import OnnxDecoder, OnnxStepper, generate_ids
+    from lorasp_edge.export.onnx_runtime import OnnxDecoder
+    from lorasp_edge.generate import OnnxStepper, generate_ids
 
     decoder = OnnxDecoder(folder / "model.onnx")
     seconds = best_of(repeats, lambda: list(generate_ids(OnnxStepper(decoder), prompt_ids, new_tokens)))
@@ -83,7 +89,7 @@ def pytorch_speed(hf_dir: Path, prompt_ids: list[int], new_tokens: int, repeats:
 def main() -> int:
     from transformers import AutoTokenizer
 
-    from lorasp_edge.exporter import ExportSettings, export
+    from lorasp_edge.export.pipeline import ExportSettings, export
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapter", type=Path, help="adapter trained on smollm2-135m (default: a 2-step one made here)")

@@ -45,8 +45,8 @@ def main() -> None:
 
     import torch
 
-    from lorasp_edge.catalog import resolve
-    from lorasp_edge.optim import MaskedAdamW
+    from lorasp_edge.plan.catalog import resolve
+    from lorasp_edge.train.optim import MaskedAdamW
 
     arch = resolve(args.model).architecture
     shapes = [shape for _ in range(arch.num_layers) for linear in arch.linears() for shape in ((args.rank, linear.d_in), (linear.d_out, args.rank))]

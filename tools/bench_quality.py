@@ -20,8 +20,8 @@ Methods (`METHODS`; all but lorasp-r32 run by default):
 
 Equal budgets. For seed s every method reads the same packed blocks in the same order (one
 PackedStream over the training file shuffled with seed s), SEQ_LEN x BATCH tokens a step, the same
-number of optimizer steps, the same warmup + cosine schedule (lorasp_edge.trainer.build_scheduler,
-warmup as `lorasp-edge train` sets it), the same loss (lorasp_edge.loss.ChunkedCausalLMLoss), bf16
+number of optimizer steps, the same warmup + cosine schedule (lorasp_edge.train.loop.build_scheduler,
+warmup as `lorasp-edge train` sets it), the same loss (lorasp_edge.train.loss.ChunkedCausalLMLoss), bf16
 autocast over a bf16 base (fp32 LoRA weights; full fine-tuning keeps fp32 weights), clipping at
 1.0 over the trainable tensors, no weight decay, no dropout. The seed also seeds the LoRA init
 (drawn as apply_lorasp draws it, so LoRA and LoRA-SP at one rank start from the same A) and the
@@ -30,7 +30,7 @@ LoRA-SP masks. Adapter alpha = 2 x rank, so the LoRA scale alpha/r is 2 for ever
 Each (method, seed) and the untuned base run in a fresh process, so peak RSS (getrusage ru_maxrss,
 read after the training loop: model load plus training) and times are that run's alone.
 
-Scores, on the held-out split: loss = lorasp_edge.trainer.evaluate over the split's first
+Scores, on the held-out split: loss = lorasp_edge.train.loop.evaluate over the split's first
 EVAL_LOSS_BLOCKS packed SEQ_LEN-token blocks (mean CE over reply tokens); exact match = greedy
 decoding of every prompt (batched, left padding, at most MAX_NEW_TOKENS new tokens), scored by
 make_task_data.exact_match.
@@ -118,9 +118,9 @@ def build(method: Method, seed: int, lr: float):
     """(model, optimizer, trainable entry count) for one method."""
     import torch
 
-    from lorasp_edge.adapter import LoRASPConfig, apply_lorasp, count_parameters
     from lorasp_edge.models import load_model
-    from lorasp_edge.trainer import build_optimizer
+    from lorasp_edge.train.adapter import LoRASPConfig, apply_lorasp, count_parameters
+    from lorasp_edge.train.loop import build_optimizer
 
     compute_dtype = torch.bfloat16
     # Full fine-tuning keeps fp32 master weights: bf16 holds 8 significant bits, so an AdamW step of
@@ -147,7 +147,7 @@ def build(method: Method, seed: int, lr: float):
 
 
 def training_batches(path: Path, tokenizer, steps: int) -> list[dict]:
-    from lorasp_edge.data import PackedStream
+    from lorasp_edge.train.data import PackedStream
 
     stream = PackedStream(path, tokenizer, SEQ_LEN)  # cycles through the file if the steps outrun it
     batches = [stream.next_batch(BATCH) for _ in range(steps)]
@@ -198,12 +198,12 @@ def score_heldout(model, tokenizer, heldout_path: Path) -> dict:
 def run_child(method_name: str, seed: int, steps: int, train_path: Path, heldout_path: Path, lora_lr: float, full_lr: float) -> dict:
     import torch
 
-    from lorasp_edge.adapter import disable_bnb_cpu_repack
-    from lorasp_edge.data import eval_batches
-    from lorasp_edge.loss import ChunkedCausalLMLoss
     from lorasp_edge.models import load_model, load_tokenizer
-    from lorasp_edge.optim import state_bytes
-    from lorasp_edge.trainer import build_scheduler, evaluate, train_step
+    from lorasp_edge.train.adapter import disable_bnb_cpu_repack
+    from lorasp_edge.train.data import eval_batches
+    from lorasp_edge.train.loop import build_scheduler, evaluate, train_step
+    from lorasp_edge.train.loss import ChunkedCausalLMLoss
+    from lorasp_edge.train.optim import state_bytes
 
     torch.manual_seed(seed)
     tokenizer = load_tokenizer("smollm2-135m")

@@ -74,7 +74,7 @@ def stream_once(data: Path, tokenizer_dir: str, seq_len: int, micro_batch: int) 
     """The child: one full pass, then the figures as JSON on stdout."""
     from transformers import AutoTokenizer
 
-    from lorasp_edge.data import PackedStream
+    from lorasp_edge.train.data import PackedStream
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     started = time.perf_counter()

@@ -3,7 +3,7 @@
     python tools/bench_train.py [--steps 12] [--warmup 3] [--rounds 2] [--json out.json]
 
 The bundled SmolLM2-135M-Instruct, batch 4 x 256 tokens, the same packed blocks in the same order
-for every method (lorasp_edge.data.PackedStream over one generated JSONL file), the same number
+for every method (lorasp_edge.train.data.PackedStream over one generated JSONL file), the same number
 of optimizer steps.
 - lorasp-edge: `run_training` (what `lorasp-edge train` runs) with the plan the planner makes for
   this machine's free memory at seq 256, batch 4, lr 2e-4.
@@ -47,8 +47,8 @@ def write_data(path: Path, examples: int = 3000) -> Path:
 
 
 def batches(data: Path, steps: int):
-    from lorasp_edge.data import PackedStream
     from lorasp_edge.models import load_tokenizer
+    from lorasp_edge.train.data import PackedStream
 
     stream = PackedStream(data, load_tokenizer("smollm2-135m"), SEQ_LEN)
     return [stream.next_batch(BATCH) for _ in range(steps)]
@@ -86,9 +86,9 @@ def run_baseline(method: str, data: Path, steps: int, warmup: int) -> dict:
 
 
 def run_lorasp(data: Path, steps: int, warmup: int) -> dict:
-    from lorasp_edge.job import TrainRequest, run_training
-    from lorasp_edge.report import read_metrics
-    from lorasp_edge.trainer import TrainSettings
+    from lorasp_edge.train.job import TrainRequest, run_training
+    from lorasp_edge.train.report import read_metrics
+    from lorasp_edge.train.settings import TrainSettings
 
     with tempfile.TemporaryDirectory() as out:
         summary = run_training(

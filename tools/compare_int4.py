@@ -2,10 +2,10 @@
 
     python tools/compare_int4.py EXPORT_DIR     # a `lorasp-edge export` folder (its onnx/ is read)
 
-Each mix quantizes the export's fp32 `onnx/model.onnx` with `lorasp_edge.onnx_export.quantize_decoder`
+Each mix quantizes the export's fp32 `onnx/model.onnx` with `lorasp_edge.export.onnx_graph.quantize_decoder`
 (MatMulNBits, asymmetric, the lm_head always 8-bit) and scores it as `lorasp-edge export` does:
 perplexity over 1024 tokens of the Python language reference in 512-token windows
-(`lorasp_edge.exporter.perplexity`), as a ratio to the fp32 graph's. The table in docs/export.md
+(`lorasp_edge.export.pipeline.perplexity`), as a ratio to the fp32 graph's. The table in docs/export.md
 comes from this tool.
 """
 
@@ -42,9 +42,14 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from lorasp_edge.exporter import held_out_ids, held_out_text, onnx_logits_fn, perplexity
-    from lorasp_edge.generate import OnnxDecoder
-    from lorasp_edge.onnx_export import INT4_KEEP_8BIT, quantize_decoder
+    from lorasp_edge.export.onnx_runtime import OnnxDecoder
+    from lorasp_edge.export.quantize import INT4_KEEP_8BIT, quantize_decoder
+    from lorasp_edge.export.verify import (
+        held_out_ids,
+        held_out_text,
+        onnx_logits_fn,
+        perplexity,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(source.parent)
     ids = held_out_ids(tokenizer, held_out_text(None), 1024)

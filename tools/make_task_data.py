@@ -10,7 +10,7 @@ Five families of user requests, each with one short correct reply (the assistant
     addition      "Maya had 38 stamps and was given 47 more. How many ..."      -> 85
     json          "Extract the name, age and city ... as JSON ...: Ana ..."     -> {"name": "Ana Silva", "age": 34, "city": "Lisbon"}
 
-Files (JSONL, one chat example a line, the layout `lorasp_edge.data.PackedStream` reads; `family`
+Files (JSONL, one chat example a line, the layout `lorasp_edge.train.data.PackedStream` reads; `family`
 and `answer` ride along for scoring):
 
     {"family": "units", "answer": "4750",

@@ -54,7 +54,7 @@ def point(model, bits, dtype, ckpt, seq, batch, rank=16, targets=ALL, layers=Non
 
 
 def grid(quick: bool) -> list[dict]:
-    """The points the CPU heap constants in lorasp_edge/memory.py were fitted on, and held-out ones
+    """The points the CPU heap constants in lorasp_edge/plan/memory.py were fitted on, and held-out ones
     (`held_out=True`: settings the fit never saw)."""
     bf, fp = "bfloat16", "float32"
     if quick:
@@ -121,8 +121,8 @@ def prepare_tiny_model(name: str) -> None:
 
 
 def setting_of(spec: dict, arch):
-    from lorasp_edge.memory import Setting
-    from lorasp_edge.planner import target_choices
+    from lorasp_edge.plan.memory import Setting
+    from lorasp_edge.plan.search import target_choices
 
     choices = dict(zip((ALL, ATTENTION, QV), target_choices(arch)))
     return Setting(
@@ -142,10 +142,10 @@ def run_point(spec: dict, steps: int) -> dict:
     import psutil
     import torch
 
-    from lorasp_edge.catalog import resolve
-    from lorasp_edge.memory import estimate
-    from lorasp_edge.planner import Device, plan_for_setting
-    from lorasp_edge.trainer import build_model, build_optimizer, train_step
+    from lorasp_edge.plan.catalog import resolve
+    from lorasp_edge.plan.memory import estimate
+    from lorasp_edge.plan.search import Device, plan_for_setting
+    from lorasp_edge.train.loop import build_model, build_optimizer, train_step
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = model_name(spec)
@@ -225,10 +225,10 @@ def live_point(spec: dict) -> dict:
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
 
-    from lorasp_edge.catalog import resolve
-    from lorasp_edge.memory import estimate, lora_entries
-    from lorasp_edge.planner import Device, plan_for_setting
-    from lorasp_edge.trainer import build_model, build_optimizer, train_step
+    from lorasp_edge.plan.catalog import resolve
+    from lorasp_edge.plan.memory import estimate, lora_entries
+    from lorasp_edge.plan.search import Device, plan_for_setting
+    from lorasp_edge.train.loop import build_model, build_optimizer, train_step
 
     class LiveBytes(TorchDispatchMode):
         def __init__(self, known: set[int]):
@@ -357,8 +357,8 @@ def table(results: list[dict]) -> str:
 
 def repredict(result: dict) -> dict:
     """The same measurement against the planner as it is now."""
-    from lorasp_edge.catalog import resolve
-    from lorasp_edge.memory import estimate
+    from lorasp_edge.plan.catalog import resolve
+    from lorasp_edge.plan.memory import estimate
 
     arch = resolve(model_name(result["spec"])).architecture
     return {**result, "predicted": estimate(arch, setting_of(result["spec"], arch), result["device"])}

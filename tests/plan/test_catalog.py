@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from lorasp_edge.catalog import Architecture, catalog_entry, catalog_ids, resolve
 from lorasp_edge.errors import UserError
+from lorasp_edge.plan.catalog import Architecture, catalog_entry, catalog_ids, resolve
 
 REQUIRED = ["smollm2-135m", "smollm2-360m", "smollm2-1.7b", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-7b",
             "llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "mistral-7b-v0.3", "phi-3-mini-4k", "gemma-2-2b", "tinyllama-1.1b"]

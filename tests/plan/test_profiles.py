@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from lorasp_edge.errors import UserError
-from lorasp_edge.profiles import format_profiles, list_profiles, load_profile, profile_names
+from lorasp_edge.plan.profiles import (
+    format_profiles,
+    list_profiles,
+    load_profile,
+    profile_names,
+)
 
 
 def test_at_least_eight_devices_load():

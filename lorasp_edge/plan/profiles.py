@@ -1,6 +1,7 @@
 """Device profiles: how much memory a device gives a training process, and what runs there.
 
-One YAML file per device in `lorasp_edge/profiles/` (installed with the package):
+One YAML file per device in the repository's top-level `profiles/`, installed with the package:
+`lorasp_edge/plan/profiles` links to it, and a wheel carries the files there (one copy in the repository):
 
     name: raspberry-pi-5-8gb
     device_kind: cpu            # cpu | cuda | mps
@@ -20,7 +21,12 @@ from pathlib import Path
 
 from lorasp_edge.errors import UserError
 
-PROFILE_DIR = Path(__file__).parent / "profiles"
+
+def _profile_dir() -> Path:
+    """The repository's profiles/ (linked as lorasp_edge/plan/profiles; a wheel holds the files there)."""
+    return Path(__file__).parent / "profiles"
+
+
 DEVICE_KINDS = ("cpu", "cuda", "mps")
 
 
@@ -42,7 +48,7 @@ class Profile:
 
 
 def profile_names() -> list[str]:
-    return sorted(path.stem for path in PROFILE_DIR.glob("*.yaml"))
+    return sorted(path.stem for path in _profile_dir().glob("*.yaml"))
 
 
 def list_profiles() -> list[Profile]:
@@ -51,7 +57,7 @@ def list_profiles() -> list[Profile]:
 
 def load_profile(name: str) -> Profile:
     """A bundled profile by name, or a YAML file by path."""
-    path = PROFILE_DIR / f"{name}.yaml"
+    path = _profile_dir() / f"{name}.yaml"
     if not path.is_file():
         candidate = Path(name).expanduser()
         if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
@@ -64,7 +70,7 @@ def load_profile(name: str) -> Profile:
 def _parse(path: Path) -> Profile:
     import yaml
 
-    from lorasp_edge.planner import parse_memory
+    from lorasp_edge.plan.units import parse_memory
 
     try:
         data = yaml.safe_load(path.read_text())

@@ -20,51 +20,31 @@ import json
 import math
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from lorasp_edge import checkpoint as ckpt
-from lorasp_edge.adapter import LoRASPConfig, apply_lorasp, lora_matrices, redraw_masks, save_adapter, trainable_masks
-from lorasp_edge.distributed import World
 from lorasp_edge.errors import OverBudgetError, UserError
-from lorasp_edge.loss import ChunkedCausalLMLoss, valid_targets
-from lorasp_edge.memory_guard import MemoryGuard
 from lorasp_edge.models import load_model
-from lorasp_edge.optim import MaskedAdamW
-from lorasp_edge.planner import DEFAULT_LR
+from lorasp_edge.train import checkpoint as ckpt
+from lorasp_edge.train.adapter import (
+    LoRASPConfig,
+    apply_lorasp,
+    lora_matrices,
+    redraw_masks,
+    save_adapter,
+    trainable_masks,
+)
+from lorasp_edge.train.distributed import World
+from lorasp_edge.train.guard import MemoryGuard
+from lorasp_edge.train.loss import ChunkedCausalLMLoss, valid_targets
+from lorasp_edge.train.optim import MaskedAdamW
+from lorasp_edge.train.settings import DEFAULT_LR, TrainSettings
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-@dataclass
-class TrainSettings:
-    steps: int | None = field(default=None, metadata={"help": "optimizer steps (default: one epoch)"})
-    epochs: float | None = field(default=None, metadata={"help": "passes over the data (ignored with steps)"})
-    lr: float = field(default=DEFAULT_LR, metadata={"help": "peak learning rate"})
-    weight_decay: float = 0.0
-    warmup_steps: int | None = field(default=None, metadata={"help": "default: 5% of steps, at most 100"})
-    min_lr_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (0: only at the end)"})
-    eval_every: int = field(default=0, metadata={"help": "eval every N steps with eval data (0: only at the end)"})
-    eval_blocks: int = field(default=16, metadata={"help": "blocks of eval data scored per eval"})
-    redraw_every: int = field(default=0, metadata={"help": "redraw LoRA-SP masks every K steps (0: fixed)"})
-    skip_bad_lines: bool = False
-
-    def problems(self) -> list[str]:
-        found = []
-        if self.steps is not None and self.steps < 1:
-            found.append(f"--steps must be >= 1, not {self.steps}")
-        if self.epochs is not None and self.epochs <= 0:
-            found.append(f"--epochs must be > 0, not {self.epochs}")
-        if not self.lr > 0:
-            found.append(f"--lr must be > 0, not {self.lr}")
-        if self.save_every < 0:
-            found.append(f"--save-every must be >= 0, not {self.save_every}")
-        return found
 
 
 # ------------------------------------------------------------------------------ the parts

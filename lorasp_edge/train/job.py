@@ -19,16 +19,24 @@ from pathlib import Path
 
 import torch
 
-from lorasp_edge import checkpoint as ckpt
-from lorasp_edge.data import PackedStream, estimate_blocks, eval_batches
-from lorasp_edge.distributed import World
+from lorasp_edge.devices import default_device
 from lorasp_edge.errors import UserError
 from lorasp_edge.files import write_text_atomic
-from lorasp_edge.memory_guard import MemoryGuard
-from lorasp_edge.models import default_device, load_tokenizer
-from lorasp_edge.planner import Plan, plan_training
-from lorasp_edge.report import plot_losses
-from lorasp_edge.trainer import Trainer, TrainSettings, build_model, build_optimizer, build_scheduler
+from lorasp_edge.models import load_tokenizer
+from lorasp_edge.plan.planfile import Plan
+from lorasp_edge.plan.search import plan_training
+from lorasp_edge.train import checkpoint as ckpt
+from lorasp_edge.train.data import PackedStream, estimate_blocks, eval_batches
+from lorasp_edge.train.distributed import World
+from lorasp_edge.train.guard import MemoryGuard
+from lorasp_edge.train.loop import (
+    Trainer,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+)
+from lorasp_edge.train.report import plot_losses
+from lorasp_edge.train.settings import TrainSettings
 
 
 @dataclass

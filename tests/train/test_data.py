@@ -10,8 +10,8 @@ import json
 import pytest
 import torch
 
-from lorasp_edge.data import PackedStream, estimate_blocks, eval_batches
 from lorasp_edge.errors import DataError
+from lorasp_edge.train.data import PackedStream, estimate_blocks, eval_batches
 
 EOS, USER, ASSISTANT, END = 0, 2, 3, 5
 M = -100  # a masked label

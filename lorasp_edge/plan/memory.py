@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lorasp_edge.catalog import Architecture, Linear
+from lorasp_edge.plan.catalog import Architecture, Linear
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 LORA_BYTES = 4  # PEFT keeps adapter weights in fp32 (LoraConfig autocast_adapter_dtype=True)
@@ -129,7 +129,7 @@ def adapted_linears(arch: Architecture, target_modules: tuple[str, ...]) -> list
 def lora_entries(arch: Architecture, setting: Setting) -> tuple[int, int]:
     """(all LoRA entries, trainable entries): A is r x d_in, B is d_out x r (Hu et al. 2021,
     arXiv 2106.09685, Sec. 4.1); LoRA-SP freezes round(ratio * numel) of each matrix
-    (Wu et al. 2024, arXiv 2403.08822; lorasp_edge.masks.frozen_count)."""
+    (Wu et al. 2024, arXiv 2403.08822; lorasp_edge.train.masks.frozen_count)."""
     total = trainable = 0
     for linear in adapted_linears(arch, setting.target_modules):
         for numel in (setting.rank * linear.d_in, linear.d_out * setting.rank):

@@ -9,17 +9,41 @@ import onnx
 import pytest
 import torch
 from tiny import corpus, make_model_dir
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
-from lorasp_edge import exporter
-from lorasp_edge.adapter import LoRASPConfig, apply_lorasp, load_adapter, save_adapter, trainable_masks
 from lorasp_edge.cli import main
 from lorasp_edge.errors import AdapterError, UserError, VerificationError
-from lorasp_edge.exporter import ExportSettings, export, verify_onnx, write_portable_config
-from lorasp_edge.generate import OnnxDecoder
+from lorasp_edge.export import onnx_writer
+from lorasp_edge.export import pipeline as exporter
+from lorasp_edge.export.hf import write_portable_config
+from lorasp_edge.export.onnx_graph import (
+    ONNX_DATA_FILE,
+    TIED_TABLE,
+    export_decoder,
+    onnx_weight_bytes,
+)
+from lorasp_edge.export.onnx_runtime import OnnxDecoder
+from lorasp_edge.export.pipeline import ExportSettings, export
+from lorasp_edge.export.verify import verify_onnx
 from lorasp_edge.models import load_model
-from lorasp_edge.onnx_export import ONNX_DATA_FILE, TIED_TABLE, export_decoder, onnx_weight_bytes
-from lorasp_edge.optim import MaskedAdamW
+from lorasp_edge.train.adapter import (
+    LoRASPConfig,
+    apply_lorasp,
+    load_adapter,
+    save_adapter,
+    trainable_masks,
+)
+from lorasp_edge.train.optim import MaskedAdamW
 
 SMALL = dict(vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
@@ -254,14 +278,14 @@ def test_disk_full_while_writing_leaves_nothing(llama_adapter, tmp_path, monkeyp
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(exporter, "export_decoder", full)
+    monkeypatch.setattr(onnx_writer, "export_decoder", full)
     with pytest.raises(UserError, match="no room on disk"):
         export(ExportSettings(adapter=llama_adapter[1], out=tmp_path / "out"))
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
 
 
 def test_verification_failure_exits_4_and_removes_files(llama_adapter, tmp_path, monkeypatch, capsys):
-    real_export = exporter.export_decoder
+    real_export = onnx_writer.export_decoder
 
     def export_a_different_model(model, *args, **kwargs):
         broken = copy.deepcopy(model)
@@ -269,7 +293,7 @@ def test_verification_failure_exits_4_and_removes_files(llama_adapter, tmp_path,
             broken.model.norm.weight.mul_(1.5)
         return real_export(broken, *args, **kwargs)
 
-    monkeypatch.setattr(exporter, "export_decoder", export_a_different_model)
+    monkeypatch.setattr(onnx_writer, "export_decoder", export_a_different_model)
     code = main(["export", "--adapter", str(llama_adapter[1]), "--out", str(tmp_path / "out"), "--format", "onnx"])
     error = capsys.readouterr().err
     assert code == VerificationError.exit_code == 4
@@ -317,7 +341,7 @@ def test_smollm2_export_with_a_trained_adapter_agrees_with_pytorch(tmp_path):
     assert report.manifest["files"]["onnx"] <= 1.01 * report.manifest["files"]["fp32_parameters"]
 
     merged = AutoModelForCausalLM.from_pretrained(exporter_model_dir(), dtype=torch.float32)
-    from lorasp_edge.adapter import merged_model
+    from lorasp_edge.export.merge import merged_model
 
     merged = merged_model(load_adapter(merged, tmp_path / "adapter")).eval()
     prompt = tokenizer("Once upon a time, in a small village,", return_tensors="pt").input_ids

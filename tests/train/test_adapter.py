@@ -9,21 +9,20 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from lorasp_edge import masks as masklib
-from lorasp_edge.adapter import (
+from lorasp_edge.errors import AdapterError
+from lorasp_edge.export.merge import merged_model, merged_state_dict
+from lorasp_edge.train import masks as masklib
+from lorasp_edge.train.adapter import (
     LoRASPConfig,
     apply_lorasp,
     count_parameters,
     load_adapter,
     lora_matrices,
-    merged_model,
-    merged_state_dict,
     redraw_masks,
     save_adapter,
     trainable_masks,
 )
-from lorasp_edge.errors import AdapterError
-from lorasp_edge.optim import MaskedAdamW, state_bytes
+from lorasp_edge.train.optim import MaskedAdamW, state_bytes
 
 LLAMA = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 LINEAR_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -157,7 +156,7 @@ def test_masks_exact_count_and_independent_of_module_order():
 
 def test_masks_identical_across_processes():
     code = (
-        "from lorasp_edge.masks import draw_frozen_mask, pack;"
+        "from lorasp_edge.train.masks import draw_frozen_mask, pack;"
         "import hashlib;"
         "m = draw_frozen_mask((16, 64), 0.5, 5, 'model.layers.1.mlp.up_proj', 'B');"
         "print(hashlib.sha256(pack(m).numpy().tobytes()).hexdigest())"

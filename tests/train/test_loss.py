@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from lorasp_edge.loss import ChunkedCausalLMLoss, valid_targets
+from lorasp_edge.train.loss import ChunkedCausalLMLoss, valid_targets
 
 
 @pytest.mark.parametrize("kind", ["llama", "gemma2"])

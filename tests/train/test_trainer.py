@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorasp_edge import checkpoint as ckpt
+from lorasp_edge.train import checkpoint as ckpt
 
 
 def write_plan(path: Path, model_dir: Path, **fields) -> Path:
-    from lorasp_edge.planner import plan_training
+    from lorasp_edge.plan.search import plan_training
 
     plan = plan_training(model=str(model_dir), budget_bytes=8 * 10**9, seq_len=32, batch=4)
     defaults = dict(quant_bits=16, compute_dtype="float32", rank=8, alpha=16.0, micro_batch=2, grad_accum=2, gradient_checkpointing=False)
@@ -117,8 +117,8 @@ def test_sigterm_checkpoints_then_resume_completes(tmp_path, model_dir, data_fil
 
 def test_build_model_trains_with_checkpointing_on(tmp_path, model_dir):
     """A plan's gradient checkpointing must really run: transformers checkpoints in training mode only."""
-    from lorasp_edge.planner import Plan
-    from lorasp_edge.trainer import build_model
+    from lorasp_edge.plan.planfile import Plan
+    from lorasp_edge.train.loop import build_model
 
     plan = Plan.from_json(write_plan(tmp_path / "plan.json", model_dir, gradient_checkpointing=True))
     model = build_model(plan, str(model_dir), device="cpu")
@@ -222,7 +222,7 @@ def test_bundled_smollm2_four_bit_with_checkpointing(tmp_path):
     data = tmp_path / "chat.jsonl"
     rows = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"}, {"role": "assistant", "content": f"{2 * i}."}]} for i in range(64)]
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    from lorasp_edge.planner import plan_training
+    from lorasp_edge.plan.search import plan_training
 
     plan = plan_training(model="smollm2-135m", budget_bytes=8 * 10**9, seq_len=64, batch=2)
     plan = dataclasses.replace(plan, quant_bits=4, gradient_checkpointing=True, micro_batch=1, grad_accum=2, rank=8, alpha=16.0)

@@ -9,11 +9,13 @@ import sys
 
 import pytest
 
-from lorasp_edge import memory
-from lorasp_edge.catalog import Architecture, Linear
 from lorasp_edge.cli import main
 from lorasp_edge.errors import UserError
-from lorasp_edge.planner import Device, NoFitError, Plan, format_plan, parse_memory, plan_training
+from lorasp_edge.plan import memory
+from lorasp_edge.plan.catalog import Architecture, Linear
+from lorasp_edge.plan.planfile import Plan
+from lorasp_edge.plan.search import Device, NoFitError, format_plan, plan_training
+from lorasp_edge.plan.units import parse_memory
 
 CPU_BF16 = Device("cpu", True, (16, 8, 4))
 CPU_FP32 = Device("cpu", False, (16, 8, 4))
@@ -214,7 +216,7 @@ def test_profile_sets_budget_device_and_formats():
 
 
 def test_local_folder_plans_like_its_catalog_entry(tmp_path):
-    from lorasp_edge.catalog import catalog_entry
+    from lorasp_edge.plan.catalog import catalog_entry
 
     (tmp_path / "config.json").write_text(json.dumps(catalog_entry("qwen2.5-0.5b")["config"]))
     local = plan_training(str(tmp_path), budget_bytes=4 * 10**9, device=CPU_BF16)

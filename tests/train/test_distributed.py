@@ -11,9 +11,9 @@ import sys
 import time
 
 from safetensors.torch import load_file
-
 from test_trainer import losses, run_cli, write_plan
-from lorasp_edge import checkpoint as ckpt
+
+from lorasp_edge.train import checkpoint as ckpt
 
 
 def free_port() -> int:

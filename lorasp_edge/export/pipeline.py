@@ -1,0 +1,299 @@
+"""Export: base + LoRA-SP adapter -> merged Hugging Face model + verified ONNX decoder(s).
+
+    adapter/ --read_adapter_info--> base name, base bits
+    base (float, or bitsandbytes 4/8-bit as trained) + adapter --merged_model--> fp32 W0 + (alpha/r) B A
+        -> OUT/hf/          merged model: safetensors, config, tokenizer, generation config
+        -> OUT/onnx/        model.onnx: one KV-cache decoder graph (lorasp_edge.onnx_export)
+        -> OUT/onnx-int8/   or onnx-int4/: MatMulNBits weight-only quantization (optional)
+        -> OUT/manifest.json  what was verified, measured differences, sizes
+
+Verification runs on every export, on text from the held-out sample: the unmerged adapted model
+against the merged one, the reloaded HF folder against the merged model, and onnxruntime against
+the merged PyTorch model on a batch of two (one left-padded) for a prefill and 3 decode steps.
+The fp32 graph must match within `tolerance` x the logit scale (max |logit|); a quantized graph
+must keep its held-out perplexity within a ratio of the fp32 graph's. A failure raises
+`VerificationError` (exit 4) and leaves nothing behind: everything is written to a temporary
+folder beside OUT and renamed into place only at the end.
+
+The default held-out sample is the Python language reference shipped with every Python
+(`pydoc_data.topics`): English prose that no adapter here was trained on; `eval_text` replaces it.
+"""
+
+from __future__ import annotations
+
+import copy
+import errno
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from lorasp_edge.errors import UserError, VerificationError
+from lorasp_edge.export import formats as export_formats
+from lorasp_edge.export.context import ExportContext
+from lorasp_edge.export.onnx_graph import DEFAULT_OPSET, PROTOBUF_LIMIT_BYTES
+from lorasp_edge.export.onnx_writer import QUANT_BITS
+from lorasp_edge.export.verify import compare, held_out_ids, held_out_text, reference_logits, verification_batch
+from lorasp_edge.files import replace_dir
+
+QUANTIZATIONS = ("none", *QUANT_BITS)
+# An adapter trained on an LLM.int8 base saw int8-quantized activations, which the fp32 merge
+# cannot reproduce; a 4-bit (NF4) base's forward dequantizes the same weights the merge uses.
+MERGE_TOLERANCE = {None: 1e-3, 4: 1e-3, 8: 5e-2}
+MANIFEST_FILE = "manifest.json"
+
+
+@dataclass
+class ExportSettings:
+    adapter: Path = field(metadata={"help": "adapter folder written by `lorasp-edge train`"})
+    out: Path = field(metadata={"help": "output folder (replaced only if it holds an earlier export)"})
+    model: str | None = field(default=None, metadata={"help": "base model; default: the one lorasp.json names"})
+    format: str = field(default="both", metadata={"help": "formats to write, comma-separated: " + ", ".join([*export_formats.FORMATS, *export_formats.GROUPS])})
+    quantize: str = field(default="none", metadata={"help": "also write a weight-only quantized ONNX: none, int8, int4"})
+    block_size: int = field(default=32, metadata={"help": "quantization block along the input dimension (power of 2, >= 16)"})
+    opset: int = field(default=DEFAULT_OPSET, metadata={"help": "ONNX opset"})
+    tolerance: float = field(default=1e-3, metadata={"help": "fp32 ONNX: max |logit difference| / max |logit|"})
+    eval_text: Path | None = field(default=None, metadata={"help": "held-out text file for perplexity; default: the Python reference"})
+    eval_tokens: int = field(default=1024, metadata={"help": "held-out tokens scored for perplexity"})
+    external_threshold_bytes: int = field(default=PROTOBUF_LIMIT_BYTES, metadata={"help": "weights above this go to model.onnx_data"})
+
+    def problems(self) -> list[str]:
+        found = []
+        unknown = [name for name in self.formats if name not in export_formats.FORMATS]
+        if unknown or not self.formats:
+            known = ", ".join([*export_formats.FORMATS, *export_formats.GROUPS])
+            found.append(f"--format must be one or more of {known} (comma-separated), not '{self.format}'")
+        if self.quantize not in QUANTIZATIONS:
+            found.append(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, not '{self.quantize}'")
+        elif self.quantize != "none" and not self.wants_onnx:
+            found.append("--quantize writes an ONNX model: use it with --format onnx or both")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            found.append(f"--block-size must be a power of two >= 16, not {self.block_size}")
+        if not 14 <= self.opset <= 20:
+            found.append(f"--opset must be between 14 and 20 (the TorchScript exporter's range), not {self.opset}")
+        if not self.tolerance > 0:
+            found.append(f"--tolerance must be > 0, not {self.tolerance}")
+        if self.eval_text is not None and not Path(self.eval_text).is_file():
+            found.append(f"--eval-text {self.eval_text}: no such file")
+        if self.eval_tokens < 32:
+            found.append(f"--eval-tokens must be >= 32, not {self.eval_tokens}")
+        return found
+
+    @property
+    def formats(self) -> list[str]:
+        return export_formats.expand(self.format)
+
+    @property
+    def wants_onnx(self) -> bool:
+        return "onnx" in self.formats
+
+    @property
+    def wants_hf(self) -> bool:
+        return "hf" in self.formats
+
+
+
+
+@dataclass
+class ExportReport:
+    out: Path
+    manifest: dict
+    seconds: float
+
+    @property
+    def verification(self) -> dict:
+        return self.manifest["verification"]
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def adapter_hash(adapter_dir: Path) -> str:
+    """sha256 over the adapter's files (name and bytes, in name order)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(adapter_dir).iterdir() if p.is_file()):
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+
+
+
+
+
+
+def _free_bytes(folder: Path) -> int:
+    return shutil.disk_usage(folder).free
+
+
+def _estimated_bytes(parameter_count: int, settings: ExportSettings) -> int:
+    fp32 = 4 * parameter_count
+    total = (fp32 if settings.wants_hf else 0) + (fp32 if settings.wants_onnx else 0)
+    if settings.quantize != "none":
+        total += parameter_count * (1.2 if settings.quantize == "int8" else 0.8)
+    return int(total * 1.05) + (64 << 20)  # tokenizer, configs, a trace scratch file's slack
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
+        raise UserError(f"--out {out}: folder exists and is not an earlier export; choose another or empty it")
+
+
+# ------------------------------------------------------------------------------- verification
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+# ------------------------------------------------------------------------------------- export
+
+
+def export(settings: ExportSettings, progress: Callable[[str], None] | None = None) -> ExportReport:
+    """Merge, export, verify and write everything under `settings.out` (atomically)."""
+    from lorasp_edge.export.merge import merged_model
+    from lorasp_edge.models import load_model, load_tokenizer, resolve_model
+    from lorasp_edge.train.adapter import load_adapter, read_adapter_info
+
+    say = progress or (lambda message: None)
+    started = time.perf_counter()
+    problems = settings.problems()
+    if problems:
+        raise UserError("; ".join(problems))
+    adapter_dir, out = Path(settings.adapter), Path(settings.out)
+    info = read_adapter_info(adapter_dir)
+    model_name = settings.model or info.get("base_model")
+    if not model_name:
+        raise UserError(f"{adapter_dir / 'lorasp.json'}: names no base model; pass --model")
+    base_bits = info.get("base_quant_bits")
+    if base_bits not in (None, 4, 8):
+        raise UserError(f"{adapter_dir / 'lorasp.json'}: base_quant_bits must be 4, 8 or null, not {base_bits!r}")
+    _check_out(out)
+    _check_formats_support(settings, model_name, resolve_model)
+
+    say(f"loading base '{model_name}'" + (f" ({base_bits}-bit, as trained)" if base_bits else ""))
+    base = load_model(model_name, quant_bits=base_bits, compute_dtype=torch.float32, device="cpu")
+    tokenizer = load_tokenizer(model_name)
+    say(f"merging adapter {adapter_dir} in fp32")
+    adapted = load_adapter(base, adapter_dir)
+    merged = merged_model(adapted)
+    merged.generation_config = copy.deepcopy(base.generation_config)
+    parameter_count = sum(p.numel() for p in merged.parameters())
+
+    ids = held_out_ids(tokenizer, held_out_text(settings.eval_text), settings.eval_tokens)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    input_ids, attention_mask = verification_batch(ids, pad_id)
+    merge_check = compare([reference_logits(merged, input_ids, attention_mask)], [reference_logits(adapted, input_ids, attention_mask)], [attention_mask])
+    del adapted, base
+    merge_tolerance = MERGE_TOLERANCE[base_bits]
+    say(f"  merged vs adapted: max |logit diff| {merge_check.max_abs_diff:.2e} ({merge_check.relative_diff:.2e} of the logit scale)")
+    if merge_check.relative_diff > merge_tolerance:
+        raise VerificationError(
+            f"merged model differs from the adapted model: relative logit difference {merge_check.relative_diff:.2e} "
+            f"> {merge_tolerance:.0e}"
+        )
+
+    needed = _estimated_bytes(parameter_count, settings)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    free = _free_bytes(out.parent)
+    if free < needed:
+        raise UserError(f"no room on disk for the export in {out.parent}: needs about {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        manifest = _write_formats(settings, tmp, merged, tokenizer, ids, input_ids, attention_mask, say)
+        manifest.update(
+            {
+                "base_model": model_name,
+                "base_quant_bits": base_bits,
+                "adapter": {
+                    "path": str(adapter_dir.resolve()),
+                    "sha256": adapter_hash(adapter_dir),
+                    "trained_on": info.get("base_model"),
+                    **{key: info.get(key) for key in ("rank", "alpha", "ratio", "seed", "target_modules", "compute_dtype", "steps")},
+                },
+                "plan": info.get("plan"),
+                "parameters": parameter_count,
+            }
+        )
+        manifest["verification"]["merge"] = {**asdict(merge_check), "tolerance": merge_tolerance}
+        manifest["seconds"] = round(time.perf_counter() - started, 1)
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        replace_dir(tmp, out)
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise UserError(f"no room on disk while writing the export to {out.parent} (nothing was left behind)") from None
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ExportReport(out=out, manifest=manifest, seconds=manifest["seconds"])
+
+
+def _check_formats_support(settings: ExportSettings, model_name: str, resolve_model) -> None:
+    """Refuse before any work when a requested format cannot take this base model."""
+    from transformers import AutoConfig
+
+    checks = [export_formats.FORMATS[name] for name in settings.formats if export_formats.FORMATS[name].unsupported]
+    if not checks:
+        return
+    try:
+        config = AutoConfig.from_pretrained(resolve_model(model_name))
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read the config of model '{model_name}': {str(error).splitlines()[0]}") from None
+    for export_format in checks:
+        reason = export_format.unsupported_reason(config)
+        if reason:
+            raise UserError(reason)
+
+
+def _write_formats(settings: ExportSettings, tmp: Path, merged, tokenizer, ids, input_ids, attention_mask, say) -> dict:
+    """Every requested format's files, into `tmp`; returns the manifest's measured part."""
+    import onnxruntime
+    import transformers
+
+    manifest: dict = {
+        "format": "lorasp-edge-export/1",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__},
+        "files": {},
+        "verification": {},
+        "perplexity": {},
+    }
+    context = ExportContext(
+        settings=settings,
+        folder=tmp,
+        merged=merged,
+        tokenizer=tokenizer,
+        ids=ids,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        reference=reference_logits(merged, input_ids, attention_mask),
+        window=min(512, getattr(merged.config, "max_position_embeddings", 512) or 512),
+        manifest=manifest,
+        say=say,
+    )
+    for name in settings.formats:
+        export_formats.FORMATS[name].write(context)
+    return manifest
