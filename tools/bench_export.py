@@ -10,8 +10,7 @@
    int4, against PyTorch eager `generate` on the merged model. Best of --repeats runs after a warm-up.
 
 Targets (the export issue): fp32 ONNX >= 1.5x PyTorch tokens/s; int8 perplexity within 2% of fp32;
-int4 within 15%. DESIGN.md's anchors on these CPUs: PyTorch fp32 23.8 tokens/s, optimum's ONNX 42.5,
-MatMulNBits 8-bit 57.7; 4-bit block 32 costs +30% perplexity.
+int4 within 15%.
 """
 
 from __future__ import annotations

@@ -1,22 +1,15 @@
-"""Export: base + LoRA-SP adapter -> merged Hugging Face model + verified ONNX decoder(s).
+"""Export: base + LoRA-SP adapter -> merged model, then every requested format, each verified.
 
     adapter/ --read_adapter_info--> base name, base bits
     base (float, or bitsandbytes 4/8-bit as trained) + adapter --merged_model--> fp32 W0 + (alpha/r) B A
-        -> OUT/hf/          merged model: safetensors, config, tokenizer, generation config
-        -> OUT/onnx/        model.onnx: one KV-cache decoder graph (lorasp_edge.onnx_export)
-        -> OUT/onnx-int8/   or onnx-int4/: MatMulNBits weight-only quantization (optional)
+        merged vs adapted logits checked, then for each name in --format (export/formats.py):
+        -> OUT/hf/          merged model: safetensors, config, tokenizer, generation config (hf.py)
+        -> OUT/onnx/        KV-cache decoder graph, + OUT/onnx-int8|int4 with --quantize (onnx_writer.py)
         -> OUT/manifest.json  what was verified, measured differences, sizes
 
-Verification runs on every export, on text from the held-out sample: the unmerged adapted model
-against the merged one, the reloaded HF folder against the merged model, and onnxruntime against
-the merged PyTorch model on a batch of two (one left-padded) for a prefill and 3 decode steps.
-The fp32 graph must match within `tolerance` x the logit scale (max |logit|); a quantized graph
-must keep its held-out perplexity within a ratio of the fp32 graph's. A failure raises
-`VerificationError` (exit 4) and leaves nothing behind: everything is written to a temporary
-folder beside OUT and renamed into place only at the end.
-
-The default held-out sample is the Python language reference shipped with every Python
-(`pydoc_data.topics`): English prose that no adapter here was trained on; `eval_text` replaces it.
+Every writer verifies what it wrote against the merged PyTorch model (verify.py) and raises
+`VerificationError` (exit 4) on a mismatch. Everything is written to a temporary folder beside OUT
+and renamed into place only when every format has passed, so a failure leaves nothing behind.
 """
 
 from __future__ import annotations

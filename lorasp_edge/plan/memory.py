@@ -3,7 +3,7 @@
     peak = runtime + frozen weights + LoRA-SP state + dequantization buffer
          + saved activations + max(chunked loss, one layer's backward)
 
-Each term follows what the trainer runs (lorasp_edge.trainer / loss / optim / adapter) and the
+Each term follows what the trainer runs (lorasp_edge.train: loop, loss, optim, adapter) and the
 libraries under it; the formulas below name their source. The constants measured on this
 project's machines (runtime, allocator slack) come from tools/validate_planner.py; docs/planner.md
 holds the table they were fitted on. Notation: T = micro_batch x seq_len tokens, h hidden size,

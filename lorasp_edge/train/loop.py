@@ -159,7 +159,7 @@ def evaluate(loss_module: ChunkedCausalLMLoss, batches: list[dict], compute_dtyp
 
 
 class Trainer:
-    """Runs the loop over given parts; `prepare_run` in lorasp_edge.run assembles them from files."""
+    """Runs the loop over given parts; `lorasp_edge.train.job.run_training` assembles them from files."""
 
     def __init__(
         self,
