@@ -1,0 +1,55 @@
+"""Export formats by name: the seam a new format joins with one module and one line here.
+
+A format's writer, `write(context: ExportContext) -> None`, writes its folder or file under
+`context.folder`, verifies it against the merged model, records what it checked in
+`context.manifest` and raises VerificationError on a mismatch (the export then writes nothing).
+`unsupported(config)`, when given, names why a base model cannot take the format, before any work.
+
+Writers are named by import path and imported when used, so that `lorasp-edge --help` does not
+import torch and onnxruntime to list the names.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    writer: str  # "module:function"
+    description: str
+    unsupported: str | None = None  # "module:function" taking a transformers config
+
+    def write(self, context) -> None:
+        _resolve(self.writer)(context)
+
+    def unsupported_reason(self, config) -> str | None:
+        return _resolve(self.unsupported)(config) if self.unsupported else None
+
+
+FORMATS: dict[str, ExportFormat] = {
+    "hf": ExportFormat("lorasp_edge.export.hf:write_hf", "merged Hugging Face folder (safetensors)"),
+    "onnx": ExportFormat(
+        "lorasp_edge.export.onnx_writer:write_onnx",
+        "KV-cache decoder graph for onnxruntime and optimum (+ --quantize int8/int4)",
+        "lorasp_edge.export.onnx_graph:unsupported_reason",
+    ),
+}
+# Names that stand for several formats, written in this order.
+GROUPS = {"both": ("hf", "onnx")}
+
+
+def expand(names: str) -> list[str]:
+    """'both' -> ['hf', 'onnx']; 'hf,onnx' -> the same. Unknown names are kept for the caller to report."""
+    found: list[str] = []
+    for name in str(names).split(","):
+        for item in GROUPS.get(name.strip(), (name.strip(),)):
+            if item and item not in found:
+                found.append(item)
+    return found
+
+
+def _resolve(path: str):
+    module, _, function = path.partition(":")
+    return getattr(importlib.import_module(module), function)

@@ -1,0 +1,42 @@
+"""onnxruntime over the exported decoder graph: what verification and `generate` run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from lorasp_edge.errors import UserError
+from lorasp_edge.export.onnx_graph import io_names
+
+
+class OnnxDecoder:
+    """An onnxruntime session over the decoder graph (optimum's names), one forward per call."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        path = Path(path)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise UserError(f"{path}: onnxruntime cannot load it ({str(error).splitlines()[0]})") from None
+        past_inputs = [item for item in self.session.get_inputs() if item.name.startswith("past_key_values.")]
+        if not past_inputs:
+            raise UserError(f"{path}: not a decoder graph with KV cache (no past_key_values.* inputs)")
+        self.num_layers = len(past_inputs) // 2
+        self.kv_heads, self.head_dim = int(past_inputs[0].shape[1]), int(past_inputs[0].shape[3])
+        self.input_names, self.output_names = io_names(self.num_layers)
+
+    def empty_cache(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for _ in range(2 * self.num_layers)]
+
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: list[np.ndarray]):
+        """Logits (batch, seq, vocab) and the grown cache."""
+        feed = dict(zip(self.input_names, [input_ids.astype(np.int64), attention_mask.astype(np.int64), position_ids.astype(np.int64), *past]))
+        logits, *present = self.session.run(self.output_names, feed)
+        return logits, present
