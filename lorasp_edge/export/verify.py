@@ -1,0 +1,136 @@
+"""Checks an export must pass: exported logits against the merged PyTorch model, perplexity.
+
+The held-out sample defaults to the Python language reference shipped with every Python
+(`pydoc_data.topics`): English prose that no adapter here was trained on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lorasp_edge.errors import UserError
+
+
+DECODE_STEPS = 3
+
+
+@dataclass
+class Comparison:
+    """One model against the merged PyTorch model on the verification batch."""
+
+    max_abs_diff: float
+    relative_diff: float  # max_abs_diff / max |reference logit|
+    greedy_agreement: float  # share of compared positions with the same argmax
+    positions: int
+
+
+def held_out_text(path: Path | None) -> str:
+    if path is not None:
+        return Path(path).read_text(encoding="utf-8", errors="replace")
+    import pydoc_data.topics
+
+    topics = pydoc_data.topics.topics
+    return "\n\n".join(topics[name] for name in sorted(topics))
+
+
+def held_out_ids(tokenizer, text: str, count: int) -> list[int]:
+    # Tokenize a prefix only: a few characters per token is plenty, the whole reference is 0.5 MB.
+    ids = tokenizer(text[: count * 16], add_special_tokens=False)["input_ids"][:count]
+    if len(ids) < 32:
+        raise UserError(f"the held-out text gives only {len(ids)} tokens; at least 32 are needed")
+    return list(ids)
+
+
+def verification_batch(ids: list[int], pad_id: int, length: int = 12, padding: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two rows of held-out text; the second is left-padded, so padding and positions are exercised."""
+    first = ids[:length]
+    second = [pad_id] * padding + ids[length : 2 * length - padding]
+    input_ids = torch.tensor([first, second])
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :padding] = 0
+    return input_ids, attention_mask
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def reference_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Full-recompute logits of a PyTorch model (no cache), fp32."""
+    output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask), use_cache=False)
+    return output.logits.float()
+
+
+def compare(reference: list[torch.Tensor], candidate: list[np.ndarray | torch.Tensor], masks: list[torch.Tensor]) -> Comparison:
+    """Logit differences and argmax agreement over the positions each mask marks as real."""
+    max_abs, scale, agree, count = 0.0, 0.0, 0, 0
+    for ref, got, mask in zip(reference, candidate, masks):
+        got = torch.as_tensor(got, dtype=torch.float32)
+        keep = mask.bool()
+        ref, got = ref[keep], got[keep]
+        max_abs = max(max_abs, float((ref - got).abs().max()))
+        scale = max(scale, float(ref.abs().max()))
+        agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
+        count += int(keep.sum())
+    return Comparison(max_abs, max_abs / scale if scale else max_abs, agree / count, count)
+
+
+def verify_onnx(decoder, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, steps: int = DECODE_STEPS) -> Comparison:
+    """onnxruntime with its KV cache against PyTorch full recompute: prefill, then `steps` decode steps.
+
+    Both sides are fed the same tokens (PyTorch's greedy choice), so one early argmax flip does not
+    make every later step incomparable.
+    """
+    references, candidates, masks = [], [], []
+    reference = reference_logits(model, input_ids, attention_mask)
+    logits, past = decoder(input_ids.numpy(), attention_mask.numpy(), _positions(attention_mask).numpy(), decoder.empty_cache(len(input_ids)))
+    references.append(reference)
+    candidates.append(logits)
+    masks.append(attention_mask)
+    for _ in range(steps):
+        next_ids = reference[:, -1].argmax(-1, keepdim=True)
+        position = _positions(attention_mask)[:, -1:] + 1
+        input_ids = torch.cat([input_ids, next_ids], dim=1)
+        attention_mask = torch.cat([attention_mask, torch.ones_like(next_ids)], dim=1)
+        reference = reference_logits(model, input_ids, attention_mask)
+        logits, past = decoder(next_ids.numpy(), attention_mask.numpy(), position.numpy(), past)
+        references.append(reference[:, -1:])
+        candidates.append(logits)
+        masks.append(torch.ones_like(next_ids))
+    return compare(references, candidates, masks)
+
+
+def perplexity(logits_of: Callable[[list[int]], np.ndarray], ids: list[int], window: int) -> float:
+    """exp(mean next-token NLL) over consecutive windows of `window` + 1 tokens."""
+    total, count = 0.0, 0
+    for start in range(0, len(ids) - 1, window):
+        chunk = ids[start : start + window + 1]
+        if len(chunk) < 2:
+            break
+        logits = torch.as_tensor(logits_of(chunk[:-1]), dtype=torch.float64)
+        targets = torch.tensor(chunk[1:])
+        total += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+        count += len(targets)
+    return float(np.exp(total / count))
+
+
+def onnx_logits_fn(decoder) -> Callable[[list[int]], np.ndarray]:
+    def logits_of(ids: list[int]) -> np.ndarray:
+        x = np.asarray([ids], dtype=np.int64)
+        return decoder(x, np.ones_like(x), np.arange(len(ids))[None], decoder.empty_cache(1))[0][0]
+
+    return logits_of
+
+
+def torch_logits_fn(model) -> Callable[[list[int]], np.ndarray]:
+    def logits_of(ids: list[int]) -> np.ndarray:
+        x = torch.tensor([ids])
+        return reference_logits(model, x, torch.ones_like(x))[0].numpy()
+
+    return logits_of
