@@ -29,3 +29,10 @@ class VerificationError(UserError):
     """An exported model does not compute what the PyTorch model computes."""
 
     exit_code = 4
+
+
+class NonFiniteError(UserError):
+    """Training produced non-finite losses or gradients several steps in a row (the weights were
+    kept at their last finite state and checkpointed)."""
+
+    exit_code = 5

@@ -1,5 +1,7 @@
-"""Text generation with an exported model: onnxruntime over the KV-cache decoder graph, or a merged
-Hugging Face folder through transformers.
+"""Text generation with an exported model: onnxruntime over the KV-cache decoder graph, a merged
+Hugging Face folder through transformers, a GGUF file through llama.cpp (llama-cpp-python) or an
+onnxruntime-genai folder through onnxruntime-genai (both optional installs). Every backend only
+returns logits; token choice, stopping and streaming are the same code for all of them.
 
     prompt -> prefill (whole prompt, empty cache) -> logits of the last position
            -> pick a token (greedy at temperature 0, else temperature + nucleus sampling)
@@ -120,14 +122,14 @@ def generate_ids(stepper, prompt_ids: list[int], max_new_tokens: int, temperatur
 
 @dataclass
 class GenerateSettings:
-    model: Path = field(metadata={"help": "an export folder, its onnx*/ or hf/ subfolder, or any folder with model.onnx"})
+    model: Path = field(metadata={"help": "an export folder, its onnx*/, genai*/, gguf/ or hf/ subfolder, a .gguf file, or any folder with model.onnx"})
     prompt: str = ""
     max_new_tokens: int = field(default=128, metadata={"help": "stop after this many new tokens"})
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass, (0, 1]"})
     chat: bool = field(default=False, metadata={"help": "wrap the prompt in the tokenizer's chat template"})
     seed: int = 0
-    threads: int | None = field(default=None, metadata={"help": "onnxruntime intra-op threads; None = all cores"})
+    threads: int | None = field(default=None, metadata={"help": "runtime CPU threads; None = the runtime's default"})
 
     def problems(self) -> list[str]:
         found = []
@@ -139,13 +141,15 @@ class GenerateSettings:
             found.append(f"--top-p must be in (0, 1], not {self.top_p}")
         if not self.prompt:
             found.append("--prompt is empty")
+        if self.threads is not None and self.threads < 1:
+            found.append(f"--threads must be >= 1, not {self.threads}")
         return found
 
 
 @dataclass
 class GenerationResult:
     text: str
-    backend: str  # "onnxruntime" or "transformers"
+    backend: str  # "onnxruntime", "onnxruntime-genai", "llama.cpp" or "transformers"
     model_dir: str
     prompt_tokens: int
     new_tokens: int
@@ -159,23 +163,62 @@ class GenerationResult:
         return self.new_tokens / self.total_seconds if self.total_seconds > 0 else 0.0
 
 
+GENAI_CONFIG = "genai_config.json"
+
+
 def resolve_model_dir(path: Path) -> tuple[Path, str]:
-    """The folder to load and its backend: an export root prefers its fp32 ONNX model."""
+    """The folder (or .gguf file) to load and its backend. An export root prefers its fp32 ONNX
+    model, then its genai folder, its GGUF file, its merged HF folder."""
     path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return path, "llama.cpp"
     if not path.is_dir():
-        raise UserError(f"{path}: no such model folder")
+        raise UserError(f"{path}: no such model folder or .gguf file")
     for candidate in (path, path / "onnx"):
-        if (candidate / ONNX_FILE).is_file():
+        if (candidate / ONNX_FILE).is_file() and not (candidate / GENAI_CONFIG).is_file():
             return candidate, "onnxruntime"
+    for candidate in (path, path / "genai"):
+        if (candidate / GENAI_CONFIG).is_file():
+            return candidate, "onnxruntime-genai"
+    for candidate in (path, path / "gguf"):
+        found = sorted(candidate.glob("*.gguf")) if candidate.is_dir() else []
+        if len(found) == 1:
+            return found[0], "llama.cpp"
+        if len(found) > 1:
+            raise UserError(f"{candidate}: holds {len(found)} .gguf files; name one with --model")
     for candidate in (path, path / "hf"):
         if (candidate / "config.json").is_file() and any(candidate.glob("*.safetensors")):
             return candidate, "transformers"
-    raise UserError(f"{path}: neither an ONNX model (model.onnx) nor a Hugging Face folder (config.json + *.safetensors)")
+    raise UserError(
+        f"{path}: not an ONNX model (model.onnx), an onnxruntime-genai folder (genai_config.json), "
+        "a .gguf file, or a Hugging Face folder (config.json + *.safetensors)"
+    )
 
 
-def load_stepper(model_dir: Path, backend: str, threads: int | None = None):
+def load_tokenizer_for(model_path: Path, backend: str):
+    """The Hugging Face tokenizer beside the model; a GGUF file carries its own (transformers reads it)."""
+    from transformers import AutoTokenizer
+
+    try:
+        if backend == "llama.cpp":
+            return AutoTokenizer.from_pretrained(model_path.parent, gguf_file=model_path.name)
+        return AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError) as error:
+        raise UserError(f"{model_path}: no usable tokenizer ({str(error).splitlines()[0]})") from None
+
+
+def load_stepper(model_dir: Path, backend: str, threads: int | None = None, length: int = 2048):
+    """The backend's stepper; `length` (prompt + new tokens) sizes llama.cpp's and genai's context."""
     if backend == "onnxruntime":
         return OnnxStepper(OnnxDecoder(model_dir / ONNX_FILE, threads))
+    if backend == "llama.cpp":
+        from lorasp_edge.export.llamacpp import LlamaCppModel
+
+        return LlamaCppModel(model_dir, context=length, threads=threads)
+    if backend == "onnxruntime-genai":
+        from lorasp_edge.export.genai import GenaiModel
+
+        return GenaiModel(model_dir, threads=threads, max_length=length)
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -190,7 +233,7 @@ def eos_token_ids(model_dir: Path, tokenizer) -> set[int]:
     import json
 
     ids = set()
-    generation_config = model_dir / "generation_config.json"
+    generation_config = (model_dir.parent if model_dir.is_file() else model_dir) / "generation_config.json"
     if generation_config.is_file():
         value = json.loads(generation_config.read_text()).get("eos_token_id")
         ids.update(value if isinstance(value, list) else [value] if value is not None else [])
@@ -232,18 +275,13 @@ class TextStream:
 
 def generate(settings: GenerateSettings, on_text: Callable[[str], None] | None = None) -> GenerationResult:
     """Generate from `settings.prompt`, calling `on_text` with each new piece of text as it is decoded."""
-    from transformers import AutoTokenizer
-
     problems = settings.problems()
     if problems:
         raise UserError("; ".join(problems))
     model_dir, backend = resolve_model_dir(settings.model)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as error:
-        raise UserError(f"{model_dir}: no usable tokenizer ({str(error).splitlines()[0]})") from None
-    stepper = load_stepper(model_dir, backend, settings.threads)
+    tokenizer = load_tokenizer_for(model_dir, backend)
     prompt_ids = encode_prompt(tokenizer, settings.prompt, settings.chat)
+    stepper = load_stepper(model_dir, backend, settings.threads, len(prompt_ids) + settings.max_new_tokens)
     stream = TextStream(tokenizer)
     emit = on_text or (lambda piece: None)
 

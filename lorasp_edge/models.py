@@ -109,36 +109,77 @@ def load_model(
     quant_bits: int | None = None,
     compute_dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    prequantize: bool | None = None,
 ):
     """Load a causal LM: float in `compute_dtype`, or with a bitsandbytes NF4 (4) / LLM.int8 (8) base.
 
     The embeddings, norms and lm_head stay in float; only the decoder's linear layers are quantized.
+    A folder written by `lorasp-edge quantize` (or any bitsandbytes `save_pretrained`) loads as it
+    is, holding only the quantized bytes; its bits must be `quant_bits`. On CPU a 16-bit
+    safetensors checkpoint asked for at 4/8 bits is quantized once into the cache
+    (lorasp_edge.prequantize) and loaded from there (`prequantize`, default: on CPU only): quantizing
+    while loading would keep the 16-bit file's pages resident beside the model. On a GPU the
+    weights are copied to device memory, so on-the-fly quantization costs the device nothing extra.
     """
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
+
+    from lorasp_edge.prequantize import bnb_config, cached_quantized, prequantized_bits
 
     if quant_bits not in (None, 4, 8, 16, 32):
         raise UserError(f"quantization bits must be 4, 8 or 16 (float), not {quant_bits}")
     device = torch.device(device) if device is not None else default_device()
     source = resolve_model(name)
-    kwargs = {"dtype": compute_dtype}
-    if quant_bits == 4:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype,
+    stored_bits = prequantized_bits(source)
+    if stored_bits is not None and stored_bits != quant_bits:
+        wanted = f"a {quant_bits}-bit base" if quant_bits in (4, 8) else "a 16-bit (float) base"
+        raise UserError(
+            f"model '{name}' is a pre-quantized {stored_bits}-bit checkpoint but the plan asks for {wanted}: "
+            f"plan with --model {name} (it plans {stored_bits}-bit), or give the 16-bit checkpoint"
         )
+    if stored_bits is None and quant_bits in (4, 8) and (prequantize if prequantize is not None else device.type == "cpu"):
+        local = local_safetensors_folder(source)
+        if local is not None:
+            source = str(cached_quantized(local, quant_bits, compute_dtype))
+            stored_bits = quant_bits
+    kwargs = {"dtype": compute_dtype}
+    if stored_bits is not None:
         kwargs["device_map"] = {"": device}
-    elif quant_bits == 8:
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        # Mapped, the quantized weights would be used in place as file pages the kernel may drop
+        # and re-read every step; read in, they are anonymous memory like the rest of the model:
+        # what the memory guard limits and the plan counts. Peak while loading: one shard twice.
+        kwargs["disable_mmap"] = device.type == "cpu"
+    elif quant_bits in (4, 8):
+        kwargs["quantization_config"] = bnb_config(quant_bits, compute_dtype)
         kwargs["device_map"] = {"": device}
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as error:
         raise UserError(_load_failure(name, "model", error)) from None
+    if stored_bits == 4:
+        # The checkpoint records the compute dtype it was written for; compute in the one asked for.
+        import bitsandbytes as bnb
+
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                module.compute_dtype = compute_dtype
     if quant_bits in (None, 16, 32):
         model.to(device)
     return model
+
+
+def local_safetensors_folder(source: str) -> Path | None:
+    """`source` as a local folder holding safetensors weights (a hub id from the local hub cache), or None."""
+    path = Path(source)
+    if not path.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors"], local_files_only=True))
+        except (OSError, ValueError):  # not in the local hub cache (or not a hub id): transformers fetches it
+            return None
+    if (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file():
+        return path
+    return None
 
 
 def _load_failure(name: str, what: str, error: Exception) -> str:

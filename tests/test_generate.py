@@ -1,10 +1,11 @@
 """Generation with onnxruntime (and a merged HF folder): greedy equals PyTorch, sampling, streaming, CLI."""
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
-from test_exporter import train_adapter
-from tiny import make_model_dir, train_tokenizer
+from tiny import make_model_dir, train_adapter, train_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorasp_edge.cli import main
@@ -117,5 +118,50 @@ def test_bad_input(tmp_path, exported, capsys):
     assert "no such model folder" in capsys.readouterr().err
     assert main(["generate", "--model", str(exported), "--prompt", "x", "--top-p", "0"]) == 2
     assert "--top-p" in capsys.readouterr().err
-    with pytest.raises(UserError, match="neither an ONNX model"):
+    with pytest.raises(UserError, match="not an ONNX model"):
         resolve_model_dir(tmp_path)
+
+
+# ------------------------------------------------------------- llama.cpp and onnxruntime-genai
+
+
+@pytest.fixture(scope="module")
+def runtime_exports(tmp_path_factory):
+    """The same merged model as GGUF f16 and as an onnxruntime-genai folder (each format needs its runtime)."""
+    root = tmp_path_factory.mktemp("runtimes")
+    base = make_model_dir(root / "base", "llama", initializer_range=0.2)
+    adapter = train_adapter(base, root / "adapter")
+    formats = ["hf"] + (["gguf"] if importlib.util.find_spec("llama_cpp") else []) + (["genai"] if importlib.util.find_spec("onnxruntime_genai") else [])
+    return export(ExportSettings(adapter=adapter, out=root / "out", format=",".join(formats), eval_tokens=64)).out
+
+
+@pytest.mark.parametrize("runtime, module, sub", [("llama.cpp", "llama_cpp", "gguf"), ("onnxruntime-genai", "onnxruntime_genai", "genai")])
+def test_runtime_greedy_equals_pytorch_generate(runtime_exports, runtime, module, sub):
+    pytest.importorskip(module)
+    expected = pytorch_greedy(runtime_exports / "hf", PROMPT, 16)
+    result = generate(GenerateSettings(model=runtime_exports / sub, prompt=PROMPT, max_new_tokens=16, threads=1))
+    assert result.backend == runtime and result.token_ids == expected and result.tokens_per_s > 0
+
+
+def test_gguf_file_and_cli_report_speed(runtime_exports, capsys):
+    pytest.importorskip("llama_cpp")
+    gguf_file = runtime_exports / "gguf" / "model-f16.gguf"
+    assert resolve_model_dir(gguf_file) == (gguf_file, "llama.cpp")
+    assert main(["generate", "--model", str(gguf_file), "--prompt", PROMPT, "--max-new-tokens", "8", "--threads", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "tokens/s" in captured.err and "(llama.cpp," in captured.err
+    assert captured.out == generate(GenerateSettings(model=gguf_file, prompt=PROMPT, max_new_tokens=8, threads=1)).text + "\n"
+
+
+def test_missing_runtime_is_one_line(runtime_exports, tmp_path, monkeypatch, capsys):
+    from lorasp_edge.export import llamacpp
+
+    stray = tmp_path / "m.gguf"
+    stray.write_bytes(b"GGUF")
+    monkeypatch.setattr(llamacpp, "available", lambda: False)
+    monkeypatch.setattr("lorasp_edge.generate.load_tokenizer_for", lambda path, backend: AutoTokenizer.from_pretrained(runtime_exports / "hf"))
+    assert main(["generate", "--model", str(stray), "--prompt", "x"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "needs llama-cpp-python" in error
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "x", "--threads", "0"]) == 2
+    assert "--threads must be >= 1" in capsys.readouterr().err

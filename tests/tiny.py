@@ -72,3 +72,31 @@ def write_text_jsonl(path: Path, lines: int = 400) -> Path:
 
     path.write_text("".join(json.dumps({"text": line}) + "\n" for line in corpus(lines)))
     return path
+
+
+def train_adapter(base_dir, adapter_dir, quant_bits=None, steps=5, seed=1):
+    """A few optimizer steps, so B != 0 and the merge changes the weights; saved like `train` does."""
+    from transformers import AutoTokenizer
+
+    from lorasp_edge.models import load_model
+    from lorasp_edge.train.adapter import LoRASPConfig, apply_lorasp, save_adapter, trainable_parameters
+    from lorasp_edge.train.optim import LoRASPAdamW
+
+    model = load_model(str(base_dir), quant_bits=quant_bits, device="cpu")
+    peft_model = apply_lorasp(model, LoRASPConfig(rank=4, alpha=8, seed=seed))
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    batch = tokenizer(corpus(4)[:4], return_tensors="pt", padding=True).input_ids
+    optimizer = LoRASPAdamW(trainable_parameters(peft_model), lr=1e-2)
+    peft_model.train()
+    for _ in range(steps):
+        peft_model(batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    info = {"base_model": str(base_dir), "base_quant_bits": quant_bits, "compute_dtype": "float32", "plan": {"rank": 4}}
+    save_adapter(peft_model.eval(), adapter_dir, info)
+    return adapter_dir
+
+
+def leftovers(folder):
+    """Anything an export left beside its target (temp folders start with a dot)."""
+    return sorted(path.name for path in folder.iterdir() if path.name.startswith("."))

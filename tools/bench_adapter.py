@@ -46,12 +46,12 @@ def measure(method: str, steps: int, warmup: int) -> dict:
             LoRASPConfig,
             apply_lorasp,
             count_parameters,
-            trainable_masks,
+            trainable_parameters,
         )
-        from lorasp_edge.train.optim import MaskedAdamW
+        from lorasp_edge.train.optim import LoRASPAdamW
 
         model = apply_lorasp(model, LoRASPConfig(rank=16, alpha=32, target_modules="all-linear"))
-        optimizer = MaskedAdamW(trainable_masks(model), lr=2e-4)
+        optimizer = LoRASPAdamW(trainable_parameters(model), lr=2e-4)
         trainable = count_parameters(model)["trainable"]
     else:
         from peft import LoraConfig, get_peft_model

@@ -2,7 +2,7 @@
 
     python tools/bench_export.py [--adapter DIR] [--new-tokens 128] [--json out.json]
 
-1. A small LoRA-SP adapter (2 MaskedAdamW steps, rank 8, all linear layers), unless --adapter names one.
+1. A small LoRA-SP adapter (2 optimizer steps, rank 8, all linear layers), unless --adapter names one.
 2. `lorasp_edge.export.pipeline.export` twice, with --quantize int8 and int4: merged HF model, fp32 ONNX and
    each quantized ONNX, verified; their manifests give file sizes and held-out perplexities.
 3. Tokens/s of greedy generation of exactly --new-tokens tokens (EOS ignored) from one prompt, batch 1,
@@ -35,15 +35,15 @@ def small_adapter(out_dir: Path) -> Path:
         LoRASPConfig,
         apply_lorasp,
         save_adapter,
-        trainable_masks,
+        trainable_parameters,
     )
-    from lorasp_edge.train.optim import MaskedAdamW
+    from lorasp_edge.train.optim import LoRASPAdamW
 
     model = load_model("smollm2-135m", device="cpu")
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
     peft_model = apply_lorasp(model, LoRASPConfig(rank=8, alpha=16, seed=0))
     batch = tokenizer(["A robot learned to paint by watching the sunset over the harbour every evening."], return_tensors="pt").input_ids
-    optimizer = MaskedAdamW(trainable_masks(peft_model), lr=1e-3)
+    optimizer = LoRASPAdamW(trainable_parameters(peft_model), lr=1e-3)
     peft_model.train()
     for _ in range(2):
         peft_model(batch, labels=batch).loss.backward()

@@ -1,17 +1,17 @@
-"""The optimizer step alone: LoRA-SP's MaskedAdamW (with its gradient hook) against torch AdamW.
+"""The optimizer step alone: LoRA-SP's flat AdamW against torch AdamW over PEFT LoRA's tensors.
 
     python tools/bench_optimizer.py [--model smollm2-135m] [--rank 16] [--repeats 30]
 
 LoRA A (rank x d_in) and B (d_out x rank) tensors for every linear layer of every decoder layer
-of a catalog model, fp32, random gradients; half of each tensor's entries trainable (ratio 0.5).
-Times per optimizer step (median of --repeats after 3 warm-up steps), on this process's threads:
-- MaskedAdamW: the gradient hook's mask multiply plus `MaskedAdamW.step` (state for the
-  trainable half only);
-- torch AdamW: `torch.optim.AdamW.step` over the whole tensors (PEFT LoRA's optimizer);
-- of MaskedAdamW, its gather and scatter through the mask: `masked_select` of the gradient and of
-  the weight, `masked_scatter_` of the result;
-- the same gather and scatter through cached int32 flat indices (`index_select`, `index_copy_`
-  after widening to int64, which it requires), which would cost 4 bytes per trainable entry to keep.
+of a catalog model, fp32, random gradients. Times per step (median of --repeats after 3 warm-up
+steps), on this process's threads:
+- LoRA-SP: `LoRASPAdamW.step` (torch AdamW, fused where supported) over the one flat parameter of
+  trainable entries (ratio 0.5: half of the LoRA entries);
+- torch AdamW, PEFT LoRA: `torch.optim.AdamW(params)` with torch's default implementation for the
+  device, over every whole LoRA tensor (what a plain PEFT loop runs), and the same with fused=True;
+- the work LoRA-SP adds outside the optimizer, once per forward and backward: the rebuild of every
+  matrix from the frozen buffer and the trainable values (one scatter), and the gather of the
+  trainable entries' gradient (one index_select), from lorasp_edge.train.flat.
 """
 
 from __future__ import annotations
@@ -45,10 +45,12 @@ def main() -> None:
 
     import torch
 
-    from lorasp_edge.plan.catalog import resolve
-    from lorasp_edge.train.optim import MaskedAdamW
+    from lorasp_edge.plan.catalog import model_info
+    from lorasp_edge.train.flat import LoRASPStore, _Rebuild
+    from lorasp_edge.train.masks import draw_frozen_mask
+    from lorasp_edge.train.optim import LoRASPAdamW
 
-    arch = resolve(args.model).architecture
+    arch = model_info(args.model).architecture
     shapes = [shape for _ in range(arch.num_layers) for linear in arch.linears() for shape in ((args.rank, linear.d_in), (linear.d_out, args.rank))]
     generator = torch.Generator().manual_seed(0)
 
@@ -58,47 +60,41 @@ def main() -> None:
             param.grad = torch.randn(param.shape, generator=generator)
         return params
 
-    masked_params = tensors()
-    masks = {param: torch.rand(param.shape, generator=generator) < 0.5 for param in masked_params}
-    raw_grads = [param.grad.clone() for param in masked_params]
-    masked = MaskedAdamW(masks, lr=1e-3)
+    weights = tensors()
+    masks = [~draw_frozen_mask(shape, 0.5, 0, f"m{i}", "A") for i, shape in enumerate(shapes)]
+    store = LoRASPStore([w.detach() for w in weights], masks)
+    store.values.grad = torch.randn(store.values.shape, generator=generator)
+    flat = LoRASPAdamW([store.values], lr=1e-3)
 
-    def masked_step():
-        for param, grad in zip(masked_params, raw_grads):
-            param.grad = grad * masks[param]  # what the adapter's gradient hook returns
-        masked.step()
+    plain = torch.optim.AdamW(tensors(), lr=1e-3, weight_decay=0.0)
+    plain_fused = torch.optim.AdamW(tensors(), lr=1e-3, weight_decay=0.0, fused=True)
 
-    plain_params = tensors()
-    plain = torch.optim.AdamW(plain_params, lr=1e-3, weight_decay=0.0)
+    def rebuild():
+        with torch.no_grad():
+            store.full.scatter(0, store.index, store.values)
 
-    mask_list = [masks[param] for param in masked_params]
-    weights = [param.detach() for param in masked_params]
+    full_grad = torch.randn(store.full.shape, generator=generator)
 
-    def through_mask():
-        for grad, weight, mask in zip(raw_grads, weights, mask_list):
-            grad.masked_select(mask)
-            weight.masked_scatter_(mask, weight.masked_select(mask))
+    def gather():
+        full_grad.index_select(0, store.index)
 
-    indices = [mask.view(-1).nonzero().squeeze(1).to(torch.int32) for mask in mask_list]
-
-    def through_indices():
-        for grad, weight, index in zip(raw_grads, weights, indices):
-            grad.view(-1).index_select(0, index)
-            # index_copy_ takes int64 indices only: the int32 cache is widened for each write
-            weight.view(-1).index_copy_(0, index.long(), weight.view(-1).index_select(0, index))
+    def rebuild_and_gather():
+        values = store.values.detach().requires_grad_()
+        _Rebuild.apply(store.full, values, store.index).backward(full_grad)
 
     entries = sum(a * b for a, b in shapes)
-    print(f"{args.model}: {len(shapes)} LoRA tensors at rank {args.rank}, {entries:,} entries, {torch.get_num_threads()} threads")
+    print(f"{args.model}: {len(shapes)} LoRA tensors at rank {args.rank}, {entries:,} entries "
+          f"({store.values.numel():,} trainable in LoRA-SP), {torch.get_num_threads()} threads")
     rows = [
-        ("MaskedAdamW step + gradient hook", median_ms(masked_step, args.repeats)),
-        ("torch AdamW step", median_ms(plain.step, args.repeats)),
-        ("  of MaskedAdamW: masked_select x2 + masked_scatter_", median_ms(through_mask, args.repeats)),
-        ("  cached int32 indices: index_select x2 + index_copy_", median_ms(through_indices, args.repeats)),
+        ("LoRA-SP: LoRASPAdamW step (fused, one flat tensor)", median_ms(flat.step, args.repeats)),
+        ("PEFT LoRA: torch AdamW step (default)", median_ms(plain.step, args.repeats)),
+        ("PEFT LoRA: torch AdamW step (fused=True)", median_ms(plain_fused.step, args.repeats)),
+        ("LoRA-SP extra, forward: rebuild (one scatter)", median_ms(rebuild, args.repeats)),
+        ("LoRA-SP extra, backward: gradient gather (one index_select)", median_ms(gather, args.repeats)),
+        ("LoRA-SP extra, both through autograd", median_ms(rebuild_and_gather, args.repeats)),
     ]
     for label, ms in rows:
-        print(f"{label:55s} {ms:8.1f} ms")
-    trainable = sum(index.numel() for index in indices)
-    print(f"int32 index cache: {4 * trainable / 1e6:.1f} MB, against {8 * trainable / 1e6:.1f} MB of m and v")
+        print(f"{label:62s} {ms:8.1f} ms")
 
 
 if __name__ == "__main__":

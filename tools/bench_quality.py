@@ -10,7 +10,7 @@ Task: tools/make_task_data.py (dates, unit conversion, number words, two-digit a
 extraction; chat format, loss on the assistant reply only), rewritten from its seed each run.
 
 Methods (`METHODS`; all but lorasp-r32 run by default):
-    lorasp        LoRA-SP: apply_lorasp, rank 16, ratio 0.5, MaskedAdamW
+    lorasp        LoRA-SP: apply_lorasp, rank 16, ratio 0.5, LoRASPAdamW (torch AdamW over the flat trainable entries)
     lora          PEFT LoraConfig, rank 16, torch AdamW
     lora-half     PEFT LoraConfig, rank 8 (the trainable count of LoRA-SP at rank 16)
     lorasp-4bit   LoRA-SP as above on a bitsandbytes NF4 base

@@ -3,7 +3,8 @@
 The data stream must not grow with the file: the target is a large-file peak RSS within 50 MB of
 the small-file peak. Each file is streamed in a fresh subprocess (so imports and allocator state do
 not carry over) through `PackedStream.next_batch`, taking a state_dict every 100 batches as the
-trainer's checkpoints do; the child reports its peak RSS (getrusage ru_maxrss, the kernel's exact
+trainer's checkpoints do, in the shuffled order training uses (--shuffle-buffer, default the
+trainer's); the child reports its peak RSS (getrusage ru_maxrss, the kernel's exact
 high-water mark) and its throughput.
 
     python tools/bench_stream.py                      # 500 MB against 1 MB
@@ -24,6 +25,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from lorasp_edge.train.settings import DEFAULT_SHUFFLE_BUFFER
 
 WORDS = "the a of to and in is it that for on with as was by at be this from or have an are not".split() + [
     f"w{n}" for n in range(400)
@@ -70,7 +73,7 @@ def train_tokenizer(folder: Path, pool: list[str]) -> Path:
     return folder
 
 
-def stream_once(data: Path, tokenizer_dir: str, seq_len: int, micro_batch: int) -> dict:
+def stream_once(data: Path, tokenizer_dir: str, seq_len: int, micro_batch: int, shuffle_buffer: int) -> dict:
     """The child: one full pass, then the figures as JSON on stdout."""
     from transformers import AutoTokenizer
 
@@ -78,7 +81,8 @@ def stream_once(data: Path, tokenizer_dir: str, seq_len: int, micro_batch: int) 
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     started = time.perf_counter()
-    stream = PackedStream(data, tokenizer, seq_len, epochs=1)
+    # skip_bad_lines: a few completions here are longer than seq_len, which a whole example cannot be
+    stream = PackedStream(data, tokenizer, seq_len, epochs=1, shuffle_buffer=shuffle_buffer, seed=0, skip_bad_lines=True)
     batches, largest_state = 0, 0
     while stream.next_batch(micro_batch) is not None:
         batches += 1
@@ -93,13 +97,14 @@ def stream_once(data: Path, tokenizer_dir: str, seq_len: int, micro_batch: int) 
         "mb_per_s": round(data.stat().st_size / 1e6 / seconds, 2),
         "tokens_per_s": round(stream.tokens_seen / seconds),
         "largest_state_json_bytes": largest_state,
+        "lines_skipped": stream.bad_lines,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
     }
 
 
-def measure(data: Path, tokenizer_dir: str, seq_len: int, micro_batch: int) -> dict:
+def measure(data: Path, tokenizer_dir: str, seq_len: int, micro_batch: int, shuffle_buffer: int) -> dict:
     command = [sys.executable, __file__, "--child", str(data), "--tokenizer", tokenizer_dir]
-    command += ["--seq-len", str(seq_len), "--micro-batch", str(micro_batch)]
+    command += ["--seq-len", str(seq_len), "--micro-batch", str(micro_batch), "--shuffle-buffer", str(shuffle_buffer)]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -110,13 +115,14 @@ def main() -> None:
     parser.add_argument("--baseline-mb", type=float, default=1, help="size of the small file")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--shuffle-buffer", type=int, default=DEFAULT_SHUFFLE_BUFFER, help="examples shuffled within (0: file order)")
     parser.add_argument("--tokenizer", help="a local tokenizer folder; default: train a small BPE here")
     parser.add_argument("--workdir", help="where to write the data (default: a temp folder, removed after)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(stream_once(Path(args.child), args.tokenizer, args.seq_len, args.micro_batch)))
+        print(json.dumps(stream_once(Path(args.child), args.tokenizer, args.seq_len, args.micro_batch, args.shuffle_buffer)))
         return
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as folder:
@@ -127,7 +133,7 @@ def main() -> None:
         for name, size_mb in (("small", args.baseline_mb), ("large", args.size_mb)):
             data = folder / f"{name}.jsonl"
             write_jsonl(data, int(size_mb * 1e6), pool)
-            results[name] = measure(data, tokenizer_dir, args.seq_len, args.micro_batch)
+            results[name] = measure(data, tokenizer_dir, args.seq_len, args.micro_batch, args.shuffle_buffer)
             data.unlink()
     difference = results["large"]["peak_rss_bytes"] - results["small"]["peak_rss_bytes"]
     results["peak_rss_difference_bytes"] = difference

@@ -1,23 +1,27 @@
-"""lorasp-edge train against PEFT LoRA (default settings, fp32) and full fine-tuning.
+"""lorasp-edge's training step against plain PEFT loops, side by side, on the same blocks.
 
-    python tools/bench_train.py [--steps 12] [--warmup 3] [--rounds 2] [--json out.json]
+    python tools/bench_train.py [--steps 8] [--warmup 2] [--rounds 3] [--json out.json]
+    python tools/bench_train.py --device cuda --model-config qwen2.5-0.5b      (PEFT bf16 and QLoRA peers)
 
-The bundled SmolLM2-135M-Instruct, batch 4 x 256 tokens, the same packed blocks in the same order
-for every method (lorasp_edge.train.data.PackedStream over one generated JSONL file), the same number
-of optimizer steps.
-- lorasp-edge: `run_training` (what `lorasp-edge train` runs) with the plan the planner makes for
-  this machine's free memory at seq 256, batch 4, lr 2e-4.
-- PEFT LoRA default: fp32 model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"),
-  torch AdamW lr 2e-4, `model(input_ids, labels).loss`.
-- full fine-tuning: fp32, every parameter trained, torch AdamW lr 2e-5.
-Each method runs in a fresh process; peak RSS is that process's whole-life maximum
-(getrusage RUSAGE_CHILDREN), tokens/s is the median step after the warm-up steps, loss is the mean
-of the last 3 steps. Rounds alternate the order of methods; the table shows medians over rounds.
+Default: the bundled SmolLM2-135M-Instruct on CPU, batch 4 x 256 tokens. With --model-config, a
+random-init model of that catalog entry's shape (built from its config, no download), batch 8 x 512.
+Every method trains on the same packed blocks in the same order (lorasp_edge.train.data.PackedStream
+over one generated JSONL file), constant lr 2e-4, clip 1.0, no warmup:
+- lorasp-edge: the plan the planner makes for --mem (default 8 GB) at this seq and batch, then
+  build_model / build_optimizer / train_step from lorasp_edge.train (what `lorasp-edge train` runs);
+- lorasp-edge-r16: the same plan at rank 16, alpha 32;
+- peft-bf16: PEFT LoraConfig(r=16, lora_alpha=32, target_modules="all-linear") on the base loaded in
+  bf16, torch AdamW (fused=True on CUDA, torch's default on CPU), model(input_ids, labels).loss;
+- peft-fp32: the same on an fp32 base (a first PEFT script); qlora: the same on an NF4 base (CUDA).
+Each method runs in a fresh process; peak is that process's whole-life maximum RSS (getrusage), and
+on CUDA also torch.cuda.max_memory_allocated. tokens/s is the median step after the warm-up steps;
+loss is the mean of the last 3 steps. Rounds alternate the order of methods; tables show medians.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import resource
@@ -28,8 +32,12 @@ import tempfile
 import time
 from pathlib import Path
 
-SEQ_LEN, BATCH = 256, 4
-METHODS = ("lorasp-edge", "peft-lora", "full")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+METHODS = ("lorasp-edge", "lorasp-edge-r16", "peft-bf16", "peft-fp32", "qlora")
+CPU_METHODS = ("lorasp-edge", "lorasp-edge-r16", "peft-bf16", "peft-fp32")
+CUDA_METHODS = ("lorasp-edge", "lorasp-edge-r16", "peft-bf16", "qlora")
+LR = 2e-4
 
 
 def write_data(path: Path, examples: int = 3000) -> Path:
@@ -46,132 +54,174 @@ def write_data(path: Path, examples: int = 3000) -> Path:
     return path
 
 
-def batches(data: Path, steps: int):
+def random_model(config_id: str, folder: Path) -> Path:
+    """A random-init model with a catalog entry's shape, saved in bf16 (SmolLM2's tokenizer ids fit any vocab here)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lorasp_edge.plan.catalog import catalog_entry
+
+    config = dict(catalog_entry(config_id)["config"])
+    config.pop("torch_dtype", None)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    return folder
+
+
+def blocks(data: Path, seq_len: int, batch: int, steps: int) -> list[dict]:
     from lorasp_edge.models import load_tokenizer
     from lorasp_edge.train.data import PackedStream
 
-    stream = PackedStream(data, load_tokenizer("smollm2-135m"), SEQ_LEN)
-    return [stream.next_batch(BATCH) for _ in range(steps)]
+    stream = PackedStream(data, load_tokenizer("smollm2-135m"), seq_len)
+    return [stream.next_batch(batch) for _ in range(steps)]
 
 
-def run_baseline(method: str, data: Path, steps: int, warmup: int) -> dict:
+def split(batch: dict, micro: int) -> list[dict]:
+    rows = batch["input_ids"].shape[0]
+    return [{key: value[start : start + micro] for key, value in batch.items()} for start in range(0, rows, micro)]
+
+
+def sync(device) -> None:
     import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_lorasp(method: str, model: str, device, seq_len: int, batch: int, mem: int, data: list[dict]) -> dict:
+    from lorasp_edge.plan.search import plan_training
+    from lorasp_edge.train.loop import build_model, build_optimizer
+    from lorasp_edge.train.step import train_step
+
+    plan = plan_training(model=model, budget_bytes=mem, seq_len=seq_len, batch=batch)
+    if method == "lorasp-edge-r16":
+        plan = dataclasses.replace(plan, rank=16, alpha=32.0)
+    peft_model = build_model(plan, model, device=device)
+    optimizer = build_optimizer(peft_model, lr=LR)
+    from lorasp_edge.train.loss import ChunkedCausalLMLoss
+
+    loss_module = ChunkedCausalLMLoss(peft_model, chunk_tokens=plan.loss_chunk_tokens)
+    times, losses = [], []
+    for step_batch in data:
+        sync(device)
+        started = time.perf_counter()
+        result = train_step(loss_module, optimizer, split(step_batch, plan.micro_batch), plan, 1.0)
+        sync(device)
+        times.append(time.perf_counter() - started)
+        losses.append(result["loss"])
+    keys = ("quant_bits", "compute_dtype", "rank", "micro_batch", "grad_accum", "gradient_checkpointing", "loss_chunk_tokens")
+    return {"times": times, "losses": losses, "plan": {key: getattr(plan, key) for key in keys}}
+
+
+def run_peft(method: str, model: str, device, data: list[dict]) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
 
     from lorasp_edge.models import load_model
 
-    blocks = batches(data, steps)
-    model = load_model("smollm2-135m", compute_dtype=torch.float32, device="cpu")
-    model.config.use_cache = False
-    if method == "peft-lora":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
-        lr = 2e-4
-    else:
-        lr = 2e-5
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr)
-    model.train()
+    dtype = torch.float32 if method == "peft-fp32" else torch.bfloat16
+    base = load_model(model, quant_bits=4 if method == "qlora" else None, compute_dtype=dtype, device=device)
+    base.config.use_cache = False
+    peft_model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LR, fused=True if device.type == "cuda" else None)
+    peft_model.train()
     times, losses = [], []
-    for batch in blocks:
+    for step_batch in data:
+        sync(device)
         started = time.perf_counter()
-        loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        loss = peft_model(input_ids=step_batch["input_ids"].to(device), labels=step_batch["labels"].to(device)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        sync(device)
         times.append(time.perf_counter() - started)
         losses.append(float(loss))
-    return {"step_times": times[warmup:], "losses": losses, "trainable": sum(p.numel() for p in params)}
+    return {"times": times, "losses": losses}
 
 
-def run_lorasp(data: Path, steps: int, warmup: int) -> dict:
-    from lorasp_edge.train.job import TrainRequest, run_training
-    from lorasp_edge.train.report import read_metrics
-    from lorasp_edge.train.settings import TrainSettings
+def child(args) -> None:
+    import torch
 
-    with tempfile.TemporaryDirectory() as out:
-        summary = run_training(
-            TrainRequest(
-                data=data, out=Path(out) / "run", model="smollm2-135m", seq_len=SEQ_LEN, batch=BATCH,
-                settings=TrainSettings(steps=steps, lr=2e-4, warmup_steps=1, save_every=0),
-            ),
-            progress=False,
-        )
-        records = read_metrics(Path(out) / "run" / "metrics.jsonl")
-        plan = json.loads((Path(out) / "run" / "plan.json").read_text())
-    return {
-        "step_times": [SEQ_LEN * BATCH / r["tokens_per_s"] for r in records[warmup:]],
-        "losses": [r["loss"] for r in records],
-        "plan": {k: plan[k] for k in ("quant_bits", "compute_dtype", "rank", "micro_batch", "grad_accum", "gradient_checkpointing", "target_modules")},
-        "summary": summary,
-    }
-
-
-def child(method: str, data: Path, steps: int, warmup: int) -> None:
-    result = run_lorasp(data, steps, warmup) if method == "lorasp-edge" else run_baseline(method, data, steps, warmup)
-    # Whole-life peak of this process (Linux reports KiB).
-    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    device = torch.device(args.device)
+    data = blocks(args.data, args.seq_len, args.batch, args.steps)
+    if args.child.startswith("lorasp-edge"):
+        result = run_lorasp(args.child, args.model, device, args.seq_len, args.batch, args.mem, data)
+    else:
+        result = run_peft(args.child, args.model, device, data)
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    if device.type == "cuda":
+        result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
     print("RESULT " + json.dumps(result, default=str))
 
 
-def measure(method: str, data: Path, steps: int, warmup: int) -> dict:
-    done = subprocess.run(
-        [sys.executable, __file__, "--child", method, "--data", str(data), "--steps", str(steps), "--warmup", str(warmup)],
-        capture_output=True, text=True,
-    )
+def measure(method: str, args, data: Path, model: str) -> dict:
+    command = [sys.executable, __file__, "--child", method, "--data", str(data), "--model", model, "--device", args.device,
+               "--steps", str(args.steps), "--seq-len", str(args.seq_len), "--batch", str(args.batch), "--mem", str(args.mem)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"{method} failed:\n{done.stderr[-3000:]}")
     result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
-    result["tokens_per_s"] = SEQ_LEN * BATCH / statistics.median(result["step_times"])
+    result["tokens_per_s"] = args.seq_len * args.batch / statistics.median(result["times"][args.warmup :])
     result["final_loss"] = statistics.mean(result["losses"][-3:])
+    result["peak_bytes"] = result.get("peak_cuda_bytes", result["peak_rss_bytes"])
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default="smollm2-135m", help="model to load (default: the bundled SmolLM2-135M)")
+    parser.add_argument("--model-config", help="catalog id: a random-init model of its shape instead of --model")
+    parser.add_argument("--seq-len", type=int)
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--mem", type=int, default=8 * 10**9, help="budget the lorasp-edge plan is made for (bytes)")
+    parser.add_argument("--methods", help="comma-separated, from: " + ", ".join(METHODS))
     parser.add_argument("--json")
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    big = args.model_config is not None
+    args.seq_len = args.seq_len or (512 if big else 256)
+    args.batch = args.batch or (8 if big else 4)
     if args.child:
-        child(args.child, args.data, args.steps, args.warmup)
+        child(args)
         return
 
-    methods = args.methods.split(",")
+    methods = (args.methods.split(",") if args.methods else list(CUDA_METHODS if args.device.startswith("cuda") else CPU_METHODS))
     results = {method: [] for method in methods}
     with tempfile.TemporaryDirectory() as folder:
         data = write_data(Path(folder) / "train.jsonl")
+        model = str(random_model(args.model_config, Path(folder) / "model")) if big else args.model
         for round_index in range(args.rounds):
             order = methods if round_index % 2 == 0 else methods[::-1]
             for method in order:
-                result = measure(method, data, args.steps, args.warmup)
+                result = measure(method, args, data, model)
                 results[method].append(result)
-                print(
-                    f"round {round_index + 1} {method:12s} {result['tokens_per_s']:7.1f} tokens/s  "
-                    f"peak {result['peak_rss_bytes'] / 1e9:5.2f} GB  loss {result['final_loss']:.4f}",
-                    file=sys.stderr,
-                )
+                print(f"round {round_index + 1} {method:16s} {result['tokens_per_s']:8.1f} tokens/s  "
+                      f"peak {result['peak_bytes'] / 1e9:5.2f} GB  loss {result['final_loss']:.4f}", file=sys.stderr, flush=True)
 
     def median(method, key):
         return statistics.median(r[key] for r in results[method])
 
-    reference = "peft-lora"
-    print("| method | tokens/s | x PEFT | peak RSS (GB) | / PEFT | final loss | / PEFT |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"{args.model_config or args.model} on {args.device}, batch {args.batch} x {args.seq_len}, {args.steps} steps "
+          f"(median step after {args.warmup}), medians of {args.rounds} rounds; peak = {'CUDA allocated' if args.device.startswith('cuda') else 'RSS'}")
+    peers = [m for m in ("peft-bf16", "peft-fp32", "qlora") if m in results]
+    header = "| method | tokens/s | peak (GB) | final loss | " + " | ".join(f"speed / {p} | peak / {p} | loss / {p}" for p in peers) + " |"
+    print(header)
+    print("|" + "---|" * (4 + 3 * len(peers)))
     for method in methods:
-        speed, peak, loss = median(method, "tokens_per_s"), median(method, "peak_rss_bytes"), median(method, "final_loss")
-        if reference in results:
-            ratios = (speed / median(reference, "tokens_per_s"), peak / median(reference, "peak_rss_bytes"), loss / median(reference, "final_loss"))
-        else:
-            ratios = (float("nan"),) * 3
-        print(f"| {method} | {speed:.1f} | {ratios[0]:.2f} | {peak / 1e9:.2f} | {ratios[1]:.2f} | {loss:.4f} | {ratios[2]:.3f} |")
-    if "lorasp-edge" in results:
-        print(f"\nlorasp-edge plan: {results['lorasp-edge'][0]['plan']}")
+        speed, peak, loss = median(method, "tokens_per_s"), median(method, "peak_bytes"), median(method, "final_loss")
+        cells = [f"{speed / median(p, 'tokens_per_s'):.2f}x | {peak / median(p, 'peak_bytes'):.2f}x | {loss / median(p, 'final_loss'):.3f}" for p in peers]
+        print(f"| {method} | {speed:.1f} | {peak / 1e9:.2f} | {loss:.4f} | " + " | ".join(cells) + " |")
+    for method in methods:
+        if "plan" in results[method][0]:
+            print(f"{method} plan: {results[method][0]['plan']}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
 

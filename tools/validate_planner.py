@@ -2,10 +2,11 @@
 
     python tools/validate_planner.py [--quick] [--write-docs] [--json out.json]
 
-Each grid point (model x quant bits x compute dtype x checkpointing x seq x batch x rank x
-targets) runs in a fresh process: import everything, record the resident set (the baseline:
+Each grid point (model x quant bits x compute dtype x checkpointing x seq x batch x accumulation x
+rank x targets) runs in a fresh process: import everything, record the resident set (the baseline:
 what the planner calls the runtime), build the model with the trainer's `build_model`, run a few
-optimizer steps with the trainer's `train_step`, and take the peak resident set during the steps
+optimizer steps with the trainer's `train_step` (each over `accum` micro-batches packed as the
+trainer's data stream packs them), and take the peak resident set during the steps
 (a 5 ms sampling thread and the kernel's VmHWM, reset after loading: /proc/self/clear_refs).
 Measured = peak - baseline; predicted = the planner's total minus its runtime term. On a machine
 with a GPU the points run on CUDA and measured = torch.cuda.max_memory_allocated.
@@ -48,9 +49,28 @@ TINY_CONFIGS = {
 ALL, ATTENTION, QV = "all", "attn", "qv"
 
 
-def point(model, bits, dtype, ckpt, seq, batch, rank=16, targets=ALL, layers=None, chunk=1024, held_out=False):
+LOCAL = "local"  # the compute dtype the planner picks on this machine (bf16 where native, else fp32)
+
+
+def point(model, bits, dtype, ckpt, seq, batch, rank=16, targets=ALL, layers=None, chunk=1024, held_out=False, accum=1):
+    """One grid point; `accum` micro-batches of `batch` sequences make one optimizer step, as in the trainer."""
     return dict(model=model, bits=bits, dtype=dtype, ckpt=ckpt, seq=seq, batch=batch, rank=rank, targets=targets, layers=layers,
-                chunk=chunk, held_out=held_out)
+                chunk=chunk, held_out=held_out, accum=accum)
+
+
+def default_shapes() -> list[dict]:
+    """The planner's default request on the bundled model (seq 512, effective batch 8, rank 64 where it
+    fits) and its long-sequence variant: seq 512 and 1024, micro-batch 4 and 8 (accumulating to 8), 16-bit
+    and 4-bit, checkpointing off and on. Every third point, from the first (6 of 16), is held out of any fitting."""
+    points = []
+    for seq in (512, 1024):
+        for micro in (4, 8):
+            for bits in (16, 4):
+                for ckpt in (False, True):
+                    chunk = 512 if seq == 512 else 1024
+                    points.append(point("smollm2-135m", bits, LOCAL, ckpt, seq, micro, rank=64, chunk=chunk, accum=8 // micro,
+                                        held_out=len(points) % 3 == 0))
+    return points
 
 
 def grid(quick: bool) -> list[dict]:
@@ -63,6 +83,7 @@ def grid(quick: bool) -> list[dict]:
             point("tiny-llama", 4, bf, True, 512, 2),
             point("tiny-llama", 8, fp, False, 512, 2),
             point("smollm2-135m", 16, bf, True, 256, 4),
+            point("smollm2-135m", 16, LOCAL, False, 512, 4, rank=64, chunk=512, accum=2),
         ]
     return [
         point("tiny-llama", 16, bf, False, 512, 2),
@@ -91,6 +112,7 @@ def grid(quick: bool) -> list[dict]:
         point("tiny-qwen2", 8, bf, True, 1024, 2, held_out=True),
         point("tiny-phi3", 4, fp, False, 512, 1, held_out=True),
         point("smollm2-135m", 16, bf, True, 512, 2, rank=32, held_out=True),
+        *default_shapes(),
     ]
 
 
@@ -121,15 +143,38 @@ def prepare_tiny_model(name: str) -> None:
 
 
 def setting_of(spec: dict, arch):
-    from lorasp_edge.plan.memory import Setting
+    from lorasp_edge.plan.memory import Candidate
     from lorasp_edge.plan.search import target_choices
 
     choices = dict(zip((ALL, ATTENTION, QV), target_choices(arch)))
-    return Setting(
-        quant_bits=spec["bits"], compute_dtype=spec["dtype"], rank=spec["rank"], target_modules=choices[spec["targets"]],
+    return Candidate(
+        quant_bits=spec["bits"], compute_dtype=compute_dtype(spec), rank=spec["rank"], target_modules=choices[spec["targets"]],
         adapted_layers=spec["layers"] or arch.num_layers, gradient_checkpointing=spec["ckpt"], micro_batch=spec["batch"],
-        seq_len=spec["seq"], loss_chunk_tokens=spec["chunk"],
+        seq_len=spec["seq"], loss_chunk_tokens=spec["chunk"], grad_accum=spec.get("accum", 1),
     )
+
+
+def compute_dtype(spec: dict) -> str:
+    if spec["dtype"] != LOCAL:
+        return spec["dtype"]
+    from lorasp_edge.plan.search import local_device
+
+    return "bfloat16" if local_device().bf16 else "float32"
+
+
+def batches(spec: dict, vocab_size: int) -> list[dict]:
+    """The step's micro-batches, packed as the trainer's data stream packs them: every block holds two
+    examples (position ids restart half-way), so attention is masked block-diagonally, as in training."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    seq, half = spec["seq"], spec["seq"] // 2
+    positions = torch.cat([torch.arange(half), torch.arange(seq - half)]).expand(spec["batch"], seq).contiguous()
+    out = []
+    for _ in range(spec.get("accum", 1)):
+        input_ids = torch.randint(0, vocab_size, (spec["batch"], seq), generator=generator)
+        out.append({"input_ids": input_ids, "labels": input_ids.clone(), "position_ids": positions.clone()})
+    return out
 
 
 def model_name(spec: dict) -> str:
@@ -142,21 +187,19 @@ def run_point(spec: dict, steps: int) -> dict:
     import psutil
     import torch
 
-    from lorasp_edge.plan.catalog import resolve
+    from lorasp_edge.plan.catalog import model_info
     from lorasp_edge.plan.memory import estimate
     from lorasp_edge.plan.search import Device, plan_for_setting
     from lorasp_edge.train.loop import build_model, build_optimizer, train_step
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = model_name(spec)
-    arch = resolve(name).architecture
+    arch = model_info(name).architecture
     _import_model_code(arch.model_type)
     setting = setting_of(spec, arch)
-    plan = plan_for_setting(name, setting, Device(device.type, True, (16, 8, 4)))
+    plan = plan_for_setting(name, setting, Device(device.type, True, (16, 8, 4)), grad_accum=spec.get("accum", 1))
     predicted = estimate(arch, setting, device.type)
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, arch.vocab_size, (spec["batch"], spec["seq"]), generator=generator)
-    batch = {"input_ids": input_ids, "labels": input_ids.clone()}
+    batch = batches(spec, arch.vocab_size)
 
     process = psutil.Process()
     baseline = process.memory_info().rss
@@ -225,7 +268,7 @@ def live_point(spec: dict) -> dict:
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
 
-    from lorasp_edge.plan.catalog import resolve
+    from lorasp_edge.plan.catalog import model_info
     from lorasp_edge.plan.memory import estimate, lora_entries
     from lorasp_edge.plan.search import Device, plan_for_setting
     from lorasp_edge.train.loop import build_model, build_optimizer, train_step
@@ -257,11 +300,10 @@ def live_point(spec: dict) -> dict:
             return out
 
     name = model_name(spec)
-    arch = resolve(name).architecture
+    arch = model_info(name).architecture
     setting = setting_of(spec, arch)
     plan = plan_for_setting(name, setting, Device("cpu", True, (16, 8, 4)))
-    input_ids = torch.randint(0, arch.vocab_size, (spec["batch"], spec["seq"]), generator=torch.Generator().manual_seed(0))
-    batch = {"input_ids": input_ids, "labels": input_ids.clone()}
+    batch = batches(spec, arch.vocab_size)
     model = build_model(plan, name, device="cpu")
     model.train()  # see run_point
     optimizer = build_optimizer(model)
@@ -329,8 +371,9 @@ def prepare(names: set[str]) -> None:
 def describe(spec: dict) -> str:
     layers = f" L{spec['layers']}" if spec["layers"] else ""
     held_out = " *" if spec.get("held_out") else ""
-    return (f"{spec['model']:13s} {spec['bits']:>2d}b {spec['dtype'][:4]:4s} {'ckpt' if spec['ckpt'] else '    '} "
-            f"{spec['batch']}x{spec['seq']:<5d} r{spec['rank']:<3d}{spec['targets']:4s}{layers}{held_out}")
+    accum = f"x{spec['accum']}" if spec.get("accum", 1) > 1 else ""
+    return (f"{spec['model']:13s} {spec['bits']:>2d}b {compute_dtype(spec)[:4]:4s} {'ckpt' if spec['ckpt'] else '    '} "
+            f"{spec['batch']}x{spec['seq']}{accum:<4s} r{spec['rank']:<3d}{spec['targets']:4s}{layers}{held_out}")
 
 
 def table(results: list[dict]) -> str:
@@ -357,10 +400,10 @@ def table(results: list[dict]) -> str:
 
 def repredict(result: dict) -> dict:
     """The same measurement against the planner as it is now."""
-    from lorasp_edge.plan.catalog import resolve
+    from lorasp_edge.plan.catalog import model_info
     from lorasp_edge.plan.memory import estimate
 
-    arch = resolve(model_name(result["spec"])).architecture
+    arch = model_info(model_name(result["spec"])).architecture
     return {**result, "predicted": estimate(arch, setting_of(result["spec"], arch), result["device"])}
 
 

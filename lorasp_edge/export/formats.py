@@ -35,6 +35,8 @@ FORMATS: dict[str, ExportFormat] = {
         "KV-cache decoder graph for onnxruntime and optimum (+ --quantize int8/int4)",
         "lorasp_edge.export.onnx_graph:unsupported_reason",
     ),
+    "genai": ExportFormat("lorasp_edge.export.genai:write_genai", "folder for onnxruntime-genai (+ --quantize int8/int4)", "lorasp_edge.export.genai:unsupported_reason"),
+    "gguf": ExportFormat("lorasp_edge.export.gguf:write_gguf", "one GGUF file for llama.cpp + Ollama Modelfile (--gguf-type)", "lorasp_edge.export.gguf_file:unsupported_reason"),
 }
 # Names that stand for several formats, written in this order.
 GROUPS = {"both": ("hf", "onnx")}

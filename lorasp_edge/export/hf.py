@@ -21,7 +21,7 @@ def write_portable_config(folder: Path) -> None:
     back to its default rope_theta (10000), so SmolLM2's 100000 would be lost. Writing the 4.x keys
     (`rope_theta`, and `rope_scaling` for a non-default RoPE) beside it serves both. transformers 5
     also names its tokenizer class `TokenizersBackend`, unknown to 4.x; `PreTrainedTokenizerFast`
-    loads the same tokenizer.json in both.
+    loads the same tokenizer.json in both, and `model_input_names` keeps 4.x from adding token_type_ids.
     """
     path = folder / "config.json"
     config = json.loads(path.read_text())
@@ -37,7 +37,10 @@ def write_portable_config(folder: Path) -> None:
         tokenizer_config = json.loads(tokenizer_path.read_text())
         if tokenizer_config.get("tokenizer_class") == "TokenizersBackend" and (folder / "tokenizer.json").is_file():
             tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
-            tokenizer_path.write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+        # PreTrainedTokenizerFast in 4.x returns token_type_ids unless told the model's inputs, and
+        # a causal LM's generate() rejects them: `model(**tokenizer(text))` must work in 4.x and 5.x.
+        tokenizer_config["model_input_names"] = ["input_ids", "attention_mask"]
+        tokenizer_path.write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
 
 def write_side_files(merged, tokenizer, folder: Path) -> None:

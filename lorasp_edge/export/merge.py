@@ -67,8 +67,6 @@ def _under(key: str, module_names: set[str]) -> bool:
 
 def merged_model(peft_model):
     """A new plain fp32 model of the base's class holding the merged weights (input untouched)."""
-    import copy
-
     base = peft_model.get_base_model()
     config = copy.deepcopy(base.config)
     if hasattr(config, "quantization_config"):

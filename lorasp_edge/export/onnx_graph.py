@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from lorasp_edge.plan.families import FAMILIES
+
 ONNX_FILE = "model.onnx"
 ONNX_DATA_FILE = "model.onnx_data"  # optimum's name for the external weights of a > 2 GB model
 PROTOBUF_LIMIT_BYTES = 2_000_000_000  # protobuf refuses messages of 2 GiB; stay clear of it
@@ -42,11 +44,12 @@ DEFAULT_OPSET = 17
 TIED_TABLE = "tied_embedding_transposed"  # initializer name of a tied (hidden, vocab) table
 
 # Decoders whose attention is plain causal attention over a standard DynamicCache, tested here.
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = tuple(name for name, family in FAMILIES.items() if family.onnx_export)
 
 
 def unsupported_reason(config) -> str | None:
-    """Why this model cannot be exported as a KV-cache decoder graph, or None if it can."""
+    """Why this model cannot be exported as a KV-cache decoder graph, or None if it can (the family's
+    `onnx_export` flag, lorasp_edge.plan.families)."""
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         return f"architecture '{model_type}' is not supported for ONNX export (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"

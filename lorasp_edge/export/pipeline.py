@@ -30,6 +30,7 @@ import torch
 from lorasp_edge.errors import UserError, VerificationError
 from lorasp_edge.export import formats as export_formats
 from lorasp_edge.export.context import ExportContext
+from lorasp_edge.export.gguf_file import GGUF_TYPES
 from lorasp_edge.export.onnx_graph import DEFAULT_OPSET, PROTOBUF_LIMIT_BYTES
 from lorasp_edge.export.onnx_writer import QUANT_BITS
 from lorasp_edge.export.verify import compare, held_out_ids, held_out_text, reference_logits, verification_batch
@@ -49,6 +50,7 @@ class ExportSettings:
     model: str | None = field(default=None, metadata={"help": "base model; default: the one lorasp.json names"})
     format: str = field(default="both", metadata={"help": "formats to write, comma-separated: " + ", ".join([*export_formats.FORMATS, *export_formats.GROUPS])})
     quantize: str = field(default="none", metadata={"help": "also write a weight-only quantized ONNX: none, int8, int4"})
+    gguf_type: str = field(default="f16", metadata={"help": "--format gguf: tensor type, one of " + ", ".join(GGUF_TYPES)})
     block_size: int = field(default=32, metadata={"help": "quantization block along the input dimension (power of 2, >= 16)"})
     opset: int = field(default=DEFAULT_OPSET, metadata={"help": "ONNX opset"})
     tolerance: float = field(default=1e-3, metadata={"help": "fp32 ONNX: max |logit difference| / max |logit|"})
@@ -64,8 +66,10 @@ class ExportSettings:
             found.append(f"--format must be one or more of {known} (comma-separated), not '{self.format}'")
         if self.quantize not in QUANTIZATIONS:
             found.append(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, not '{self.quantize}'")
-        elif self.quantize != "none" and not self.wants_onnx:
-            found.append("--quantize writes an ONNX model: use it with --format onnx or both")
+        elif self.quantize != "none" and not (self.wants_onnx or "genai" in self.formats):
+            found.append("--quantize writes an ONNX model: use it with --format onnx, genai or both")
+        if self.gguf_type not in GGUF_TYPES:
+            found.append(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, not '{self.gguf_type}'")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             found.append(f"--block-size must be a power of two >= 16, not {self.block_size}")
         if not 14 <= self.opset <= 20:

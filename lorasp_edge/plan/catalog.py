@@ -21,13 +21,11 @@ from functools import lru_cache
 from pathlib import Path
 
 from lorasp_edge.errors import UserError
+from lorasp_edge.plan.families import FAMILIES, Family, family
 
 CATALOG_DIR = Path(__file__).parent / "catalog"
 DEFAULT_MODEL = "smollm2-135m"
-
-# Families whose decoder layer is: norm -> attention (q, k, v, o) -> residual -> norm -> gated MLP -> residual.
-LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
-SUPPORTED = LLAMA_FAMILY + ("gpt2",)
+SUPPORTED = tuple(FAMILIES)
 
 
 @dataclass(frozen=True)
@@ -63,10 +61,9 @@ class Architecture:
         """Read the shape fields of a Hugging Face `config.json` dict."""
         model_type = config.get("model_type")
         checkpoint_dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
-        if model_type not in SUPPORTED:
-            raise UserError(f"{source}: model_type '{model_type}' is not supported by the planner (supported: {', '.join(SUPPORTED)})")
+        fam = family(model_type, source)
         try:
-            if model_type == "gpt2":
+            if fam.config_style == "gpt2":
                 hidden = int(config["n_embd"])
                 heads = int(config["n_head"])
                 return cls(
@@ -94,7 +91,7 @@ class Architecture:
                 head_dim=int(config.get("head_dim") or hidden // heads),
                 vocab_size=int(config["vocab_size"]),
                 # transformers' default differs by family: Gemma ties unless told otherwise.
-                tie_embeddings=bool(config.get("tie_word_embeddings", model_type in ("gemma", "gemma2"))),
+                tie_embeddings=bool(config.get("tie_word_embeddings", fam.tie_embeddings)),
                 max_positions=config.get("max_position_embeddings"),
                 checkpoint_dtype=checkpoint_dtype,
             )
@@ -113,25 +110,14 @@ class Architecture:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    @property
+    def family(self) -> Family:
+        return family(self.model_type)
+
     def linears(self) -> list[Linear]:
         """The linear layers of one decoder layer, as PEFT sees them (short name, d_in, d_out)."""
-        h, i, q, kv = self.hidden_size, self.intermediate_size, self.q_size, self.kv_size
-        if self.model_type == "gpt2":
-            # GPT-2's Conv1D layers; attn.c_proj and mlp.c_proj share a short name.
-            return [Linear("c_attn", h, 3 * h, True), Linear("c_proj", h, h, True), Linear("c_fc", h, i, True), Linear("c_proj", i, h, True)]
-        if self.model_type == "phi3":
-            # Phi-3 fuses q, k, v into qkv_proj and gate, up into gate_up_proj.
-            return [Linear("qkv_proj", h, q + 2 * kv), Linear("o_proj", q, h), Linear("gate_up_proj", h, 2 * i), Linear("down_proj", i, h)]
-        qkv_bias = self.model_type == "qwen2"  # Qwen2 hard-codes bias on q, k, v (not o)
-        return [
-            Linear("q_proj", h, q, qkv_bias),
-            Linear("k_proj", h, kv, qkv_bias),
-            Linear("v_proj", h, kv, qkv_bias),
-            Linear("o_proj", q, h),
-            Linear("gate_proj", h, i),
-            Linear("up_proj", h, i),
-            Linear("down_proj", i, h),
-        ]
+        fam, sizes = self.family, (self.hidden_size, self.intermediate_size, self.q_size, self.kv_size)
+        return [Linear(name, fam.width(d_in, *sizes), fam.width(d_out, *sizes), fam.has_bias(name)) for name, d_in, d_out in fam.linears]
 
     def module_names(self) -> list[str]:
         """Distinct linear short names in forward order: the possible LoRA targets."""
@@ -139,23 +125,23 @@ class Architecture:
 
     @property
     def norms_per_layer(self) -> int:
-        return 4 if self.model_type == "gemma2" else 2
+        return self.family.norms_per_layer
 
     def layer_float_params(self) -> int:
         """Parameters of one decoder layer that are not linear weights: norms and biases."""
         h = self.hidden_size
-        norm = 2 * h if self.model_type == "gpt2" else h  # LayerNorm has a bias, RMSNorm not
+        norm = 2 * h if self.family.norm_kind == "layer" else h  # LayerNorm has a bias, RMSNorm not
         biases = sum(linear.d_out for linear in self.linears() if linear.bias)
-        qk_norm = 2 * self.head_dim if self.model_type == "qwen3" else 0
+        qk_norm = 2 * self.head_dim if self.family.qk_norm else 0
         return self.norms_per_layer * norm + biases + qk_norm
 
     def parameters(self) -> dict[str, int]:
         """Parameter counts by part; `total` is what `model.num_parameters()` reports."""
         h, v = self.hidden_size, self.vocab_size
-        embedding = v * h + (self.max_positions * h if self.model_type == "gpt2" else 0)
+        embedding = v * h + (self.max_positions * h if self.family.learned_positions else 0)
         lm_head = 0 if self.tie_embeddings else v * h
         linear = self.num_layers * sum(linear.weight_params for linear in self.linears())
-        final_norm = 2 * h if self.model_type == "gpt2" else h
+        final_norm = 2 * h if self.family.norm_kind == "layer" else h
         float_other = self.num_layers * self.layer_float_params() + final_norm
         return {
             "embedding": embedding,
@@ -195,7 +181,7 @@ def catalog_entry(model_id: str) -> dict:
     return _catalog()[model_id]
 
 
-def resolve(name: str | None) -> ModelInfo:
+def model_info(name: str | None) -> ModelInfo:
     """A catalog id (case-insensitive; also its hub id) or a local folder with a config.json."""
     name = name or DEFAULT_MODEL
     entries = _catalog()

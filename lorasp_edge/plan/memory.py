@@ -5,10 +5,11 @@
 
 Each term follows what the trainer runs (lorasp_edge.train: loop, loss, optim, adapter) and the
 libraries under it; the formulas below name their source. The constants measured on this
-project's machines (runtime, allocator slack) come from tools/validate_planner.py; docs/planner.md
-holds the table they were fitted on. Notation: T = micro_batch x seq_len tokens, h hidden size,
-q = heads x head_dim, kv = kv_heads x head_dim, i intermediate size, V vocabulary, r rank,
-c bytes of the compute dtype (2 for bf16/fp16, 4 for fp32).
+project's machines come from tools/validate_planner.py (runtime, fitted heap churn) and
+tools/heap_trace.py (heap holes); docs/planner.md holds the measurements.
+Notation: T = micro_batch x seq_len tokens, h hidden size, q = heads x head_dim, kv = kv_heads x
+head_dim, i intermediate size, V vocabulary, r rank, c bytes of the compute dtype (2 for bf16/fp16,
+4 for fp32).
 """
 
 from __future__ import annotations
@@ -30,13 +31,22 @@ LORA_BYTES = 4  # PEFT keeps adapter weights in fp32 (LoraConfig autocast_adapte
 RUNTIME_BYTES = {"cpu": 411_000_000, "cuda": 300 * 2**20, "mps": 411_000_000}
 
 # glibc malloc on CPU. Past its dynamic mmap threshold (it rises to the largest freed block, up to
-# 32 MiB) tensors come from the heap, and a heap keeps what it once held: holes between live
-# tensors and up to twice the threshold at its top stay resident. The resident set therefore
-# settles above the live tensors by a share of the step's churn; the constants below are fitted
-# on tools/validate_planner.py's grid (docs/planner.md), with the live tensors themselves
-# checked separately against autograd (same document).
+# 32 MiB) tensors come from the heap, and a heap keeps what it once held. PyTorch asks for every
+# CPU tensor 64-byte aligned (c10 alloc_cpu: posix_memalign), and glibc 2.36's memalign asks its
+# bins for size + alignment + MINSIZE, so a freed block never holds the next tensor of its own
+# size. In a forward with grad the temporaries a layer frees sit between tensors saved for
+# backward, cannot merge, and stay as holes; the heap grows past the live tensors by a share of
+# the saved activations (tools/heap_trace.py: `aligned` shows the reuse failing, `step` traces
+# mallinfo2 per operator). SmolLM2-135M, fp32, 2 x 512, rank 64: 26-35 MB of holes per layer beside
+# 42.9 MB saved; free heap at the first micro-batch's peak 968 and 1,111 MB (two runs): with the
+# churn terms below taken out, 0.56-0.67 of the 1,288 MB saved. With accumulation the
+# first backward places the LoRA gradients inside the holes and splits them, and the second
+# micro-batch's forward grows the heap again: 1,360 and 1,665 MB free, 0.31-0.43 more; the third
+# and fourth add nothing. Backward only reuses holes. The churn terms (per-layer working set,
+# first-step allocations) are fitted on tools/validate_planner.py's grid (docs/planner.md).
 GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit (glibc malloc/malloc.c)
-HEAP_SLACK_OF_LIVE = 0.30  # of the activations and transient live at the peak
+HEAP_HOLES_OF_FORWARD = 0.62  # of the activations saved with grad (measured 0.56-0.67, mean)
+HEAP_HOLES_OF_ACCUMULATION = 0.37  # of the same, more, when micro-batches accumulate (0.31-0.43)
 HEAP_SLACK_OF_LAYER = 3.5  # of one layer's working set (its activations and backward)
 HEAP_SLACK_OF_RECOMPUTE = 2.0  # of one layer's working set more under checkpointing
 HEAP_SLACK_BYTES = 10_000_000  # first-step allocations: oneDNN kernels, thread pools, autograd
@@ -44,7 +54,7 @@ HEAP_SLACK_OF_LOAD = 0.5  # of the compute-dtype copy quantization makes of each
 
 
 @dataclass(frozen=True)
-class Setting:
+class Candidate:
     """One point of the planner's search space (what the plan file calls the same names)."""
 
     quant_bits: int  # 16 (float in compute dtype), 8 (LLM.int8) or 4 (NF4 + double quantization)
@@ -58,6 +68,10 @@ class Setting:
     loss_chunk_tokens: int
     ratio: float = 0.5
     world_size: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step
+    # The trainer packs examples into blocks and passes position ids that restart at each example,
+    # so transformers masks attention block-diagonally (the common case; False: one sequence a block).
+    packed: bool = True
 
 
 # ----------------------------------------------------------------------------- frozen weights
@@ -94,15 +108,20 @@ def weight_bytes(arch: Architecture, bits: int, compute_bytes: int) -> dict[str,
     return {"weights_linear": quantized, "weights_float": floating}
 
 
-def checkpoint_page_bytes(arch: Architecture, bits: int, compute_dtype: str) -> int:
-    """Pages of the memory-mapped checkpoint that stay resident after loading a 4/8-bit model.
+def checkpoint_page_bytes(arch: Architecture, bits: int, compute_dtype: str, prequantized: bool = True) -> int:
+    """Pages of the 16-bit checkpoint that stay resident while a 4/8-bit model trains on CPU.
 
-    transformers reads safetensors through mmap; a float tensor whose dtype already matches the
-    compute dtype (embeddings, norms) is used in place, which keeps the file mapped, and the
-    linear weights read for quantization stay in the resident set with it (measured with
-    /proc/self/smaps_rollup: Pss_File). They are clean page cache, reclaimable under pressure,
-    but a resident-set watchdog counts them. With a dtype conversion nothing maps the file."""
-    if bits == 16 or arch.checkpoint_dtype != compute_dtype:
+    Pre-quantized (how lorasp_edge.models loads a 4/8-bit base on CPU: quantized once into the
+    cache by lorasp_edge.prequantize, or a `lorasp-edge quantize` folder): nothing 16-bit is read,
+    so nothing is mapped: 0.
+    Quantized on the fly (transformers' load_in_4bit/8bit from the 16-bit file, `prequantized`
+    False) they still count: transformers reads safetensors through mmap; a float tensor whose
+    dtype already matches the compute dtype (embeddings, norms) is used in place, which keeps the
+    file mapped, and the linear weights read for quantization stay resident with it (measured with
+    /proc/self/smaps_rollup: Pss_File). They are clean pages, but the kernel drops them only under
+    pressure, and the in-place tensors are read every step, so dropping them turns into re-reads
+    from disk each step: the budget keeps them. With a dtype conversion nothing maps the file."""
+    if prequantized or bits == 16 or arch.checkpoint_dtype != compute_dtype:
         return 0
     return arch.parameters()["linear"] * DTYPE_BYTES.get(arch.checkpoint_dtype, 4)
 
@@ -126,7 +145,7 @@ def adapted_linears(arch: Architecture, target_modules: tuple[str, ...]) -> list
     return [linear for linear in arch.linears() if linear.name in target_modules]
 
 
-def lora_entries(arch: Architecture, setting: Setting) -> tuple[int, int]:
+def lora_entries(arch: Architecture, setting: Candidate) -> tuple[int, int]:
     """(all LoRA entries, trainable entries): A is r x d_in, B is d_out x r (Hu et al. 2021,
     arXiv 2106.09685, Sec. 4.1); LoRA-SP freezes round(ratio * numel) of each matrix
     (Wu et al. 2024, arXiv 2403.08822; lorasp_edge.train.masks.frozen_count)."""
@@ -138,7 +157,7 @@ def lora_entries(arch: Architecture, setting: Setting) -> tuple[int, int]:
     return total * setting.adapted_layers, trainable * setting.adapted_layers
 
 
-def lora_state_bytes(arch: Architecture, setting: Setting) -> dict[str, int]:
+def lora_state_bytes(arch: Architecture, setting: Candidate) -> dict[str, int]:
     """fp32 LoRA weights and full-size fp32 gradients (frozen entries' gradients are zeroed, not
     dropped), one bool mask byte per entry (adapter._set_trainable_mask), and AdamW m and v in fp32
     for trainable entries only (optim.MaskedAdamW; Loshchilov & Hutter 2019, Alg. 2).
@@ -162,16 +181,13 @@ def lora_state_bytes(arch: Architecture, setting: Setting) -> dict[str, int]:
 
 
 def _linear_groups(arch: Architecture) -> list[tuple[int, list[str]]]:
-    """(input width, linears reading that same input tensor) in forward order."""
-    h, i, q = arch.hidden_size, arch.intermediate_size, arch.q_size
-    if arch.model_type == "gpt2":
-        return [(h, ["c_attn"]), (h, ["c_proj"]), (h, ["c_fc"]), (i, ["c_proj"])]
-    if arch.model_type == "phi3":
-        return [(h, ["qkv_proj"]), (q, ["o_proj"]), (h, ["gate_up_proj"]), (i, ["down_proj"])]
-    return [(h, ["q_proj", "k_proj", "v_proj"]), (q, ["o_proj"]), (h, ["gate_proj", "up_proj"]), (i, ["down_proj"])]
+    """(input width, linears reading that same input tensor) in forward order (the family's groups)."""
+    fam = arch.family
+    sizes = (arch.hidden_size, arch.intermediate_size, arch.q_size, arch.kv_size)
+    return [(fam.width(width, *sizes), list(names)) for width, names in fam.input_groups]
 
 
-def linear_input_bytes(arch: Architecture, setting: Setting, tokens: int) -> int:
+def linear_input_bytes(arch: Architecture, setting: Candidate, tokens: int) -> int:
     """Inputs kept for the linears' backward, per layer.
 
     A frozen float linear keeps no input (autograd saves x only for the weight's gradient).
@@ -197,11 +213,15 @@ def linear_input_bytes(arch: Architecture, setting: Setting, tokens: int) -> int
     return kept
 
 
-def attention_bytes(arch: Architecture, setting: Setting) -> int:
+def attention_bytes(arch: Architecture, setting: Candidate) -> int:
     """Saved by attention, per layer.
 
-    sdpa (transformers' default; CPU flash kernel with is_causal and no mask, GQA via enable_gqa):
-    the rotated q and k, v, the output and an fp32 logsumexp per head and token.
+    sdpa (transformers' default; CPU flash kernel): the rotated q and k, v, the output and an fp32
+    logsumexp per head and token. One sequence a block: is_causal and no mask, GQA via enable_gqa.
+    Packed blocks (restarting position ids): transformers passes a block-diagonal boolean mask
+    and repeats the kv heads to H (repeat_kv), and sdpa turns the mask into a float one of the
+    query's dtype on every call, which the kernel keeps for backward: b x s x s x c per layer
+    (measured with the live-tensor check: `aten.where` (b, 1, s, s) and `clone` (b, kv, H/kv, s, d)).
     eager (Gemma 2, whose logit soft-capping sdpa cannot do): scores, their tanh cap, the fp32
     softmax and its compute-dtype copy, b x H x s x s each, plus q and the kv heads repeated to H.
     """
@@ -209,16 +229,17 @@ def attention_bytes(arch: Architecture, setting: Setting) -> int:
     b, s = setting.micro_batch, setting.seq_len
     tokens = b * s
     q, kv, heads = arch.q_size, arch.kv_size, arch.num_heads
-    if arch.model_type == "gemma2":
+    if arch.family.attention == "eager":
         square = b * heads * s * s
         return tokens * (q + 2 * q) * c + square * (2 * c + 4) + tokens * q * c
-    if arch.model_type == "phi3":
+    packed = 2 * tokens * (q - kv) * c + b * s * s * c if setting.packed else 0
+    if arch.family.fused_qkv:
         # v is a view of the fused qkv output, which therefore stays alive whole.
-        return tokens * (q + kv) * c + tokens * (q + 2 * kv) * c + tokens * q * c + 4 * b * heads * s
-    return tokens * (q + kv + kv + q) * c + 4 * b * heads * s
+        return tokens * (q + kv) * c + tokens * (q + 2 * kv) * c + tokens * q * c + 4 * b * heads * s + packed
+    return tokens * (q + kv + kv + q) * c + 4 * b * heads * s + packed
 
 
-def layer_activation_bytes(arch: Architecture, setting: Setting) -> int:
+def layer_activation_bytes(arch: Architecture, setting: Candidate) -> int:
     """Bytes autograd keeps for one adapted decoder layer without checkpointing.
 
     RMSNorm (transformers LlamaRMSNorm: x.to(fp32), pow, mean, rsqrt, mul) keeps the fp32 input
@@ -233,7 +254,7 @@ def layer_activation_bytes(arch: Architecture, setting: Setting) -> int:
     return norms + attention_bytes(arch, setting) + mlp + linear_input_bytes(arch, setting, tokens)
 
 
-def layer_backward_bytes(arch: Architecture, setting: Setting) -> int:
+def layer_backward_bytes(arch: Architecture, setting: Candidate) -> int:
     """Gradients in flight inside one layer's backward: the MLP's (d act*up, d gate, d up, T x i
     each) beside the incoming gradient of the residual stream (T x h)."""
     c = DTYPE_BYTES[setting.compute_dtype]
@@ -241,7 +262,7 @@ def layer_backward_bytes(arch: Architecture, setting: Setting) -> int:
     return 3 * tokens * arch.intermediate_size * c + 2 * tokens * arch.hidden_size * c
 
 
-def activation_bytes(arch: Architecture, setting: Setting) -> dict[str, int]:
+def activation_bytes(arch: Architecture, setting: Candidate) -> dict[str, int]:
     """Saved activations over the whole step, and the transient on top of them.
 
     Layers before the first adapted one hold nothing: no tensor there requires grad. With
@@ -256,6 +277,8 @@ def activation_bytes(arch: Architecture, setting: Setting) -> dict[str, int]:
     per_layer = layer_activation_bytes(arch, setting)
     final = 4 * tokens * h + 4 * tokens + tokens * h * c
     rope = 2 * tokens * arch.head_dim * c  # cos and sin, shared by all layers
+    if setting.packed:
+        rope += setting.micro_batch * setting.seq_len**2  # the boolean block mask, shared by all layers
     if setting.gradient_checkpointing:
         kept_8bit = n * _int8_inputs(arch, setting, tokens)
         saved = n * tokens * h * c + kept_8bit + final + rope
@@ -266,14 +289,14 @@ def activation_bytes(arch: Architecture, setting: Setting) -> dict[str, int]:
     return {"saved": saved, "recompute": recompute, "backward": layer_backward_bytes(arch, setting)}
 
 
-def _int8_inputs(arch: Architecture, setting: Setting, tokens: int) -> int:
+def _int8_inputs(arch: Architecture, setting: Candidate, tokens: int) -> int:
     if setting.quant_bits != 8:
         return 0
     c = DTYPE_BYTES[setting.compute_dtype]
     return sum(tokens * width * c for width, _ in _linear_groups(arch))
 
 
-def loss_bytes(arch: Architecture, setting: Setting) -> int:
+def loss_bytes(arch: Architecture, setting: Candidate) -> int:
     """The chunked loss (lorasp_edge.loss): lm_head + fp32 cross-entropy over `chunk` tokens at a
     time, recomputed in backward. At the chunk's backward peak three fp32 chunk x V tensors live:
     the saved log-softmax, the gradient nll_loss hands back and the gradient log-softmax makes
@@ -282,15 +305,18 @@ def loss_bytes(arch: Architecture, setting: Setting) -> int:
     return chunk * arch.vocab_size * 12
 
 
-def heap_slack_bytes(arch: Architecture, setting: Setting, live_bytes: int) -> int:
+def heap_slack_bytes(arch: Architecture, setting: Candidate, saved_bytes: int) -> int:
     """Resident memory glibc's heap holds beyond the live tensors (CPU only).
 
+    Holes the forward leaves (a share of the activations saved with grad, `saved_bytes`; more when
+    micro-batches accumulate), plus a few layers' working sets of churn at the step's peak.
     Loading a 4/8-bit model first makes a compute-dtype (LLM.int8: fp16) copy of each linear
     weight to quantize it, leaving holes the size of those copies; training reuses them, so the
     larger of the two leftovers counts, not their sum."""
     layer = layer_activation_bytes(arch, setting) + layer_backward_bytes(arch, setting)
+    holes = HEAP_HOLES_OF_FORWARD + HEAP_HOLES_OF_ACCUMULATION * (setting.grad_accum > 1)
     training = (
-        HEAP_SLACK_OF_LIVE * live_bytes
+        holes * saved_bytes
         + HEAP_SLACK_OF_LAYER * layer
         + HEAP_SLACK_OF_RECOMPUTE * layer * setting.gradient_checkpointing
         + HEAP_SLACK_BYTES
@@ -305,7 +331,7 @@ def heap_slack_bytes(arch: Architecture, setting: Setting, live_bytes: int) -> i
 # ----------------------------------------------------------------------------- the total
 
 
-def estimate(arch: Architecture, setting: Setting, device_kind: str = "cpu", unified_memory: bool = False) -> dict[str, int]:
+def estimate(arch: Architecture, setting: Candidate, device_kind: str = "cpu", unified_memory: bool = False) -> dict[str, int]:
     """Peak bytes by component, with `total_bytes`."""
     compute_bytes = DTYPE_BYTES[setting.compute_dtype]
     runtime = RUNTIME_BYTES[device_kind]
@@ -324,7 +350,10 @@ def estimate(arch: Architecture, setting: Setting, device_kind: str = "cpu", uni
     layer_walk = activations["recompute"] + activations["backward"] + dequant_buffer_bytes(arch, setting.quant_bits, compute_bytes)
     parts["transient"] = max(loss_bytes(arch, setting), layer_walk)
     if device_kind == "cpu":
-        parts["allocator_slack"] = heap_slack_bytes(arch, setting, parts["activations"] + parts["transient"])
+        # Under checkpointing the layers' forward saves only their inputs; the recomputed layer's
+        # forward runs with grad, one at a time.
+        saved = parts["activations"] + (activations["recompute"] if setting.gradient_checkpointing else 0)
+        parts["allocator_slack"] = heap_slack_bytes(arch, setting, saved)
     parts = {key: int(value) for key, value in parts.items() if value}
     parts["total_bytes"] = sum(parts.values())
     return parts

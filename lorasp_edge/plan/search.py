@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from lorasp_edge.errors import UserError
 from lorasp_edge.plan import memory
-from lorasp_edge.plan.catalog import Architecture, ModelInfo, resolve
+from lorasp_edge.plan.catalog import Architecture, ModelInfo, model_info
 from lorasp_edge.plan.planfile import DEFAULT_HEADROOM, Plan
 from lorasp_edge.plan.profiles import Profile, load_profile
 
@@ -50,7 +50,7 @@ BITS_ORDER = (16, 8, 4)
 class NoFitError(UserError):
     """Nothing in the search space fits; carries the smallest budget that would and its setting."""
 
-    def __init__(self, message: str, needed_bytes: int, setting: memory.Setting):
+    def __init__(self, message: str, needed_bytes: int, setting: memory.Candidate):
         super().__init__(message)
         self.needed_bytes = needed_bytes
         self.setting = setting
@@ -77,13 +77,9 @@ def local_device() -> Device:
 
 
 def target_choices(arch: Architecture) -> list[tuple[str, ...]]:
-    """All linear layers; attention only; q and v (the original LoRA setting, Hu et al. 2021 Sec. 7.1)."""
-    names = arch.module_names()
-    if arch.model_type == "gpt2":
-        return [tuple(names), ("c_attn", "c_proj"), ("c_attn",)]
-    if arch.model_type == "phi3":
-        return [tuple(names), ("qkv_proj", "o_proj"), ("qkv_proj",)]
-    return [tuple(names), ("q_proj", "k_proj", "v_proj", "o_proj"), ("q_proj", "v_proj")]
+    """The family's choices: all linear layers; attention only; its original LoRA targets (q and v,
+    Hu et al. 2021 Sec. 7.1)."""
+    return [tuple(arch.module_names()) if targets is None else targets for targets in arch.family.targets]
 
 
 def layer_choices(num_layers: int) -> list[int]:
@@ -95,6 +91,13 @@ def coverage(arch: Architecture, targets: tuple[str, ...], adapted_layers: int) 
     linears = arch.linears()
     adapted = sum(linear.weight_params for linear in linears if linear.name in targets)
     return adapted / sum(linear.weight_params for linear in linears) * adapted_layers / arch.num_layers
+
+
+def loss_chunks(micro_batch: int, seq_len: int) -> list[int]:
+    """Loss chunk sizes to try, largest first. The first is the whole micro-batch's targets: the
+    trainer then takes the plain full-logits path (no chunking, no lm_head recompute)."""
+    whole = micro_batch * (seq_len - 1)
+    return [whole] + [chunk for chunk in LOSS_CHUNKS if chunk < whole]
 
 
 def _divisors_descending(n: int) -> list[int]:
@@ -115,7 +118,7 @@ def plan_training(
 
     Raises UserError for bad input and NoFitError (exit code 2) when nothing fits.
     """
-    info = resolve(model)
+    info = model_info(model)
     arch = info.architecture
     if isinstance(profile, str):
         profile = load_profile(profile)
@@ -134,12 +137,20 @@ def plan_training(
     per_rank_batch = batch // world_size
 
     def setting(bits, targets, layers, rank, checkpointing, micro_batch, chunk):
-        return memory.Setting(bits, compute_dtype, rank, targets, layers, checkpointing, micro_batch, seq_len, chunk, world_size=world_size)
+        return memory.Candidate(bits, compute_dtype, rank, targets, layers, checkpointing, micro_batch, seq_len, chunk, world_size=world_size,
+                              grad_accum=per_rank_batch // micro_batch)
 
-    def total(s: memory.Setting) -> int:
+    def total(s: memory.Candidate) -> int:
         return memory.estimate(arch, s, device.kind, device.unified_memory)["total_bytes"]
 
     bits_allowed = [b for b in BITS_ORDER if b in device.quant_bits]
+    from lorasp_edge.prequantize import prequantized_bits
+
+    stored_bits = prequantized_bits(info.path) if info.path else None
+    if stored_bits is not None:  # a pre-quantized folder (lorasp-edge quantize) trains at its own bits
+        if stored_bits not in bits_allowed:
+            raise UserError(f"model '{model}' is pre-quantized to {stored_bits}-bit, which this device does not run")
+        bits_allowed = [stored_bits]
     candidates = []
     for targets in target_choices(arch):
         for layers in layer_choices(arch.num_layers):
@@ -149,7 +160,7 @@ def plan_training(
                     candidates.append((key, bits, targets, layers, rank))
     candidates.sort(key=lambda c: c[0], reverse=True)
 
-    speed_options = [(ckpt, mb, chunk) for ckpt in (False, True) for mb in _divisors_descending(per_rank_batch) for chunk in LOSS_CHUNKS]
+    speed_options = [(ckpt, mb, chunk) for ckpt in (False, True) for mb in _divisors_descending(per_rank_batch) for chunk in loss_chunks(mb, seq_len)]
     smallest = min(speed_options, key=lambda o: (not o[0], o[1], o[2]))  # checkpointing, micro-batch 1, smallest chunk
     for key, bits, targets, layers, rank in candidates:
         if total(setting(bits, targets, layers, rank, *smallest)) > usable:
@@ -194,16 +205,16 @@ def _check_request(arch: Architecture, budget_bytes, seq_len, batch, world_size,
         raise UserError("; ".join(problems))
 
 
-def plan_for_setting(model: str | None, setting: memory.Setting, device: Device, budget_bytes: int | None = None, grad_accum: int = 1) -> Plan:
+def plan_for_setting(model: str | None, setting: memory.Candidate, device: Device, budget_bytes: int | None = None, grad_accum: int = 1) -> Plan:
     """The plan file for one given setting, without searching (validation and tests use it)."""
-    info = resolve(model)
+    info = model_info(model)
     arch = info.architecture
     key = (round(coverage(arch, setting.target_modules, setting.adapted_layers), 6), -BITS_ORDER.index(setting.quant_bits), setting.rank)
     budget = budget_bytes if budget_bytes is not None else memory.estimate(arch, setting, device.kind, device.unified_memory)["total_bytes"]
     return _make_plan(info, arch, setting, budget, DEFAULT_HEADROOM, device, None, setting.micro_batch * grad_accum, key)
 
 
-def _make_plan(info: ModelInfo, arch, s: memory.Setting, budget_bytes, headroom, device, profile, per_rank_batch, key) -> Plan:
+def _make_plan(info: ModelInfo, arch, s: memory.Candidate, budget_bytes, headroom, device, profile, per_rank_batch, key) -> Plan:
     parts = memory.estimate(arch, s, device.kind, device.unified_memory)
     return Plan(
         model={
@@ -239,7 +250,7 @@ def _make_plan(info: ModelInfo, arch, s: memory.Setting, budget_bytes, headroom,
 # ---------------------------------------------------------------------------------- reporting
 
 
-def describe_setting(s: memory.Setting, arch: Architecture) -> str:
+def describe_setting(s: memory.Candidate, arch: Architecture) -> str:
     layers = "all layers" if s.adapted_layers == arch.num_layers else f"the last {s.adapted_layers} of {arch.num_layers} layers"
     return (
         f"{s.quant_bits}-bit base, rank {s.rank}, {','.join(s.target_modules)} on {layers}, "

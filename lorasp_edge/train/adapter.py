@@ -1,29 +1,32 @@
-"""The LoRA-SP adapter: PEFT's LoRA plus per-matrix freezing masks.
+"""The LoRA-SP adapter: PEFT's LoRA with a fixed share of each LoRA matrix frozen.
 
 For every adapted linear layer with frozen base weight W0 (d_out x d_in):
 
     y = W0 x + (alpha / r) * B (A x)          A: r x d_in (Kaiming-uniform), B: d_out x r (zeros)
-    trainable(A) = ~M_A,  trainable(B) = ~M_B  (masks: lorasp_edge.masks)
+    trainable(A) = ~M_A,  trainable(B) = ~M_B  (masks: lorasp_edge.train.masks)
 
 PEFT does the injection (float, bitsandbytes 8-bit and 4-bit bases, GPT-2's Conv1D), the forward
-and the on-disk format. LoRA-SP adds, in one place (`_attach_masks`):
-- a non-persistent bool buffer `lorasp_trainable` on each `lora_A` / `lora_B` Linear;
-- a gradient hook that zeroes the frozen entries' gradient, so clipping, logging and the
-  data-parallel all-reduce see trainable entries only (one masked select per LoRA matrix per
-  backward: negligible beside the base matmuls);
-and `lorasp_edge.train.optim.MaskedAdamW`, which keeps AdamW state for trainable entries only and never
-writes a frozen entry, so frozen entries keep their value bit for bit.
+and the on-disk format. LoRA-SP then moves every LoRA matrix into one `LoRASPStore`
+(lorasp_edge.train.flat): the frozen entries in a buffer, the trainable entries in ONE flat
+nn.Parameter, rebuilt into the matrices once per forward. The optimizer is a stock torch AdamW over
+that parameter (lorasp_edge.train.optim), so state, gradients and the all-reduce cover the trainable
+half only, and a frozen entry, having no gradient, keeps its value bit for bit.
 
-Adapter folder: PEFT's `adapter_config.json` + `adapter_model.safetensors` (so
-`PeftModel.from_pretrained(base, dir)` works without lorasp-edge), plus `lorasp.json` (ratio,
-seed, schedule, base, plan summary) and `lorasp_masks.safetensors` (bit-packed frozen masks).
+Adapter folder: PEFT's `adapter_config.json` + `adapter_model.safetensors` with the whole A/B
+matrices (so `PeftModel.from_pretrained(base, dir)` works without lorasp-edge), plus `lorasp.json`
+(ratio, seed, schedule, base, plan summary, the masks' sha256) and `lorasp_masks.safetensors`
+(bit-packed frozen masks). On load the stored masks are the truth: the hash guards their
+integrity; a disagreement with today's mask generator is only a warning, since torch does not
+promise the same random stream across releases.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,6 +36,7 @@ from torch import nn
 from lorasp_edge.errors import AdapterError
 from lorasp_edge.files import fsync_file, replace_dir
 from lorasp_edge.train import masks as masklib
+from lorasp_edge.train.flat import LoRASPLinear, LoRASPStore
 
 ADAPTER_NAME = "default"
 LORASP_FILE = "lorasp.json"
@@ -40,6 +44,11 @@ MASKS_FILE = "lorasp_masks.safetensors"
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 FORMAT = "lorasp-edge/1"
+STORE_NAME = "lorasp_store"  # on the PeftModel; has no "lora_" in it, so PEFT never saves it
+
+
+class MaskGeneratorWarning(UserWarning):
+    """The stored masks differ from what this version's generator draws for the recorded seed."""
 
 
 @dataclass
@@ -94,7 +103,8 @@ def apply_lorasp(model: nn.Module, config: LoRASPConfig):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         peft_model = get_peft_model(model, lora_config)
-    _attach_masks(peft_model, config, draw=0)
+    masks = {(name, part): ~_draw(config, name, part, linear.weight.shape, 0) for name, part, linear in lora_matrices(peft_model)}
+    _build_store(peft_model, masks, requires_grad=True)
     peft_model.lorasp_config = config
     return peft_model
 
@@ -131,41 +141,52 @@ def lora_matrices(peft_model) -> list[tuple[str, str, nn.Linear]]:
     return found
 
 
-def _attach_masks(peft_model, config: LoRASPConfig, draw: int) -> None:
-    for name, part, linear in lora_matrices(peft_model):
-        frozen = masklib.draw_frozen_mask(linear.weight.shape, config.ratio, config.seed, name, part, draw)
-        _set_trainable_mask(linear, ~frozen)
+def _draw(config: LoRASPConfig, name: str, part: str, shape, draw: int) -> torch.Tensor:
+    return masklib.draw_frozen_mask(shape, config.ratio, config.seed, name, part, draw)
 
 
-def _set_trainable_mask(linear: nn.Linear, trainable: torch.Tensor) -> None:
-    trainable = trainable.to(linear.weight.device)
-    if hasattr(linear, "lorasp_trainable"):
-        # In place: the optimizer and the gradient hook hold this very tensor.
-        linear.lorasp_trainable.copy_(trainable)
-        return
-    linear.register_buffer("lorasp_trainable", trainable, persistent=False)
-    if linear.weight.requires_grad:
-        linear.weight.register_hook(lambda grad, linear=linear: grad * linear.lorasp_trainable)
+def _build_store(peft_model, trainable: dict[tuple[str, str], torch.Tensor], requires_grad: bool) -> None:
+    """Move every LoRA matrix into one LoRASPStore (trainable: bool mask per (layer, part))."""
+    matrices = lora_matrices(peft_model)
+    weights = [linear.weight.detach() for _, _, linear in matrices]
+    store = LoRASPStore(weights, [trainable[(name, part)] for name, part, _ in matrices], requires_grad=requires_grad)
+    for slot, (_, _, linear) in enumerate(matrices):
+        LoRASPLinear.adopt(linear, store, slot)
+    setattr(peft_model, STORE_NAME, store)
+    # Rebuild before the decoder layers run, outside any checkpointed layer.
+    peft_model.get_base_model().base_model.register_forward_pre_hook(store.pre_forward)
+
+
+def lorasp_store(peft_model) -> LoRASPStore:
+    return getattr(peft_model, STORE_NAME)
+
+
+def trainable_parameters(peft_model) -> list[nn.Parameter]:
+    """What the optimizer steps: the one flat parameter holding every trainable LoRA-SP entry."""
+    return [lorasp_store(peft_model).values]
 
 
 def redraw_masks(peft_model, draw: int) -> None:
-    """Redraw every mask (the every-K-steps schedule). Frozen entries keep their current values;
-    the optimizer must drop its state (`MaskedAdamW.reset_state`), since it indexes trainable entries."""
-    _attach_masks(peft_model, peft_model.lorasp_config, draw)
+    """Redraw every mask (the every-K-steps schedule). Every entry keeps its current value; the
+    optimizer must drop its state (`LoRASPAdamW.reset_state`): its entries now mean other positions."""
+    config = peft_model.lorasp_config
+    masks = [~_draw(config, name, part, linear.weight.shape, draw) for name, part, linear in lora_matrices(peft_model)]
+    lorasp_store(peft_model).set_masks(masks)
     peft_model.lorasp_draw = draw
 
 
-def trainable_masks(peft_model) -> dict[nn.Parameter, torch.Tensor]:
-    """Each LoRA parameter and its bool trainable mask (the optimizer's view)."""
-    return {linear.weight: linear.lorasp_trainable for _, _, linear in lora_matrices(peft_model)}
+def set_lora_matrices(peft_model, matrices: dict[str, torch.Tensor]) -> None:
+    """Write whole A/B matrices (keys '<layer>.lora_A' / '<layer>.lora_B', as checkpoints hold them)."""
+    store = lorasp_store(peft_model)
+    for slot, (name, part, _) in enumerate(lora_matrices(peft_model)):
+        store.set_matrix(slot, matrices[f"{name}.lora_{part}"])
 
 
 def count_parameters(peft_model) -> dict[str, int]:
     """lora: all LoRA entries; trainable: those LoRA-SP trains; frozen_lora: the rest; base: base model."""
-    lora = sum(linear.weight.numel() for _, _, linear in lora_matrices(peft_model))
-    trainable = sum(int(mask.sum()) for mask in trainable_masks(peft_model).values())
-    lora_ids = {id(linear.weight) for _, _, linear in lora_matrices(peft_model)}
-    base = sum(_numel(p) for p in peft_model.parameters() if id(p) not in lora_ids)
+    store = lorasp_store(peft_model)
+    lora, trainable = sum(store.sizes), store.values.numel()
+    base = sum(_numel(p) for p in peft_model.parameters() if p is not store.values)
     return {"lora": lora, "trainable": trainable, "frozen_lora": lora - trainable, "base": base}
 
 
@@ -193,6 +214,7 @@ def save_adapter(peft_model, out_dir: str | Path, info: dict | None = None) -> P
         record = {
             "format": FORMAT,
             **asdict(config),
+            "masks_sha256": masks_digest(packed),
             "base_fingerprint": base_fingerprint(peft_model.get_base_model()),
             "draw": getattr(peft_model, "lorasp_draw", 0),
             "schedule": "redraw every %d steps" % config.redraw_every if config.redraw_every else "fixed",
@@ -207,12 +229,18 @@ def save_adapter(peft_model, out_dir: str | Path, info: dict | None = None) -> P
     return out_dir
 
 
+def masks_digest(packed: dict[str, torch.Tensor]) -> str:
+    """sha256 over the packed masks, by key: independent of how the safetensors file lays them out."""
+    digest = hashlib.sha256()
+    for key in sorted(packed):
+        digest.update(key.encode() + b"\0" + packed[key].contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def base_fingerprint(model: nn.Module) -> str:
     """A short hash that tells base models apart even when their shapes agree: the model type and
     shape fields plus a corner of the input embeddings (which stay float in 4/8-bit bases), rounded
     to bf16 so a float32 and a bfloat16 load of the same weights agree."""
-    import hashlib
-
     config = model.config
     fields = [getattr(config, key, None) for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")]
     corner = model.get_input_embeddings().weight.detach()[:64, :16].to("cpu", torch.bfloat16).contiguous()
@@ -278,20 +306,39 @@ def load_adapter(base_model: nn.Module, adapter_dir: str | Path, trainable: bool
             f"(base '{info.get('base_model', '?')}', fingerprint {expected}; this base: {base_fingerprint(base_model)})"
         )
 
+    masks_path = adapter_dir / MASKS_FILE
+    recorded = info.get("masks_sha256")
+    if recorded is not None and recorded != masks_digest(packed_masks):
+        raise AdapterError(f"{masks_path}: the masks do not match the sha256 recorded in {LORASP_FILE} (altered or corrupt)")
+
     disable_bnb_cpu_repack(base_model)
     peft_model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=trainable)
     config = LoRASPConfig(**{key: info[key] for key in LoRASPConfig.__dataclass_fields__ if key in info})
     peft_model.lorasp_config = config
     peft_model.lorasp_draw = int(info.get("draw", 0))
+    masks, differing = {}, []
     for name, part, linear in lora_matrices(peft_model):
         key = f"{name}.lora_{part}"
         if key not in packed_masks:
-            raise AdapterError(f"{adapter_dir / MASKS_FILE}: no mask for {key}")
-        frozen = masklib.unpack(packed_masks[key], linear.weight.shape)
-        expected = masklib.draw_frozen_mask(linear.weight.shape, config.ratio, config.seed, name, part, peft_model.lorasp_draw)
-        if not torch.equal(frozen, expected):
-            raise AdapterError(f"{adapter_dir / MASKS_FILE}: mask {key} does not match seed {config.seed} and ratio {config.ratio}")
-        _set_trainable_mask(linear, ~frozen)
+            raise AdapterError(f"{masks_path}: no mask for {key}")
+        shape = linear.weight.shape
+        if packed_masks[key].numel() != (shape.numel() + 7) // 8:
+            raise AdapterError(f"{masks_path}: mask {key} has {packed_masks[key].numel()} bytes, a {tuple(shape)} matrix needs {(shape.numel() + 7) // 8}")
+        frozen = masklib.unpack(packed_masks[key], shape)
+        if recorded is None and int(frozen.sum()) != masklib.frozen_count(shape.numel(), config.ratio):
+            # Adapters written before the hash: the frozen count is the integrity check left.
+            raise AdapterError(f"{masks_path}: mask {key} freezes {int(frozen.sum())} entries, ratio {config.ratio} means {masklib.frozen_count(shape.numel(), config.ratio)}")
+        if not torch.equal(frozen, _draw(config, name, part, shape, peft_model.lorasp_draw)):
+            differing.append(key)
+        masks[(name, part)] = ~frozen
+    if differing:
+        warnings.warn(
+            f"{masks_path}: {len(differing)} stored mask(s) differ from what this version draws for seed {config.seed} "
+            f"(first: {differing[0]}); the stored masks are used",
+            MaskGeneratorWarning,
+            stacklevel=2,
+        )
+    _build_store(peft_model, masks, requires_grad=trainable)
     return peft_model
 
 
@@ -326,16 +373,3 @@ def _linear_shape(layer: nn.Module, fan_in_fan_out: bool) -> tuple[int, int]:
     if weight is None or weight.dim() != 2:
         raise AdapterError(f"adapter targets '{type(layer).__name__}', which is not a linear layer")
     return (weight.shape[0], weight.shape[1]) if fan_in_fan_out else (weight.shape[1], weight.shape[0])
-
-
-# ------------------------------------------------------------------------------------- merge
-
-
-
-
-
-
-
-
-
-

@@ -45,6 +45,15 @@ class World:
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         timeout_s = float(os.environ.get("LORASP_EDGE_DIST_TIMEOUT", "300"))
         if device.type == "cuda":
+            gpus = torch.cuda.device_count()
+            if local_rank >= gpus:
+                # Each rank takes its own GPU (cuda:LOCAL_RANK); sharing one would need NCCL to run two
+                # ranks on a device, which it refuses. Stop every rank with a line rather than a CUDA error.
+                local_size = os.environ.get("LOCAL_WORLD_SIZE", "?")
+                raise UserError(
+                    f"rank {rank} of {size}: {local_size} processes on this node but {gpus} GPU(s); each rank needs its own: "
+                    f"use --nproc-per-node {max(gpus, 1)} or fewer (or --device cpu)"
+                )
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
         if not dist.is_initialized():

@@ -1,8 +1,10 @@
 """A training job: from files and flags to a finished adapter.
 
     plan      --plan file, or the checkpoint's plan on --resume, or planned here from --mem
-    parts     tokenizer, base + LoRA-SP (build_model), MaskedAdamW, warmup+cosine, data stream
-    resume    checkpoint -> weights, optimizer, scheduler, data position, RNG
+    checks    data: malformed lines, too short, no target at this seq_len (before the model loads)
+    parts     tokenizer, base + LoRA-SP (build_model), AdamW, warmup+cosine, shuffled data stream
+    resume    checkpoint -> weights, optimizer, scheduler, data position, RNG; changed flags are
+              applied with a note or refused (resume.py); another base model (fingerprint) refused
     loop      Trainer.run under the memory guard
     outputs   adapter/, plan.json, metrics.jsonl, loss.png, summary.json
 
@@ -26,7 +28,14 @@ from lorasp_edge.models import load_tokenizer
 from lorasp_edge.plan.planfile import Plan
 from lorasp_edge.plan.search import plan_training
 from lorasp_edge.train import checkpoint as ckpt
-from lorasp_edge.train.data import PackedStream, estimate_blocks, eval_batches
+from lorasp_edge.train import resume as contract
+from lorasp_edge.train.adapter import base_fingerprint
+from lorasp_edge.train.data import (
+    PackedStream,
+    check_targets,
+    estimate_blocks,
+    eval_batches,
+)
 from lorasp_edge.train.distributed import World
 from lorasp_edge.train.guard import MemoryGuard
 from lorasp_edge.train.loop import (
@@ -52,14 +61,16 @@ class TrainRequest:
     resume: bool = False
     device: str | None = None
     settings: TrainSettings = field(default_factory=TrainSettings)
+    given: frozenset[str] | None = field(default=None, metadata={"help": "settings fields set by the user (None: all)"})
 
 
-def run_training(request: TrainRequest, progress: bool = True) -> dict:
+def run_training(request: TrainRequest, progress: bool = True, note=None) -> dict:
+    """Train as `request` says; `note(line)` is told each change a --resume applies (also in the summary)."""
     _check_request(request)
     device = torch.device(request.device) if request.device else default_device()
     world = World.from_env(device)
     try:
-        return _run(request, world, progress)
+        return _train(request, world, progress, note or (lambda line: None))
     except torch.distributed.DistError as error:
         # A rank died or hung: every wait is bounded by the process group's timeout.
         raise UserError(f"rank {world.rank} of {world.size}: lost contact with another rank ({str(error).strip().splitlines()[0][:200]})") from None
@@ -81,10 +92,12 @@ def _check_request(request: TrainRequest) -> None:
         raise UserError("; ".join(problems))
 
 
-def _resolve_plan(request: TrainRequest, world: World, record: dict | None) -> tuple[Plan, TrainSettings]:
+def _resolve_plan(request: TrainRequest, world: World, record: dict | None) -> tuple[Plan, TrainSettings, list[str]]:
     if record is not None:
-        # A resumed run continues under exactly the plan and settings it started with.
-        return Plan.from_dict(record["plan"]), TrainSettings(**record["settings"])
+        saved = TrainSettings.from_record(record["settings"])
+        plan, plan_notes = contract.resume_plan(Plan.from_dict(record["plan"]), request)
+        settings, notes = contract.resume_settings(saved, request.settings, request.given)
+        return plan, settings, plan_notes + notes
     if request.plan is not None:
         plan = Plan.from_json(request.plan)
     else:
@@ -98,7 +111,7 @@ def _resolve_plan(request: TrainRequest, world: World, record: dict | None) -> t
         )
     if plan.world_size != world.size:
         raise UserError(f"the plan is for {plan.world_size} rank(s) but {world.size} are running: plan with --world-size {world.size}")
-    return plan, request.settings
+    return plan, request.settings, []
 
 
 def _free_memory_bytes(world: World) -> int:
@@ -111,11 +124,13 @@ def _free_memory_bytes(world: World) -> int:
     return int(psutil.virtual_memory().available // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
-def _run(request: TrainRequest, world: World, progress: bool) -> dict:
+def _train(request: TrainRequest, world: World, progress: bool, note) -> dict:
     out = Path(request.out)
     checkpoint_path = out / ckpt.CHECKPOINT_FILE
     record = ckpt.load_checkpoint(checkpoint_path) if request.resume else None
-    plan, settings = _resolve_plan(request, world, record)
+    if record is not None:
+        contract.check_data(record, request.data, world.rank)
+    plan, settings, notes = _resolve_plan(request, world, record)
     model_name = request.model or plan.model["name"]
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -123,12 +138,16 @@ def _run(request: TrainRequest, world: World, progress: bool) -> dict:
         _write_json(out / "plan.json", plan.to_dict())
 
     tokenizer = load_tokenizer(model_name)
-    # Malformed or too-short data is reported before the (slow) model load, not after it.
+    # Malformed, too-short or target-less data is reported before the (slow) model load, not after it.
+    check_targets(request.data, tokenizer, plan.seq_len, skip_bad_lines=settings.skip_bad_lines)
     probe = PackedStream(request.data, tokenizer, plan.seq_len, skip_bad_lines=settings.skip_bad_lines, rank=world.rank, world_size=world.size)
     probe.next_batch(plan.micro_batch)
     probe.close()
     torch.manual_seed(settings.seed)
     model = build_model(plan, model_name, device=world.device, seed=settings.seed, redraw_every=settings.redraw_every)
+    fingerprint = base_fingerprint(model.get_base_model())
+    if record is not None and (base_note := contract.check_base(record, fingerprint, model_name)):
+        notes.append(base_note)
     optimizer = build_optimizer(model, lr=settings.lr, weight_decay=settings.weight_decay)
     blocks_per_step = plan.micro_batch * plan.grad_accum * world.size
     if settings.steps is not None:
@@ -137,26 +156,40 @@ def _run(request: TrainRequest, world: World, progress: bool) -> dict:
         epochs = settings.epochs or 1.0
         total_steps = max(1, math.ceil(estimate_blocks(request.data, tokenizer, plan.seq_len) * epochs / blocks_per_step))
         epochs = math.ceil(epochs)
+    saved_settings = TrainSettings.from_record(record["settings"]) if record is not None else None
+    if record is not None:
+        if not contract.schedule_changed(saved_settings, settings, request.given):
+            total_steps = record["total_steps"]
+        elif total_steps < record["step"]:
+            raise UserError(f"cannot resume with {total_steps} steps in all: the run is already at step {record['step']}")
+        elif total_steps != record["total_steps"]:
+            notes.append(f"steps {record['total_steps']} -> {total_steps}: warmup + cosine now end at step {total_steps}")
     warmup = settings.warmup_steps if settings.warmup_steps is not None else min(100, max(1, total_steps // 20))
     scheduler = build_scheduler(optimizer, total_steps, warmup, settings.min_lr_ratio)
     stream = PackedStream(
-        request.data, tokenizer, plan.seq_len, skip_bad_lines=settings.skip_bad_lines, rank=world.rank, world_size=world.size, epochs=epochs
+        request.data, tokenizer, plan.seq_len, skip_bad_lines=settings.skip_bad_lines, rank=world.rank, world_size=world.size,
+        epochs=epochs, shuffle_buffer=settings.shuffle_buffer, seed=settings.seed,
     )
     held_out = None
     if request.eval_data is not None:
         held_out = eval_batches(request.eval_data, tokenizer, plan.seq_len, plan.micro_batch, max_blocks=settings.eval_blocks)
     guard = MemoryGuard(plan.budget_bytes, plan.memory.get("total_bytes"), device=world.device)
     trainer = Trainer(
-        model, optimizer, scheduler, stream, plan, settings, out, total_steps, world=world, eval_batches=held_out, guard=guard, progress=progress
+        model, optimizer, scheduler, stream, plan, settings, out, total_steps, world=world, eval_batches=held_out, guard=guard,
+        progress=progress, base_fingerprint=fingerprint,
     )
     if record is not None:
         trainer.load_checkpoint(record)
-        total_steps = record["total_steps"]
-        trainer.total_steps = total_steps
+        if notes:
+            _apply_changed_settings(optimizer, scheduler, settings, trainer.step)
+            if world.is_main:
+                for line in notes:
+                    note(line)
 
     with guard:
         summary = trainer.run()
     summary["bad_lines"] = getattr(stream, "bad_lines", 0)
+    summary["resume_notes"] = notes
     if summary["stopped"] in ("SIGINT", "SIGTERM"):
         return {**summary, "out": str(out)}
 
@@ -187,13 +220,22 @@ def _run(request: TrainRequest, world: World, progress: bool) -> dict:
     return summary
 
 
+def _apply_changed_settings(optimizer, scheduler, settings: TrainSettings, step: int) -> None:
+    """After a resume that changed settings: the optimizer's groups carry the saved lr and weight
+    decay, so set them from the (possibly new) lr, schedule and decay, at the current step."""
+    scheduler.base_lrs = [settings.lr for _ in optimizer.param_groups]
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = settings.lr
+        group["lr"] = settings.lr * factor(step)
+        group["weight_decay"] = settings.weight_decay
+
+
 def _last_loss(metrics_path: Path) -> float | None:
-    last = None
-    if metrics_path.exists():
-        for line in metrics_path.read_text().splitlines():
-            if line.strip():
-                last = json.loads(line)["loss"]
-    return last
+    """The last logged loss of a step that was not skipped."""
+    from lorasp_edge.train.report import read_metrics
+
+    losses = [record["loss"] for record in read_metrics(metrics_path) if record.get("loss") is not None and not record.get("skipped")]
+    return losses[-1] if losses else None
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -4,18 +4,27 @@ One optimizer step:
 
     schedule     lr for this step (linear warmup, then cosine to min_lr_ratio * lr)
     micro-steps  grad_accum micro-batches, each loss = summed CE / valid targets in the whole step
-    clip         global norm over trainable entries (frozen entries' gradients are zero)
-    step         MaskedAdamW: trainable entries only
+    check        no targets, or a non-finite loss or gradient norm: skip (step.py), log, count
+    clip         global norm over trainable entries (frozen entries carry no gradient)
+    step         torch AdamW over the one flat parameter of trainable entries (LoRASPAdamW)
     log          loss, lr, grad norm, tokens/s, peak memory -> metrics.jsonl and the progress bar
     eval         every eval_every steps when eval data is given
     save         checkpoint every save_every steps, on SIGINT/SIGTERM, over budget, and at the end
 
+Stops that leave a usable checkpoint: max_nonfinite_steps non-finite steps in a row (exit 5; the
+skipped steps never touched the weights, so the checkpoint holds the last good ones), the memory
+guard or an out-of-memory error in a step (exit 3; the checkpoint is taken before the failed step).
+
 Rank-aware from the start: under torchrun each rank reads its own packed blocks, gradients are
 averaged by DDP, rank 0 alone writes files and prints.
+
+A little over 400 lines: the Trainer and its checkpoint record stay in one module because the
+record is the loop's state, field for field (the step itself is in step.py).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import signal
@@ -25,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from lorasp_edge.errors import OverBudgetError, UserError
+from lorasp_edge.errors import NonFiniteError, OverBudgetError, UserError
 from lorasp_edge.models import load_model
 from lorasp_edge.train import checkpoint as ckpt
 from lorasp_edge.train.adapter import (
@@ -34,18 +43,27 @@ from lorasp_edge.train.adapter import (
     lora_matrices,
     redraw_masks,
     save_adapter,
-    trainable_masks,
+    set_lora_matrices,
+    trainable_parameters,
 )
 from lorasp_edge.train.distributed import World
 from lorasp_edge.train.guard import MemoryGuard
-from lorasp_edge.train.loss import ChunkedCausalLMLoss, valid_targets
-from lorasp_edge.train.optim import MaskedAdamW
+from lorasp_edge.train.loss import ChunkedCausalLMLoss
+from lorasp_edge.train.optim import LoRASPAdamW
 from lorasp_edge.train.settings import DEFAULT_LR, TrainSettings
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-
+from lorasp_edge.train.step import (  # noqa: F401 (train_step, evaluate, autocast: the loop's public step API)
+    DTYPES,
+    FP16_OVERFLOW,
+    NO_TARGETS,
+    NONFINITE,
+    NONFINITE_GRAD,
+    NONFINITE_LOSS,
+    PartialStepError,
+    autocast,
+    evaluate,
+    make_scaler,
+    train_step,
+)
 
 # ------------------------------------------------------------------------------ the parts
 
@@ -82,8 +100,8 @@ def build_model(plan, model_name: str, device: torch.device | str | None = None,
     return peft_model
 
 
-def build_optimizer(model, lr: float = DEFAULT_LR, weight_decay: float = 0.0) -> MaskedAdamW:
-    return MaskedAdamW(trainable_masks(model), lr=lr, weight_decay=weight_decay)
+def build_optimizer(model, lr: float = DEFAULT_LR, weight_decay: float = 0.0) -> LoRASPAdamW:
+    return LoRASPAdamW(trainable_parameters(model), lr=lr, weight_decay=weight_decay)
 
 
 def build_scheduler(optimizer, total_steps: int, warmup_steps: int, min_lr_ratio: float):
@@ -96,65 +114,6 @@ def build_scheduler(optimizer, total_steps: int, warmup_steps: int, min_lr_ratio
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def autocast(device: torch.device, compute_dtype: torch.dtype):
-    enabled = compute_dtype != torch.float32
-    return torch.autocast(device_type=device.type, dtype=compute_dtype, enabled=enabled)
-
-
-def train_step(model, optimizer, batch, plan=None, max_grad_norm: float = 1.0, world: World | None = None,
-               compute_dtype: torch.dtype | None = None) -> dict:
-    """One optimizer step over `batch` (one micro-batch dict, or a list of them).
-
-    `model` is a ChunkedCausalLMLoss (or DDP around one), or a PeftModel that is wrapped here.
-    Gradients are clipped over the tensors `optimizer` steps. Autocast runs in `compute_dtype`,
-    else the plan's, else fp32. Returns loss (mean CE over the step's valid targets, all ranks),
-    grad_norm and tokens.
-    """
-    world = world or World.single()
-    micro_batches = batch if isinstance(batch, list) else [batch]
-    loss_module = model if isinstance(model, (ChunkedCausalLMLoss, torch.nn.parallel.DistributedDataParallel)) else ChunkedCausalLMLoss(
-        model, chunk_tokens=getattr(plan, "loss_chunk_tokens", 256)
-    )
-    inner = loss_module.module if isinstance(loss_module, torch.nn.parallel.DistributedDataParallel) else loss_module
-    device = next(inner.parameters()).device
-    if compute_dtype is None:
-        compute_dtype = DTYPES[plan.compute_dtype] if plan is not None else torch.float32
-    # The normalizer spans micro-batches and ranks, so the gradient equals one big batch's.
-    # DDP averages gradients over ranks; scaling by world size turns that average into the sum.
-    counts = torch.tensor([sum(valid_targets(mb["labels"]) for mb in micro_batches)], dtype=torch.float64)
-    normalizer = float(world.all_reduce_sum(counts)) / world.size
-    total = torch.zeros((), dtype=torch.float64)
-    for index, micro in enumerate(micro_batches):
-        input_ids, labels = micro["input_ids"].to(device), micro["labels"].to(device)
-        with world.no_sync_unless(loss_module, last=index == len(micro_batches) - 1), autocast(device, compute_dtype):
-            loss, summed = loss_module(input_ids, labels, normalizer)
-        loss.backward()
-        total += summed.double().cpu()
-    parameters = [param for group in optimizer.param_groups for param in group["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    mean_loss = float(world.all_reduce_sum(total.reshape(1))) / (normalizer * world.size)
-    tokens = sum(mb["input_ids"].numel() for mb in micro_batches) * world.size
-    return {"loss": mean_loss, "grad_norm": float(grad_norm), "tokens": tokens}
-
-
-@torch.no_grad()
-def evaluate(loss_module: ChunkedCausalLMLoss, batches: list[dict], compute_dtype: torch.dtype) -> float:
-    """Mean CE over the valid targets of `batches` (eval mode, no dropout)."""
-    device = next(loss_module.parameters()).device
-    was_training = loss_module.training
-    loss_module.eval()
-    total, count = 0.0, 0
-    for batch in batches:
-        with autocast(device, compute_dtype):
-            _, summed = loss_module(batch["input_ids"].to(device), batch["labels"].to(device), 1.0)
-        total += float(summed)
-        count += valid_targets(batch["labels"])
-    loss_module.train(was_training)
-    return total / max(count, 1)
-
-
 # ------------------------------------------------------------------------------ the loop
 
 
@@ -164,7 +123,7 @@ class Trainer:
     def __init__(
         self,
         model,
-        optimizer: MaskedAdamW,
+        optimizer: LoRASPAdamW,
         scheduler,
         stream,
         plan,
@@ -175,6 +134,7 @@ class Trainer:
         eval_batches: list[dict] | None = None,
         guard: MemoryGuard | None = None,
         progress: bool = True,
+        base_fingerprint: str | None = None,
     ):
         self.model = model  # PeftModel
         self.optimizer, self.scheduler, self.stream = optimizer, scheduler, stream
@@ -184,9 +144,14 @@ class Trainer:
         self.eval_batches = eval_batches or []
         self.guard = guard
         self.progress = progress and self.world.is_main
+        self.base_fingerprint = base_fingerprint
         self.loss_module = self.world.wrap(ChunkedCausalLMLoss(model, chunk_tokens=plan.loss_chunk_tokens))
         self.compute_dtype = DTYPES[plan.compute_dtype]
+        self.scaler = make_scaler(self.world.device, self.compute_dtype)
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
+        self.skipped = {reason: 0 for reason in (NO_TARGETS, NONFINITE_LOSS, NONFINITE_GRAD, FP16_OVERFLOW)}
+        self.nonfinite_run = 0  # non-finite steps in a row
+        self._saved_step: int | None = None
         self._stop_signal: int | None = None
 
     # -- checkpoints
@@ -195,12 +160,18 @@ class Trainer:
     def checkpoint_path(self) -> Path:
         return self.out_dir / ckpt.CHECKPOINT_FILE
 
-    def save_checkpoint(self) -> None:
-        data_states = self.world.gather_objects(self.stream.state_dict())
-        rng_states = self.world.gather_objects(ckpt.rng_state())
+    def save_checkpoint(self, data_state: dict | None = None, rng_state: dict | None = None) -> None:
+        """Write the state after self.step; data_state/rng_state override this rank's (the
+        position before a failed step)."""
+        data_states = self.world.gather_objects(data_state or self.stream.state_dict())
+        rng_states = self.world.gather_objects(rng_state or ckpt.rng_state())
         if not self.world.is_main:
+            self._saved_step = self.step
             return
         lora = {f"{name}.lora_{part}": linear.weight.detach().cpu().clone() for name, part, linear in lora_matrices(self.model)}
+        bad = [key for key, tensor in lora.items() if not torch.isfinite(tensor).all()]
+        if bad:  # the step check keeps this from happening; a checkpoint must never carry it on
+            raise NonFiniteError(f"{bad[0]} holds non-finite values at step {self.step}: not written over the last checkpoint ({self.checkpoint_path})")
         ckpt.save_checkpoint(
             self.checkpoint_path,
             {
@@ -212,13 +183,18 @@ class Trainer:
                 "draw": getattr(self.model, "lorasp_draw", 0),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "data": data_states,
                 "rng": rng_states,
                 "plan": self.plan.to_dict(),
                 "settings": asdict(self.settings),
                 "total_steps": self.total_steps,
+                "skipped": dict(self.skipped),
+                "nonfinite_run": self.nonfinite_run,
+                "base_fingerprint": self.base_fingerprint,
             },
         )
+        self._saved_step = self.step
 
     def load_checkpoint(self, record: dict) -> None:
         if record["world_size"] != self.world.size:
@@ -229,14 +205,17 @@ class Trainer:
         draw = int(record["draw"])
         if draw:
             redraw_masks(self.model, draw)
-        with torch.no_grad():
-            for name, part, linear in lora_matrices(self.model):
-                linear.weight.copy_(record["lora"][f"{name}.lora_{part}"])
+        set_lora_matrices(self.model, record["lora"])
         self.optimizer.load_state_dict(record["optimizer"])
         self.scheduler.load_state_dict(record["scheduler"])
+        if self.scaler is not None and record.get("scaler"):
+            self.scaler.load_state_dict(record["scaler"])
         self.stream.load_state_dict(record["data"][self.world.rank])
         ckpt.set_rng_state(record["rng"][self.world.rank])
         self.step, self.tokens, self.elapsed = record["step"], record["tokens"], record["elapsed"]
+        self.skipped.update(record.get("skipped", {}))
+        self.nonfinite_run = record.get("nonfinite_run", 0)
+        self._saved_step = self.step
         if self.world.is_main:
             _truncate_metrics(self.out_dir / "metrics.jsonl", self.step)
 
@@ -259,12 +238,12 @@ class Trainer:
     def run(self) -> dict:
         previous_handlers = self._install_signal_handlers()
         try:
-            return self._run()
+            return self._loop()
         finally:
             for signum, handler in previous_handlers.items():
                 signal.signal(signum, handler)
 
-    def _run(self) -> dict:
+    def _loop(self) -> dict:
         from tqdm import tqdm
 
         settings, plan = self.settings, self.plan
@@ -273,20 +252,31 @@ class Trainer:
         stopped, last_eval = None, None
         try:
             while self.step < self.total_steps:
+                # The position before this step: an out-of-memory failure checkpoints it (one process only:
+                # with several, the other ranks are inside a collective and cannot join a save).
+                before = (self.stream.state_dict(), ckpt.rng_state()) if not self.world.distributed else None
                 # micro-steps: this rank's grad_accum micro-batches (the stream may end)
                 micro_batches = [self.stream.next_batch(plan.micro_batch) for _ in range(plan.grad_accum)]
                 if self.world.any_true(any(mb is None for mb in micro_batches)):
                     stopped = "data exhausted"
                     break
                 started = time.perf_counter()
-                result = train_step(self.loss_module, self.optimizer, micro_batches, plan, settings.max_grad_norm, self.world)
-                # schedule: the lr of the next step
+                try:
+                    result = train_step(self.loss_module, self.optimizer, micro_batches, plan, settings.max_grad_norm, self.world,
+                                        scaler=self.scaler)
+                except (torch.OutOfMemoryError, MemoryError, PartialStepError) as error:
+                    self._out_of_memory(error, before)
+                # schedule: the lr of the next step (a skipped step still takes its place in the schedule)
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.scheduler.step()
                 self.step += 1
                 step_seconds = time.perf_counter() - started
                 self.elapsed += step_seconds
                 self.tokens += result["tokens"]
+                skipped = result["skipped"]
+                if skipped:
+                    self.skipped[skipped] += 1
+                self.nonfinite_run = self.nonfinite_run + 1 if skipped in NONFINITE else 0 if skipped is None else self.nonfinite_run
                 if settings.redraw_every and self.step % settings.redraw_every == 0 and self.step < self.total_steps:
                     redraw_masks(self.model, self.step // settings.redraw_every)
                     self.optimizer.reset_state()
@@ -301,6 +291,8 @@ class Trainer:
                     "peak_rss_bytes": self.guard.peak_bytes() if self.guard else None,
                     "elapsed_s": round(self.elapsed, 3),
                 }
+                if skipped:
+                    record["skipped"] = skipped
                 # eval
                 if self.eval_batches and settings.eval_every and self.step % settings.eval_every == 0:
                     record["eval_loss"] = last_eval = evaluate(self.loss_module_inner, self.eval_batches, self.compute_dtype)
@@ -308,18 +300,22 @@ class Trainer:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
                 bar.set_postfix(
-                    loss=f"{result['loss']:.4f}",
+                    loss=f"{result['loss']:.4f}" if result["loss"] is not None else "-",
                     tok_s=f"{record['tokens_per_s']:.0f}",
                     peak=_gigabytes(record["peak_rss_bytes"]),
+                    **({"skipped": skipped} if skipped else {}),
                     refresh=False,
                 )
                 bar.update(1)
                 # save
+                nonfinite_stop = settings.max_nonfinite_steps > 0 and self.nonfinite_run >= settings.max_nonfinite_steps
                 over_budget = self.guard is not None and self.world.any_true(self.guard.over_budget())
                 signalled = self.world.any_true(self._stop_signal is not None)
                 periodic = settings.save_every and self.step % settings.save_every == 0
-                if over_budget or signalled or periodic:
+                if nonfinite_stop or over_budget or signalled or periodic:
                     self.save_checkpoint()
+                if nonfinite_stop:
+                    raise NonFiniteError(self._nonfinite_report(skipped))
                 if over_budget:
                     raise OverBudgetError(self.guard.report(self.step))
                 if signalled:
@@ -331,7 +327,8 @@ class Trainer:
                 metrics.close()
         if stopped == "data exhausted" and self.step == 0:
             raise UserError("the data ended before the first optimizer step (fewer blocks than one step needs)")
-        self.save_checkpoint()
+        if self._saved_step != self.step:
+            self.save_checkpoint()
         if self.eval_batches:
             last_eval = evaluate(self.loss_module_inner, self.eval_batches, self.compute_dtype)
         return {
@@ -343,7 +340,45 @@ class Trainer:
             "peak_rss_bytes": self.guard.peak_bytes() if self.guard else None,
             "eval_loss": last_eval,
             "stopped": stopped,
+            "skipped_steps": {reason: count for reason, count in self.skipped.items() if count},
         }
+
+    def _nonfinite_report(self, last: str) -> str:
+        first = self.step - self.nonfinite_run + 1
+        return (
+            f"{self.nonfinite_run} steps in a row had a {last.removeprefix('non-finite ')} that is not finite (steps {first}-{self.step}); "
+            f"none reached the weights, so the checkpoint holds the weights of step {first - 1}: lower --lr "
+            f"(now {self.settings.lr:g}) or check the data, then --resume"
+        )
+
+    def _out_of_memory(self, error: BaseException, before: tuple[dict, dict] | None) -> None:
+        """Free what the failed step held, checkpoint the position before it, and stop with exit 3."""
+        self.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        if self.world.device.type == "cuda":
+            torch.cuda.empty_cache()
+        text = str(error).strip()
+        what = text.splitlines()[0][:160] if text else type(error).__name__
+        partial = isinstance(error, PartialStepError)
+        if before is not None and not partial:
+            self.save_checkpoint(data_state=before[0], rng_state=before[1])
+            saved = f"a checkpoint of step {self.step} was written"
+        else:
+            why = "the optimizer failed inside its step" if partial else "other ranks cannot join a save"
+            saved = f"{why}, so the last checkpoint ({self._saved_step if self._saved_step is not None else 'none'}) is kept"
+        planned = self.plan.memory.get("total_bytes") if isinstance(self.plan.memory, dict) else None
+        how_far = ""
+        if self.guard is not None:
+            peak = self.guard.peak_bytes()
+            how_far = f"; peak {peak / 1e9:.2f} GB"
+            if planned:
+                how_far += f", the plan predicted {planned / 1e9:.2f} GB ({(peak / planned - 1) * 100:+.0f}%)"
+        elif planned:
+            how_far = f"; the plan predicted {planned / 1e9:.2f} GB"
+        raise OverBudgetError(
+            f"out of memory in step {self.step + 1} ({what}){how_far}; {saved}: plan for a smaller budget "
+            "(or a smaller --seq-len/--batch) and --resume"
+        ) from None
 
     @property
     def loss_module_inner(self) -> ChunkedCausalLMLoss:
@@ -352,6 +387,8 @@ class Trainer:
 
     def save_final_adapter(self, info: dict) -> Path:
         path = self.out_dir / "adapter"
+        if not all(torch.isfinite(parameter).all() for parameter in trainable_parameters(self.model)):
+            raise NonFiniteError(f"the trained weights hold non-finite values at step {self.step}: no adapter written; the checkpoint holds the last finite state")
         if self.world.is_main:
             save_adapter(self.model, path, info)
         self.world.barrier()
@@ -359,10 +396,21 @@ class Trainer:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records written after the checkpoint we resume from (they will be recomputed)."""
+    """Drop records written after the checkpoint we resume from (they will be recomputed), and a
+    last line torn by a kill mid-write."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break  # torn by the kill: the step is recomputed
+            raise UserError(f"{path}:{number}: not a JSON record; move the file away to resume") from None
+        if record["step"] <= step:
+            kept.append(line)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)

@@ -5,7 +5,9 @@ The logits of a small model are often its largest tensor: SmolLM2-135M at batch 
 keeps several copies (logits, log-softmax, their gradients). Here the decoder runs to its final
 hidden states; lm_head and the fp32 cross-entropy then run in chunks of `chunk_tokens` tokens,
 each chunk recomputed in backward (non-reentrant checkpoint). Only one chunk's logits live at a
-time: chunk_tokens x vocab x (compute-dtype logits + fp32 logits + fp32 gradient).
+time: chunk_tokens x vocab x (compute-dtype logits + fp32 logits + fp32 gradient). When the
+micro-batch has no more targets than `chunk_tokens` (the plan's memory model says the full logits
+fit), the loss takes the plain path: one lm_head over every position, no recompute.
 
     loss = sum over valid targets of CE(lm_head(h_t), x_{t+1}) / normalizer
 
@@ -46,11 +48,16 @@ class ChunkedCausalLMLoss(nn.Module):
         # Gemma 2 caps its logits: cap * tanh(logits / cap) (transformers' Gemma2ForCausalLM).
         self.logit_softcap = getattr(transformer.config, "final_logit_softcapping", None)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, normalizer: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss / normalizer to backpropagate, summed loss detached)."""
-        hidden = self.decoder(input_ids=input_ids).last_hidden_state
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, normalizer: float, position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss / normalizer to backpropagate, summed loss detached). position_ids that restart mark
+        packed examples: transformers then masks attention block-diagonally."""
+        hidden = self.decoder(input_ids=input_ids, position_ids=position_ids).last_hidden_state
         hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         targets = labels[:, 1:].reshape(-1)
+        if targets.numel() <= self.chunk_tokens:
+            # The whole micro-batch's logits fit the plan's budget: one lm_head, no recompute.
+            total = self._chunk_loss(hidden, targets)
+            return total / normalizer, total.detach()
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, targets.numel(), self.chunk_tokens):
             end = start + self.chunk_tokens

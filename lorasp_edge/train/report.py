@@ -8,10 +8,19 @@ from pathlib import Path
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The records of metrics.jsonl; a last line torn by a kill is left out."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number != len(lines):
+                raise
+    return records
 
 
 def plot_losses(metrics_path: str | Path, png_path: str | Path) -> Path | None:
@@ -21,7 +30,7 @@ def plot_losses(metrics_path: str | Path, png_path: str | Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_metrics(metrics_path)
+    records = [r for r in read_metrics(metrics_path) if r.get("loss") is not None and not r.get("skipped")]
     if not records:
         return None
     figure, axes = plt.subplots(figsize=(7, 4), dpi=110)
@@ -58,6 +67,8 @@ def format_summary(summary: dict) -> str:
         lines.append(f"final loss   {summary['final_loss']:.4f}" + (f", eval loss {summary['eval_loss']:.4f}" if summary.get("eval_loss") is not None else ""))
     if summary.get("bad_lines"):
         lines.append(f"bad lines    {summary['bad_lines']} skipped")
+    if summary.get("skipped_steps"):
+        lines.append("skipped      " + ", ".join(f"{count} ({reason})" for reason, count in summary["skipped_steps"].items()) + " steps left the weights alone")
     if summary.get("adapter"):
         lines.append(f"adapter      {summary['adapter']}")
     return "\n".join(lines)

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from tiny import corpus, make_model_dir
+from tiny import leftovers, make_model_dir, train_adapter
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -41,28 +41,11 @@ from lorasp_edge.train.adapter import (
     apply_lorasp,
     load_adapter,
     save_adapter,
-    trainable_masks,
+    trainable_parameters,
 )
-from lorasp_edge.train.optim import MaskedAdamW
+from lorasp_edge.train.optim import LoRASPAdamW
 
 SMALL = dict(vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-
-
-def train_adapter(base_dir, adapter_dir, quant_bits=None, steps=5, seed=1):
-    """A few MaskedAdamW steps, so B != 0 and the merge changes the weights; saved like `train` does."""
-    model = load_model(str(base_dir), quant_bits=quant_bits, device="cpu")
-    peft_model = apply_lorasp(model, LoRASPConfig(rank=4, alpha=8, seed=seed))
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    batch = tokenizer(corpus(4)[:4], return_tensors="pt", padding=True).input_ids
-    optimizer = MaskedAdamW(trainable_masks(peft_model), lr=1e-2)
-    peft_model.train()
-    for _ in range(steps):
-        peft_model(batch, labels=batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    info = {"base_model": str(base_dir), "base_quant_bits": quant_bits, "compute_dtype": "float32", "plan": {"rank": 4}}
-    save_adapter(peft_model.eval(), adapter_dir, info)
-    return adapter_dir
 
 
 @pytest.fixture(scope="module")
@@ -77,11 +60,6 @@ def llama_export(llama_adapter, tmp_path_factory):
     base, adapter = llama_adapter
     out = tmp_path_factory.mktemp("export") / "out"
     return base, adapter, export(ExportSettings(adapter=adapter, out=out, quantize="int8"))
-
-
-def leftovers(folder):
-    """Anything an export left beside its target (temp folders start with a dot)."""
-    return sorted(path.name for path in folder.iterdir() if path.name.startswith("."))
 
 
 # ------------------------------------------------------------------------------- merge + files
@@ -326,7 +304,7 @@ def test_smollm2_export_with_a_trained_adapter_agrees_with_pytorch(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(exporter_model_dir())
     peft_model = apply_lorasp(model, LoRASPConfig(rank=4, alpha=8, target_modules=["q_proj", "v_proj"], seed=0))
     batch = tokenizer(["The capital of France is Paris. The capital of Italy is Rome."], return_tensors="pt").input_ids
-    optimizer = MaskedAdamW(trainable_masks(peft_model), lr=1e-3)
+    optimizer = LoRASPAdamW(trainable_parameters(peft_model), lr=1e-3)
     peft_model.train()
     for _ in range(2):
         peft_model(batch, labels=batch).loss.backward()

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from lorasp_edge.errors import UserError
-from lorasp_edge.plan.catalog import Architecture, catalog_entry, catalog_ids, resolve
+from lorasp_edge.plan.catalog import Architecture, catalog_entry, catalog_ids, model_info
 
 REQUIRED = ["smollm2-135m", "smollm2-360m", "smollm2-1.7b", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-7b",
             "llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "mistral-7b-v0.3", "phi-3-mini-4k", "gemma-2-2b", "tinyllama-1.1b"]
@@ -25,7 +25,7 @@ def test_catalog_holds_the_required_models():
 
 @pytest.mark.parametrize("model_id", REQUIRED)
 def test_count_matches_published_within_one_percent(model_id):
-    info = resolve(model_id)
+    info = model_info(model_id)
     counted = info.architecture.parameters()["total"]
     assert abs(counted / info.published_params - 1) < 0.01, (counted, info.published_params, info.published_source)
     if model_id in EXACT:
@@ -42,17 +42,17 @@ def test_count_and_linears_match_transformers(model_id):
     config = dict(catalog_entry(model_id)["config"])
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
-    arch = resolve(model_id).architecture
+    arch = model_info(model_id).architecture
     assert arch.parameters()["total"] == sum(p.numel() for p in model.parameters())
     layer = model.model.layers[0]
     shapes = sorted((name.rsplit(".", 1)[-1], m.in_features, m.out_features) for name, m in layer.named_modules() if isinstance(m, nn.Linear))
     assert shapes == sorted((l.name, l.d_in, l.d_out) for l in arch.linears())
 
 
-def test_hub_id_and_case_resolve():
-    assert resolve("Qwen/Qwen2.5-0.5B").name == "qwen2.5-0.5b"
-    assert resolve("SmolLM2-135M").name == "smollm2-135m"
-    assert resolve(None).name == "smollm2-135m"
+def test_hub_id_and_case_model_info():
+    assert model_info("Qwen/Qwen2.5-0.5B").name == "qwen2.5-0.5b"
+    assert model_info("SmolLM2-135M").name == "smollm2-135m"
+    assert model_info(None).name == "smollm2-135m"
 
 
 def test_gpt2_config_counts_like_transformers(tmp_path):
@@ -63,7 +63,7 @@ def test_gpt2_config_counts_like_transformers(tmp_path):
     with torch.device("meta"):
         model = GPT2LMHeadModel(config)
     (tmp_path / "config.json").write_text(config.to_json_string())
-    assert resolve(str(tmp_path)).architecture.parameters()["total"] == sum(p.numel() for p in model.parameters())
+    assert model_info(str(tmp_path)).architecture.parameters()["total"] == sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("config, message", [
@@ -74,17 +74,17 @@ def test_gpt2_config_counts_like_transformers(tmp_path):
 def test_bad_configs(tmp_path, config, message):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match=message):
-        resolve(str(tmp_path))
+        model_info(str(tmp_path))
 
 
 def test_unknown_model_lists_known_ones(tmp_path):
     with pytest.raises(UserError, match="unknown model 'gpt-17'.*smollm2-135m"):
-        resolve("gpt-17")
+        model_info("gpt-17")
     with pytest.raises(UserError, match="has no config.json"):
-        resolve(str(tmp_path))
+        model_info(str(tmp_path))
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(UserError, match="not a folder"):
-        resolve(str(tmp_path / "file.txt"))
+        model_info(str(tmp_path / "file.txt"))
 
 
 def test_architecture_reads_defaults():

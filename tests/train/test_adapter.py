@@ -9,20 +9,22 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from lorasp_edge.errors import AdapterError
+from lorasp_edge.errors import AdapterError, UserError
 from lorasp_edge.export.merge import merged_model, merged_state_dict
 from lorasp_edge.train import masks as masklib
 from lorasp_edge.train.adapter import (
     LoRASPConfig,
+    MaskGeneratorWarning,
     apply_lorasp,
     count_parameters,
     load_adapter,
     lora_matrices,
+    lorasp_store,
     redraw_masks,
     save_adapter,
-    trainable_masks,
+    trainable_parameters,
 )
-from lorasp_edge.train.optim import MaskedAdamW, state_bytes
+from lorasp_edge.train.optim import LoRASPAdamW, state_bytes
 
 LLAMA = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 LINEAR_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -44,13 +46,20 @@ def tokens(seed=1, batch=2, length=12, vocab=96):
 
 def train(model, steps, lr=1e-2, weight_decay=0.1, batch=None):
     batch = tokens() if batch is None else batch
-    optimizer = MaskedAdamW(trainable_masks(model), lr=lr, weight_decay=weight_decay)
+    optimizer = LoRASPAdamW(trainable_parameters(model), lr=lr, weight_decay=weight_decay)
     model.train()
     for _ in range(steps):
         model(batch, labels=batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     return optimizer
+
+
+def randomize(model, std=0.05, seed=7):
+    """Give every LoRA matrix random values (B starts at zero), through the adapter's own writer."""
+    generator = torch.Generator().manual_seed(seed)
+    for _, _, linear in lora_matrices(model):
+        linear.load_state_dict({"weight": torch.randn(linear.weight.shape, generator=generator) * std})
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
@@ -76,10 +85,13 @@ def test_frozen_entries_bit_identical_trainable_entries_move(make):
 
 def test_base_weights_never_change():
     model = apply_lorasp(tiny_llama(), LoRASPConfig(rank=4))
-    base_before = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+    def is_base(key):
+        return "lora_" not in key and not key.startswith("lorasp_store.")
+
+    base_before = {k: v.clone() for k, v in model.state_dict().items() if is_base(k)}
     train(model, steps=3)
     for key, value in model.state_dict().items():
-        if "lora_" not in key:
+        if is_base(key):
             assert torch.equal(value, base_before[key]), key
 
 
@@ -110,37 +122,103 @@ def test_optimizer_state_is_half_of_peft_lora():
     assert abs(ratio - 0.5) <= 0.005, ratio
 
 
-def test_masked_adamw_equals_torch_adamw_when_nothing_is_frozen():
+def plain_lora_twin(model, make=tiny_llama, rank=4):
+    """A PEFT LoRA model (whole trainable matrices) on the same base with `model`'s LoRA values."""
+    from peft import LoraConfig, get_peft_model
+
+    twin = get_peft_model(make(), LoraConfig(r=rank, lora_alpha=model.lorasp_config.alpha, target_modules="all-linear"))
+    values = {f"{name}.{part}": linear.weight.detach().clone() for name, part, linear in lora_matrices(model)}
+    with torch.no_grad():
+        for name, layer in twin.get_base_model().named_modules():
+            if hasattr(layer, "lora_A") and f"{name}.A" in values:
+                layer.lora_A["default"].weight.copy_(values[f"{name}.A"])
+                layer.lora_B["default"].weight.copy_(values[f"{name}.B"])
+    return twin
+
+
+def test_optimizer_is_torch_adamw_over_one_flat_parameter():
+    model = apply_lorasp(tiny_llama(), LoRASPConfig(rank=4))
+    optimizer = LoRASPAdamW(trainable_parameters(model), lr=1e-3)
+    (param,) = [p for group in optimizer.param_groups for p in group["params"]]
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is True
+    assert param.dim() == 1 and param.numel() == count_parameters(model)["trainable"] == 1856
+    # The only tensor of the whole model that wants a gradient.
+    assert [p for p in model.parameters() if p.requires_grad] == [param]
+
+
+def test_flat_adamw_equals_torch_adamw_on_plain_lora_when_nothing_is_frozen():
     model = apply_lorasp(tiny_llama(), LoRASPConfig(rank=4, ratio=0.0))
-    reference = copy.deepcopy(model)
-    # B starts at zero: give it values so both matrices get gradients from step one.
-    for _, _, linear in lora_matrices(model):
-        torch.nn.init.normal_(linear.weight, std=0.02, generator=torch.Generator().manual_seed(7))
-    reference.load_state_dict(model.state_dict())
-    ours = MaskedAdamW(trainable_masks(model), lr=1e-2, weight_decay=0.1)
-    theirs = torch.optim.AdamW([l.weight for _, _, l in lora_matrices(reference)], lr=1e-2, weight_decay=0.1)
+    randomize(model)
+    reference = plain_lora_twin(model)
+    ours = LoRASPAdamW(trainable_parameters(model), lr=1e-2, weight_decay=0.1)
+    theirs = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
     x = tokens()
     for _ in range(5):
         for m, opt in ((model, ours), (reference, theirs)):
             m(x, labels=x).loss.backward()
             opt.step()
             opt.zero_grad()
-    for (_, _, a), (_, _, b) in zip(lora_matrices(model), lora_matrices(reference)):
-        torch.testing.assert_close(a.weight, b.weight, rtol=0, atol=1e-6)
+    by_name = {name: layer for name, layer in reference.get_base_model().named_modules() if hasattr(layer, "lora_A")}
+    for name, part, linear in lora_matrices(model):
+        theirs_weight = getattr(by_name[name], f"lora_{part}")["default"].weight
+        torch.testing.assert_close(linear.weight, theirs_weight, rtol=0, atol=1e-6)
 
 
-def test_frozen_gradients_are_zero_so_clipping_sees_trainable_entries_only():
+def test_gradient_is_lora_gradient_at_trainable_entries_and_clipping_sees_only_those():
     model = apply_lorasp(tiny_llama(), LoRASPConfig(rank=4))
-    for _, _, linear in lora_matrices(model):
-        torch.nn.init.normal_(linear.weight, std=0.05)
+    randomize(model)
+    reference = plain_lora_twin(model)
     x = tokens()
     model(x, labels=x).loss.backward()
+    reference(x, labels=x).loss.backward()
+    store = lorasp_store(model)
+    by_name = {name: layer for name, layer in reference.get_base_model().named_modules() if hasattr(layer, "lora_A")}
     trainable_norm_sq = 0.0
-    for _, _, linear in lora_matrices(model):
-        assert (linear.weight.grad[~linear.lorasp_trainable] == 0).all()
-        trainable_norm_sq += float(linear.weight.grad[linear.lorasp_trainable].pow(2).sum())
-    total = torch.nn.utils.clip_grad_norm_([l.weight for _, _, l in lora_matrices(model)], max_norm=1e9)
+    for slot, (name, part, linear) in enumerate(lora_matrices(model)):
+        full_grad = getattr(by_name[name], f"lora_{part}")["default"].weight.grad
+        expected = full_grad[linear.lorasp_trainable]
+        torch.testing.assert_close(store.values.grad[store.value_range(slot)], expected, rtol=1e-5, atol=1e-7)
+        trainable_norm_sq += float(expected.double().pow(2).sum())
+    total = torch.nn.utils.clip_grad_norm_(trainable_parameters(model), max_norm=1e9)
     assert float(total) == pytest.approx(trainable_norm_sq**0.5, rel=1e-5)
+
+
+def test_inf_gradient_at_a_frozen_entry_never_reaches_the_trainable_ones():
+    model = apply_lorasp(tiny_llama(), LoRASPConfig(rank=4))
+    randomize(model)
+    x = tokens()
+    model(x, labels=x).loss.backward()
+    clean = lorasp_store(model).values.grad.clone()
+    lorasp_store(model).values.grad = None
+    _, _, linear = lora_matrices(model)[0]
+    frozen = ~linear.lorasp_trainable
+    loss = model(x, labels=x).loss
+    # The matrix the forward used: poison its gradient at every frozen entry.
+    linear.weight.register_hook(lambda grad: grad.masked_fill(frozen, float("inf")))
+    loss.backward()
+    assert torch.equal(lorasp_store(model).values.grad, clean)
+
+
+def test_activation_checkpointing_gives_the_same_gradient():
+    grads = []
+    for checkpointing in (False, True):
+        model = apply_lorasp(tiny_llama(), LoRASPConfig(rank=4))
+        if checkpointing:
+            model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        randomize(model)
+        model.train()
+        x = tokens()
+        model(x, labels=x).loss.backward()
+        grads.append(lorasp_store(model).values.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+def test_state_of_the_per_matrix_optimizer_is_refused_clearly():
+    model = apply_lorasp(tiny_llama(), LoRASPConfig(rank=4))
+    optimizer = LoRASPAdamW(trainable_parameters(model))
+    earlier = {"state": {}, "param_groups": [{**optimizer.defaults, "params": list(range(len(lora_matrices(model))))}]}
+    with pytest.raises(UserError, match="written by an earlier lorasp-edge"):
+        optimizer.load_state_dict(earlier)
 
 
 def test_masks_exact_count_and_independent_of_module_order():
@@ -216,8 +294,7 @@ def test_merged_equals_adapted_and_loads_strict(make):
 def test_merge_checks_finite():
     model = apply_lorasp(tiny_llama(), LoRASPConfig(rank=4))
     _, _, linear = lora_matrices(model)[1]
-    with torch.no_grad():
-        linear.weight.fill_(float("inf"))
+    linear.load_state_dict({"weight": torch.full(linear.weight.shape, float("inf"))})
     with pytest.raises(ValueError, match="NaN or Inf"):
         merged_state_dict(model)
 
@@ -251,17 +328,16 @@ def test_quantized_base_trains_merges_and_keeps_frozen_entries(tmp_path, bits):
 
 def test_4bit_every_adapted_module_gets_gradient_after_eval_forward(tmp_path):
     model = apply_lorasp(quantized_tiny_llama(tmp_path, 4), LoRASPConfig(rank=4))
-    for _, _, linear in lora_matrices(model):
-        torch.nn.init.normal_(linear.weight, std=0.05)
+    randomize(model)
     x = tokens()
     model.eval()
     with torch.no_grad():
         model(x)  # the bitsandbytes CPU trap: this used to repack the weights
     model.train()
     model(x, labels=x).loss.backward()
-    for name, part, linear in lora_matrices(model):
-        assert linear.weight.grad is not None, f"{name}.{part}: no gradient"
-        assert linear.weight.grad.abs().sum() > 0, f"{name}.{part}: zero gradient"
+    store = lorasp_store(model)
+    for slot, (name, part, _) in enumerate(lora_matrices(model)):
+        assert store.values.grad[store.value_range(slot)].abs().sum() > 0, f"{name}.{part}: zero gradient"
 
 
 # ----------------------------------------------------------------------------- save / load
@@ -344,5 +420,34 @@ def test_tampered_mask_is_refused(saved_adapter):
     key = sorted(packed)[0]
     packed[key] = packed[key] ^ 1
     save_file(packed, str(path))
-    with pytest.raises(AdapterError, match="does not match seed"):
+    with pytest.raises(AdapterError, match="masks do not match the sha256 recorded"):
         load_adapter(tiny_llama(), saved_adapter)
+
+
+def test_adapter_written_before_the_hash_loads_and_a_tampered_count_is_refused(saved_adapter):
+    from safetensors.torch import load_file, save_file
+
+    info_path = saved_adapter / "lorasp.json"
+    info = json.loads(info_path.read_text())
+    del info["masks_sha256"]
+    info_path.write_text(json.dumps(info))
+    loaded = load_adapter(tiny_llama(), saved_adapter)
+    assert count_parameters(loaded)["trainable"] == 1856
+    path = saved_adapter / "lorasp_masks.safetensors"
+    packed = load_file(str(path))
+    key = sorted(packed)[0]
+    packed[key] = packed[key] ^ 1
+    save_file(packed, str(path))
+    with pytest.raises(AdapterError, match=r"freezes \d+ entries, ratio 0.5 means"):
+        load_adapter(tiny_llama(), saved_adapter)
+
+
+def test_masks_come_from_the_file_when_the_generator_changed(saved_adapter, monkeypatch):
+    stored = {(n, p): l.lorasp_trainable for n, p, l in lora_matrices(load_adapter(tiny_llama(), saved_adapter))}
+    original = masklib.draw_frozen_mask
+    # A torch release with another random stream: every draw differs from the one saved.
+    monkeypatch.setattr(masklib, "draw_frozen_mask", lambda shape, ratio, seed, *rest: original(shape, ratio, seed + 1, *rest))
+    with pytest.warns(MaskGeneratorWarning, match=r"28 stored mask\(s\) differ .* the stored masks are used"):
+        loaded = load_adapter(tiny_llama(), saved_adapter)
+    for name, part, linear in lora_matrices(loaded):
+        assert torch.equal(linear.lorasp_trainable, stored[(name, part)])

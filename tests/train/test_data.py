@@ -225,7 +225,7 @@ def test_two_ranks_take_alternate_blocks_of_the_one_rank_sequence(tmp_path, toke
     data = counting_file(tmp_path / "d.jsonl", lines=60)
     single = blocks(PackedStream(data, tokenizer, seq_len=5, epochs=1))
     rank0, rank1 = (blocks(PackedStream(data, tokenizer, seq_len=5, rank=r, world_size=2, epochs=1)) for r in (0, 1))
-    assert len(single) == 54 and len(rank0) == len(rank1) == 27
+    assert len(single) == 60 and len(rank0) == len(rank1) == 30  # whole examples pad the ends of blocks
     assert [block for pair in zip(rank0, rank1) for block in pair] == single
     # Per step: two ranks at micro_batch 2 take the blocks one rank takes at micro_batch 4.
     one = PackedStream(data, tokenizer, seq_len=5, epochs=None)
@@ -247,7 +247,8 @@ def test_state_does_not_grow_with_file_size(tmp_path, tokenizer):
     # A file 1000 times larger: the same state but for its path and size.
     same_but_path_and_size = [{**state, "path": None, "file_bytes": None} for state in states]
     assert same_but_path_and_size[0] == same_but_path_and_size[1]
-    assert states[0]["ids"] == [11, 12, 24, EOS] and states[0]["mask"] == [0, 0, 1, 1] and states[0]["offset"] == 480
+    assert states[0]["ids"] == [108, 109, 10, 11, 12, 24, EOS] and states[0]["mask"] == [0, 0, 0, 0, 0, 1, 1]
+    assert states[0]["starts"] == [1, 0, 0, 0, 0, 0, 0] and states[0]["scan_offset"] == 480
 
 
 def test_resume_refuses_another_world_or_a_changed_file(tmp_path, tokenizer):
@@ -255,7 +256,7 @@ def test_resume_refuses_another_world_or_a_changed_file(tmp_path, tokenizer):
     stream = PackedStream(data, tokenizer, seq_len=4)
     stream.next_batch(2)
     state = stream.state_dict()
-    with pytest.raises(DataError, match=r"\(seq_len, rank, world_size\)=\(4, 0, 1\), this run has \(4, 0, 2\)"):
+    with pytest.raises(DataError, match=r"\(seq_len, rank, world_size, shuffle_buffer, seed\)=\(4, 0, 1, 0, 0\), this run has \(4, 0, 2, 0, 0\)"):
         PackedStream(data, tokenizer, seq_len=4, world_size=2).load_state_dict(state)
     with data.open("a") as file:
         file.write('{"text": "1"}\n')
@@ -279,15 +280,128 @@ def test_eval_batches_are_finite_and_deterministic(tmp_path, tokenizer):
     again = eval_batches(data, tokenizer, seq_len=4, micro_batch=2, max_blocks=5)
     assert all(torch.equal(a[key], b[key]) for a, b in zip(first, again) for key in ("input_ids", "labels"))
     pass_blocks = blocks(PackedStream(data, tokenizer, seq_len=4, epochs=1))
-    assert len(pass_blocks) == 25
-    assert sum(batch["input_ids"].shape[0] for batch in eval_batches(data, tokenizer, 4, 2, max_blocks=1000)) == 25
+    assert len(pass_blocks) == 27
+    assert sum(batch["input_ids"].shape[0] for batch in eval_batches(data, tokenizer, 4, 2, max_blocks=1000)) == 27
 
 
 def test_estimate_blocks_is_exact_on_small_files_and_extrapolates_uniform_ones(tmp_path, tokenizer):
     data = counting_file(tmp_path / "d.jsonl")
-    assert estimate_blocks(data, tokenizer, seq_len=4) == 25
+    assert estimate_blocks(data, tokenizer, seq_len=4) == 27  # pads included
     uniform = write_jsonl(tmp_path / "u.jsonl", [{"text": "1 2 3 4 5"}] * 1000)  # 6000 tokens
     assert estimate_blocks(uniform, tokenizer, seq_len=8, sample_bytes=2000) == 750
     empty = tmp_path / "e.jsonl"
     empty.write_text("")
     assert estimate_blocks(empty, tokenizer, seq_len=8) == 0
+
+
+# -- whole examples
+
+
+def test_whole_example_that_does_not_fit_starts_the_next_block_after_padding(tmp_path, tokenizer):
+    records = [{"text": "1 2"}, {"prompt": "3 4", "completion": "5"}, {"prompt": "6", "completion": "7 8"}, {"text": "9"}]
+    stream = PackedStream(write_jsonl(tmp_path / "d.jsonl", records), tokenizer, seq_len=6, epochs=1)
+    got = [(b["input_ids"].tolist(), b["labels"].tolist(), b["position_ids"].tolist()) for b in stream]
+    assert got == [
+        # text (3) + the first example (4) would be 7: the example moves on, the rest is padding (eos id, masked)
+        ([11, 12, EOS, EOS, EOS, EOS], [11, 12, EOS, M, M, M], [0, 1, 2, 0, 1, 2]),
+        # the second example (4) does not fit beside the first either; the first token of each is never a target
+        ([13, 14, 15, EOS, EOS, EOS], [M, M, 15, EOS, M, M], [0, 1, 2, 3, 0, 1]),
+        # text after a whole example starts a run of its own: its first token is not a target
+        ([16, 17, 18, EOS, 19, EOS], [M, 17, 18, EOS, M, EOS], [0, 1, 2, 3, 0, 1]),
+    ]
+
+
+def test_long_example_loses_prompt_tokens_from_the_left(tmp_path, tokenizer):
+    records = [{"prompt": "1 2 3 4 5 6", "completion": "7 8"}]
+    (block,) = PackedStream(write_jsonl(tmp_path / "d.jsonl", records), tokenizer, seq_len=5, epochs=1)
+    assert block["input_ids"].tolist() == [15, 16, 17, 18, EOS]  # 9 tokens: the first 4 prompt tokens go
+    assert block["labels"].tolist() == [M, M, 17, 18, EOS]
+
+
+def test_example_whose_completion_cannot_fit_is_a_bad_line(tmp_path, tokenizer):
+    records = [{"prompt": "1", "completion": "2 3 4 5 6"}, {"prompt": "7", "completion": "8"}, {"prompt": "9", "completion": "10"}]
+    data = write_jsonl(tmp_path / "d.jsonl", records)
+    with pytest.raises(DataError, match=r"d.jsonl:1: an example of 7 tokens does not fit seq_len=5, and dropping prompt tokens cannot fit it"):
+        list(PackedStream(data, tokenizer, seq_len=5, epochs=1))
+    stream = PackedStream(data, tokenizer, seq_len=3, skip_bad_lines=True, epochs=1)
+    assert [b["input_ids"].tolist() for b in stream] == [[17, 18, EOS], [19, 20, EOS]]
+    assert stream.bad_lines == 1
+
+
+def test_bos_is_added_per_example_where_the_tokenizer_adds_one(tmp_path):
+    from tokenizers import processors
+
+    bos_tokenizer = word_tokenizer()
+    bos_tokenizer.add_special_tokens({"bos_token": "<|system|>"})  # id 4 plays BOS
+    bos_tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<|system|> $A", special_tokens=[("<|system|>", 4)])
+    assert bos_tokenizer("1")["input_ids"] == [4, 11]
+    records = [{"text": "1 2"}, {"prompt": "3", "completion": "4"}, {"messages": [{"role": "user", "content": "5"}, {"role": "assistant", "content": "6"}]}]
+    data = write_jsonl(tmp_path / "d.jsonl", records)
+    (block,) = PackedStream(data, bos_tokenizer, seq_len=15, epochs=1)
+    chat = [USER, 15, END, ASSISTANT, 16, END, EOS]  # the template writes its own BOS (this one writes none): none added
+    ids = block["input_ids"].tolist()
+    assert ids[:4] == [4, 11, 12, EOS] and ids[4:8] == [4, 13, 14, EOS] and ids[8:15] == chat
+    plain = PackedStream(data, word_tokenizer(), seq_len=12, epochs=1)
+    assert next(iter(plain))["input_ids"].tolist()[:6] == [11, 12, EOS, 13, 14, EOS]
+
+
+def test_file_without_any_target_is_refused_naming_its_first_line(tmp_path, tokenizer):
+    from lorasp_edge.train.data import check_targets
+
+    no_targets = [{"prompt": "1 2", "completion": ""}, {"messages": [{"role": "user", "content": "3"}]}]
+    data = write_jsonl(tmp_path / "d.jsonl", ["", *no_targets])
+    with pytest.raises(DataError, match=r"d.jsonl: no example has a token to train on at seq_len=8 \(first such line: 2\)"):
+        check_targets(data, tokenizer, seq_len=8)
+    check_targets(write_jsonl(tmp_path / "ok.jsonl", [*no_targets, {"prompt": "1", "completion": "2"}]), tokenizer, seq_len=8)
+
+
+# -- shuffling
+
+
+def order(data, tokenizer, seed, epochs=1, shuffle_buffer=8):
+    stream = PackedStream(data, tokenizer, seq_len=1, epochs=epochs, shuffle_buffer=shuffle_buffer, seed=seed)
+    return [int(block["input_ids"][0]) - 10 for block in stream if int(block["input_ids"][0]) != EOS]
+
+
+def test_seed_and_epoch_change_the_order_and_a_seed_reproduces_it(tmp_path, tokenizer):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": str(n)} for n in range(30)])
+    assert order(data, tokenizer, seed=0, shuffle_buffer=0) == list(range(30))
+    first = order(data, tokenizer, seed=0)
+    assert sorted(first) == list(range(30)) and first != list(range(30))  # a permutation, not file order
+    assert order(data, tokenizer, seed=0) == first
+    assert order(data, tokenizer, seed=1) != first
+    two_epochs = order(data, tokenizer, seed=0, epochs=2)
+    assert two_epochs[:30] == first and sorted(two_epochs[30:]) == list(range(30)) and two_epochs[30:] != first
+    # A buffer of 8 moves a line at most 7 places earlier than file order.
+    assert all(position >= n - 7 for position, n in enumerate(first))
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".txt"])
+def test_shuffled_resume_at_every_batch_gives_the_uninterrupted_batches(tmp_path, tokenizer, suffix):
+    data = counting_file(tmp_path / "d.jsonl")
+    if suffix == ".txt":
+        data = tmp_path / "d.txt"
+        data.write_text("".join(f"{i} {i + 1}\n" + ("\n" if i % 3 == 0 else "") for i in range(40)))
+    settings = dict(seq_len=7, epochs=3, shuffle_buffer=5, seed=3)
+    reference = batch_lists(PackedStream(data, tokenizer, **settings), 30, micro_batch=2)
+    assert reference[-1] is None
+    assert reference != batch_lists(PackedStream(data, tokenizer, **{**settings, "shuffle_buffer": 0}), 30, micro_batch=2)
+    for killed_after in range(len(reference)):
+        first = PackedStream(data, tokenizer, **settings)
+        consumed = batch_lists(first, killed_after, micro_batch=2)
+        resumed = PackedStream(data, tokenizer, **settings)
+        resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+        assert consumed + batch_lists(resumed, len(reference) - killed_after, micro_batch=2) == reference, killed_after
+
+
+def test_shuffle_state_is_bounded_by_the_buffer_not_the_file(tmp_path, tokenizer):
+    small = counting_file(tmp_path / "small.jsonl", lines=50)
+    large = counting_file(tmp_path / "large.jsonl", lines=20_000)
+    sizes = []
+    for data in (small, large):
+        stream = PackedStream(data, tokenizer, seq_len=16, shuffle_buffer=40, seed=0)
+        stream.next_batch(4)
+        state = stream.state_dict()
+        assert len(state["pending"]) <= 40
+        sizes.append(len(json.dumps({**state, "path": "", "file_bytes": 0, "ids": [], "mask": [], "starts": [], "pending": []})))
+    assert abs(sizes[0] - sizes[1]) < 64  # only the offsets' digits differ

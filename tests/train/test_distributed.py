@@ -89,3 +89,20 @@ def test_missing_rank_times_out_with_clear_error(tmp_path, model_dir, data_file)
     lines = [line for line in done.stderr.splitlines() if line.strip() and "kernels" not in line]
     assert "Traceback" not in done.stderr
     assert any("rank 0 of 2" in line and "5 s" in line for line in lines), done.stderr[-2000:]
+
+
+def test_more_ranks_than_gpus_is_one_clear_line(monkeypatch):
+    """torchrun --nproc-per-node 2 on a one-GPU machine sends rank 1 to cuda:1: refused before any CUDA call."""
+    import pytest
+    import torch
+
+    from lorasp_edge.errors import UserError
+    from lorasp_edge.train.distributed import World
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(UserError, match=r"^rank 1 of 2: 2 processes on this node but 1 GPU\(s\); each rank needs its own: use --nproc-per-node 1 or fewer \(or --device cpu\)$"):
+        World.from_env(torch.device("cuda"))

@@ -22,3 +22,22 @@ def test_chunked_loss_equals_model_loss(kind):
         expected = model(input_ids=ids, labels=labels).loss
         loss, _ = ChunkedCausalLMLoss(model, chunk_tokens=7)(ids, labels, valid_targets(labels))
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_plain_path_when_the_logits_fit_same_loss_and_gradient_without_recompute():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).train()
+    ids = torch.randint(0, 120, (3, 20), generator=torch.Generator().manual_seed(1))
+    calls = []
+    model.lm_head.register_forward_hook(lambda *args: calls.append(1))
+    results = {}
+    for chunk in (7, 57):  # 3 x 19 = 57 targets: chunks of 7 recompute, 57 is the plain path
+        calls.clear()
+        model.zero_grad()
+        loss, _ = ChunkedCausalLMLoss(model, chunk_tokens=chunk)(ids, ids, valid_targets(ids))
+        loss.backward()
+        results[chunk] = (loss.detach(), model.model.embed_tokens.weight.grad.clone(), len(calls))
+    assert results[7][2] == 2 * 9  # 9 chunks, each run again in backward
+    assert results[57][2] == 1
+    torch.testing.assert_close(results[57][0], results[7][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(results[57][1], results[7][1], rtol=1e-5, atol=1e-7)

@@ -182,10 +182,11 @@ def test_malformed_line_names_file_and_line(tmp_path, model_dir, data_file):
     good = data_file.read_text().splitlines()
     data.write_text("\n".join(good[:5] + ["{not json"] + good[5:]) + "\n")
     plan = write_plan(tmp_path / "plan.json", model_dir)
-    done = run_cli(*train_command(model_dir, data, tmp_path / "run", plan, "--steps", "3"), check=False)
+    # File order, so that the line is read within 3 steps (a shuffled run reports it when it is drawn).
+    done = run_cli(*train_command(model_dir, data, tmp_path / "run", plan, "--steps", "3", "--shuffle-buffer", "0"), check=False)
     assert done.returncode == 2
     assert f"{data}:6" in one_line_error(done)
-    done = run_cli(*train_command(model_dir, data, tmp_path / "run2", plan, "--steps", "3", "--skip-bad-lines"), check=False)
+    done = run_cli(*train_command(model_dir, data, tmp_path / "run2", plan, "--steps", "3", "--skip-bad-lines", "--shuffle-buffer", "0"), check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "bad lines    1 skipped" in done.stdout
 
@@ -235,3 +236,33 @@ def test_bundled_smollm2_four_bit_with_checkpointing(tmp_path):
     info = json.loads((out / "adapter" / "lorasp.json").read_text())
     assert info["base_quant_bits"] == 4 and info["base_model"] == "smollm2-135m"
     assert "steps        5 of 5" in done.stdout
+
+
+def test_too_high_learning_rate_stops_with_exit_5_and_no_adapter(tmp_path, model_dir, data_file):
+    plan = write_plan(tmp_path / "plan.json", model_dir)
+    out = tmp_path / "run"
+    # lr 1e30: step 1 moves the LoRA entries to ~1e30, their product overflows fp32, every loss after is NaN.
+    done = run_cli(*train_command(model_dir, data_file, out, plan, "--steps", "20", "--lr", "1e30", "--warmup-steps", "1"), check=False)
+    assert done.returncode == 5, done.stderr[-2000:]
+    assert one_line_error(done) == (
+        "lorasp-edge train: error: 3 steps in a row had a loss that is not finite (steps 2-4); none reached the weights, "
+        "so the checkpoint holds the weights of step 1: lower --lr (now 1e+30) or check the data, then --resume"
+    )
+    record = ckpt.load_checkpoint(out / "checkpoint.pt")
+    assert record["step"] == 4 and all(torch.isfinite(t).all() for t in record["lora"].values())
+    assert not (out / "adapter").exists() and not (out / "summary.json").exists()
+    assert [json.loads(line).get("skipped") for line in (out / "metrics.jsonl").read_text().splitlines()] == [None] + ["non-finite loss"] * 3
+
+
+def test_torn_metrics_line_is_dropped_on_resume(tmp_path, model_dir, data_file):
+    plan = write_plan(tmp_path / "plan.json", model_dir)
+    out = tmp_path / "run"
+    run_cli(*train_command(model_dir, data_file, out, plan, "--steps", "4", "--save-every", "2"))
+    record = ckpt.load_checkpoint(out / "checkpoint.pt")
+    record["step"] = 2  # as if killed after step 2's checkpoint, mid-way through writing step 3's record
+    ckpt.save_checkpoint(out / "checkpoint.pt", {k: v for k, v in record.items() if k != "format"})
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:17])
+    done = run_cli(*train_command(model_dir, data_file, out, plan, "--steps", "4", "--save-every", "2", "--resume"))
+    assert "Traceback" not in done.stderr
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]

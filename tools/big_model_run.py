@@ -1,0 +1,222 @@
+"""A catalog model at full size, end to end through the CLI: quantize once, plan, train, measured.
+
+    python tools/big_model_run.py make --model llama-3.1-8b --out /scratch/llama8b
+    python tools/big_model_run.py run --base /scratch/llama8b --work /scratch/run8b --mem 16GB --seq-len 128 --batch 1
+
+`make` writes a random-init bf16 checkpoint with the catalog entry's published shape, one shard at
+a time (normal(0, 0.02) weights, unit norms), so making it needs about one shard of memory. The
+tokenizer is the bundled SmolLM2's (its ids fit any of the catalog's vocabularies).
+`run` runs, each as its own process: `lorasp-edge quantize --bits 4`, `lorasp-edge plan` for the
+quantized folder, and `lorasp-edge train --steps N` under that plan; with `--limit-data` the
+trainer runs under RLIMIT_DATA = the budget (prlimit: the kernel refuses private writable memory
+past it, which bounds anonymous memory from above; file pages are outside it). Each child's
+/proc/PID/status is sampled every 20 ms: peak resident set (VmRSS, and the kernel's VmHWM), peak
+anonymous memory (VmRSS - RssFile) and peak VmData. It prints one JSON result and a Markdown row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+INIT_STD = 0.02  # transformers' default initializer_range for these families
+
+
+def make_checkpoint(model_id: str, out: Path, shard_bytes: int) -> dict:
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lorasp_edge.models import resolve_model
+    from lorasp_edge.plan.catalog import catalog_entry
+
+    entry = catalog_entry(model_id)
+    fields = {key: value for key, value in entry["config"].items() if key != "torch_dtype"}
+    config = AutoConfig.for_model(**fields)
+    config.dtype = torch.bfloat16
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    tied = {key for key in (getattr(model, "all_tied_weights_keys", None) or {})}
+    names = [(name, tuple(t.shape)) for name, t in model.state_dict().items() if name not in tied]
+    out.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    shards, pending, pending_bytes, total = [], {}, 0, 0
+
+    def flush():
+        nonlocal pending, pending_bytes
+        if pending:
+            name = f"part-{len(shards):05d}.safetensors"
+            save_file(pending, str(out / name), metadata={"format": "pt"})
+            shards.append((name, list(pending)))
+            pending, pending_bytes = {}, 0
+
+    started = time.perf_counter()
+    for name, shape in names:
+        if name.endswith("norm.weight") or "layernorm" in name:
+            tensor = torch.ones(shape, dtype=torch.bfloat16)
+        elif name.endswith(".bias"):
+            tensor = torch.zeros(shape, dtype=torch.bfloat16)
+        else:
+            tensor = torch.empty(shape, dtype=torch.bfloat16).normal_(0.0, INIT_STD, generator=generator)
+        size = tensor.numel() * 2
+        if pending and pending_bytes + size > shard_bytes:
+            flush()
+        pending[name] = tensor
+        pending_bytes += size
+        total += size
+    flush()
+    weight_map = {}
+    for i, (name, keys) in enumerate(shards):
+        final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        (out / name).rename(out / final)
+        weight_map.update({key: final for key in keys})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    config_dict = config.to_dict()
+    config_dict["dtype"] = "bfloat16"
+    config_dict["architectures"] = [type(model).__name__]
+    (out / "config.json").write_text(json.dumps(config_dict, indent=2))
+    tokenizer_dir = Path(resolve_model("smollm2-135m"))
+    for item in tokenizer_dir.iterdir():
+        if item.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
+            shutil.copy2(item, out / item.name)
+    return {"model": model_id, "bytes": total, "shards": len(shards), "seconds": round(time.perf_counter() - started, 1)}
+
+
+# ----------------------------------------------------------------------------------- measuring
+
+
+def _status(pid: int) -> dict[str, int]:
+    fields = {}
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "RssFile", "VmHWM", "VmData"):
+                    fields[key] = int(value.split()[0]) * 1024
+    except (OSError, ValueError):
+        pass
+    return fields
+
+
+def measured_run(command: list[str], log: Path, prefix: list[str] | None = None) -> dict:
+    """Run `command`, sampling its memory; the result holds peaks in bytes, seconds and the exit code."""
+    peaks = {"rss": 0, "anonymous": 0, "hwm": 0, "data": 0}
+    started = time.perf_counter()
+    with open(log, "w") as handle:
+        child = subprocess.Popen((prefix or []) + command, stdout=handle, stderr=subprocess.STDOUT)
+
+        def sample():
+            while child.poll() is None:
+                fields = _status(child.pid)
+                if "VmRSS" in fields and "RssFile" in fields:
+                    peaks["rss"] = max(peaks["rss"], fields["VmRSS"])
+                    peaks["anonymous"] = max(peaks["anonymous"], fields["VmRSS"] - fields["RssFile"])
+                    peaks["hwm"] = max(peaks["hwm"], fields.get("VmHWM", 0))
+                    peaks["data"] = max(peaks["data"], fields.get("VmData", 0))
+                time.sleep(0.02)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        code = child.wait()
+        sampler.join()
+    return {"exit": code, "seconds": round(time.perf_counter() - started, 1), "peak_rss": max(peaks["rss"], peaks["hwm"]), "peak_anonymous": peaks["anonymous"], "peak_vmdata": peaks["data"]}
+
+
+def write_data(path: Path, lines: int = 2000) -> Path:
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    with open(path, "w") as handle:
+        for i in range(lines):
+            text = " ".join(str(n) for n in range(i % 50, i % 50 + 20)) + ". " + " ".join(words[(i + k) % 8] for k in range(12))
+            handle.write(json.dumps({"text": text}) + "\n")
+    return path
+
+
+def run(args) -> dict:
+    from lorasp_edge.plan.units import parse_memory
+
+    cli = [sys.executable, "-m", "lorasp_edge"]
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    quantized = work / f"q{args.bits}"
+    result = {"base": str(args.base), "bits": args.bits, "mem": args.mem, "seq_len": args.seq_len, "batch": args.batch, "steps": args.steps}
+    if not (quantized / "config.json").is_file():
+        result["quantize"] = measured_run(cli + ["quantize", "--model", str(args.base), "--bits", str(args.bits), "--out", str(quantized), "--no-progress"], work / "quantize.log")
+        if result["quantize"]["exit"] != 0:
+            return result
+    plan_path = work / "plan.json"
+    plan = subprocess.run(cli + ["plan", "--mem", args.mem, "--model", str(quantized), "--seq-len", str(args.seq_len), "--batch", str(args.batch), "--out", str(plan_path)], capture_output=True, text=True, check=False)
+    (work / "plan.log").write_text(plan.stdout + plan.stderr)
+    if plan.returncode != 0:
+        result["plan_error"] = plan.stderr.strip()
+        return result
+    planned = json.loads(plan_path.read_text())
+    result["plan"] = {key: planned[key] for key in ("quant_bits", "rank", "gradient_checkpointing", "micro_batch", "grad_accum", "compute_dtype")}
+    result["plan"]["layers"] = len(planned["layers"])
+    result["plan"]["total_bytes"] = planned["memory"]["total_bytes"]
+    budget = parse_memory(args.mem)
+    prefix = ["prlimit", f"--data={budget}"] if args.limit_data else None
+    result["limit"] = f"RLIMIT_DATA {budget}" if args.limit_data else None
+    out = work / "run"
+    shutil.rmtree(out, ignore_errors=True)
+    data = write_data(work / "data.jsonl")
+    train = cli + ["train", "--model", str(quantized), "--plan", str(plan_path), "--data", str(data), "--out", str(out), "--steps", str(args.steps), "--save-every", "0", "--no-progress"]
+    result["train"] = measured_run(train, work / "train.log", prefix)
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file():
+        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        result["train"]["step_seconds"] = [round(b["elapsed_s"] - a, 1) for a, b in zip([0.0] + [r["elapsed_s"] for r in records], records)]
+        result["train"]["losses"] = [round(r["loss"], 4) for r in records]
+    total = result["plan"]["total_bytes"]
+    if result["train"]["peak_anonymous"]:
+        result["anonymous_vs_plan"] = round(result["train"]["peak_anonymous"] / total - 1, 4)
+        result["rss_vs_plan"] = round(result["train"]["peak_rss"] / total - 1, 4)
+    return result
+
+
+def markdown_row(result: dict) -> str:
+    q, t, p = result.get("quantize", {}), result["train"], result["plan"]
+    gb = lambda b: f"{b / 1e9:.2f}" if b else "-"
+    steps = ", ".join(f"{s:.0f}" for s in t.get("step_seconds", []))
+    return (
+        f"| {Path(result['base']).name} | {result['mem']} | {p['quant_bits']}-bit, r{p['rank']}, {p['layers']} layers, ckpt {'on' if p['gradient_checkpointing'] else 'off'}, "
+        f"{p['micro_batch']}x{result['seq_len']} | {gb(q.get('peak_rss'))} GB / {q.get('seconds', '-')} s | {gb(p['total_bytes'])} | {gb(t['peak_anonymous'])} "
+        f"({result.get('anonymous_vs_plan', 0) * 100:+.1f}%) | {gb(t['peak_rss'])} | {gb(t['peak_vmdata'])} | {steps} | {t['exit']} |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    make = sub.add_parser("make", help="write a random-init bf16 checkpoint with a catalog model's shape")
+    make.add_argument("--model", required=True, help="catalog id, e.g. llama-3.1-8b")
+    make.add_argument("--out", required=True, type=Path)
+    make.add_argument("--shard-gb", type=float, default=2.0)
+    go = sub.add_parser("run", help="quantize, plan and train through the CLI, measured")
+    go.add_argument("--base", required=True, type=Path, help="folder written by `make`")
+    go.add_argument("--work", required=True, type=Path)
+    go.add_argument("--bits", type=int, default=4, choices=[4, 8])
+    go.add_argument("--mem", default="16GB")
+    go.add_argument("--seq-len", type=int, default=128)
+    go.add_argument("--batch", type=int, default=1)
+    go.add_argument("--steps", type=int, default=2)
+    go.add_argument("--limit-data", action="store_true", help="train under prlimit --data=<budget> (RLIMIT_DATA)")
+    args = parser.parse_args()
+    if args.command == "make":
+        print(json.dumps(make_checkpoint(args.model, args.out, int(args.shard_gb * 1e9))))
+        return
+    result = run(args)
+    (Path(args.work) / "result.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    if "train" in result:
+        print(markdown_row(result))
+
+
+if __name__ == "__main__":
+    main()
