@@ -17,10 +17,9 @@ Tied embeddings are stored once: the graph holds the (hidden, vocab) matrix that
 reads, and looks embeddings up as its columns (a Gather on axis 1 and a transpose of the few rows
 gathered) instead of keeping the (vocab, hidden) original beside a transposed copy.
 
-Weight-only quantization uses onnxruntime's `MatMulNBitsQuantizer` (block-wise, 4 or 8 bits,
-`accuracy_level=4` lets the kernel quantize activations to int8 and use integer dot products:
-the DESIGN anchor measured 57.7 tokens/s against 6.9 without it). A tied table is then shared in
-quantized form too: the embedding lookup becomes a `GatherBlockQuantized` over the lm_head's
+Weight-only quantization (quantize.py) uses onnxruntime's `MatMulNBitsQuantizer` (block-wise,
+4 or 8 bits; `accuracy_level=4` lets the kernel quantize activations to int8 and use integer dot
+products, onnxruntime's ContribOperators.md). A tied table is then shared in quantized form too: the embedding lookup becomes a `GatherBlockQuantized` over the lm_head's
 `MatMulNBits` weight, whose (vocab, hidden/block, block) layout is one quantized row per token
 (com.microsoft contrib operators, onnxruntime docs/ContribOperators.md).
 """
