@@ -43,8 +43,8 @@ def test_first_run_with_only_a_budget_fits_its_own_plan(tmp_path):
     assert summary["steps"] == 2 and summary["stopped"] is None
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert [r["step"] for r in records] == [1, 2]
-    # The guard's peak (the whole process's resident set) stayed inside the budget, and the plan's
-    # prediction plus its headroom covered it.
-    peak = summary["peak_rss_bytes"]
+    # The guard's peak (what the budget limits: anonymous memory on CPU) stayed inside the budget,
+    # and the plan's prediction plus its headroom covered it.
+    peak = summary["peak_bytes"]
     assert 0 < peak <= BUDGET
     assert peak <= plan["memory"]["total_bytes"] + plan["headroom"] * BUDGET

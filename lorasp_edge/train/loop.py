@@ -288,7 +288,9 @@ class Trainer:
                     "grad_norm": result["grad_norm"],
                     "tokens": self.tokens,
                     "tokens_per_s": result["tokens"] / step_seconds,
-                    "peak_rss_bytes": self.guard.peak_bytes() if self.guard else None,
+                    # peak_bytes: what the budget limits (guard.measure); peak_rss_bytes: the whole resident set
+                    "peak_bytes": self.guard.peak_bytes() if self.guard else None,
+                    "peak_rss_bytes": self.guard.peak_rss_bytes() if self.guard else None,
                     "elapsed_s": round(self.elapsed, 3),
                 }
                 if skipped:
@@ -302,7 +304,7 @@ class Trainer:
                 bar.set_postfix(
                     loss=f"{result['loss']:.4f}" if result["loss"] is not None else "-",
                     tok_s=f"{record['tokens_per_s']:.0f}",
-                    peak=_gigabytes(record["peak_rss_bytes"]),
+                    peak=_gigabytes(record["peak_bytes"]),
                     **({"skipped": skipped} if skipped else {}),
                     refresh=False,
                 )
@@ -337,7 +339,9 @@ class Trainer:
             "tokens": self.tokens,
             "train_seconds": round(self.elapsed, 2),
             "tokens_per_s": round(self.tokens / self.elapsed, 1) if self.elapsed else None,
-            "peak_rss_bytes": self.guard.peak_bytes() if self.guard else None,
+            "peak_bytes": self.guard.peak_bytes() if self.guard else None,
+            "peak_rss_bytes": self.guard.peak_rss_bytes() if self.guard else None,
+            "peak_measure": self.guard.measure if self.guard else None,
             "eval_loss": last_eval,
             "stopped": stopped,
             "skipped_steps": {reason: count for reason, count in self.skipped.items() if count},

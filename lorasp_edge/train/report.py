@@ -61,7 +61,8 @@ def format_summary(summary: dict) -> str:
     lines = [
         f"steps        {summary['steps']} of {summary['total_steps']}" + (f" (stopped: {summary['stopped']})" if summary.get("stopped") else ""),
         f"tokens       {summary['tokens']:,} in {summary['train_seconds']:.1f} s ({summary.get('tokens_per_s') or 0:.0f} tokens/s)",
-        f"peak memory  {gigabytes(summary.get('peak_rss_bytes'))} (plan: {gigabytes(summary.get('planned_total_bytes'))}, budget: {gigabytes(summary.get('budget_bytes'))})",
+        f"peak memory  {gigabytes(summary.get('peak_bytes'))} (plan: {gigabytes(summary.get('planned_total_bytes'))}, budget: {gigabytes(summary.get('budget_bytes'))}; "
+        f"{summary.get('peak_measure') or 'resident set'}; whole resident set {gigabytes(summary.get('peak_rss_bytes'))})",
     ]
     if summary.get("final_loss") is not None:
         lines.append(f"final loss   {summary['final_loss']:.4f}" + (f", eval loss {summary['eval_loss']:.4f}" if summary.get("eval_loss") is not None else ""))
