@@ -10,6 +10,8 @@ over one generated JSONL file), constant lr 2e-4, clip 1.0, no warmup:
 - lorasp-edge: the plan the planner makes for --mem (default 8 GB) at this seq and batch, then
   build_model / build_optimizer / train_step from lorasp_edge.train (what `lorasp-edge train` runs);
 - lorasp-edge-r16: the same plan at rank 16, alpha 32;
+- lorasp-edge-r16-compile: that, with every decoder layer compiled (`train --compile`); its first
+  step's time, which holds the compile, is printed as first_step_s;
 - peft-bf16: PEFT LoraConfig(r=16, lora_alpha=32, target_modules="all-linear") on the base loaded in
   bf16, torch AdamW (fused=True on CUDA, torch's default on CPU), model(input_ids, labels).loss;
 - peft-fp32: the same on an fp32 base (a first PEFT script); qlora: the same on an NF4 base (CUDA).
@@ -34,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-METHODS = ("lorasp-edge", "lorasp-edge-r16", "peft-bf16", "peft-fp32", "qlora")
+METHODS = ("lorasp-edge", "lorasp-edge-r16", "lorasp-edge-r16-compile", "peft-bf16", "peft-fp32", "qlora")
 CPU_METHODS = ("lorasp-edge", "lorasp-edge-r16", "peft-bf16", "peft-fp32")
 CUDA_METHODS = ("lorasp-edge", "lorasp-edge-r16", "peft-bf16", "qlora")
 LR = 2e-4
@@ -95,9 +97,9 @@ def run_lorasp(method: str, model: str, device, seq_len: int, batch: int, mem: i
     from lorasp_edge.train.step import train_step
 
     plan = plan_training(model=model, budget_bytes=mem, seq_len=seq_len, batch=batch)
-    if method == "lorasp-edge-r16":
+    if method.startswith("lorasp-edge-r16"):
         plan = dataclasses.replace(plan, rank=16, alpha=32.0)
-    peft_model = build_model(plan, model, device=device)
+    peft_model = build_model(plan, model, device=device, compile_layers=method.endswith("-compile"))
     optimizer = build_optimizer(peft_model, lr=LR)
     from lorasp_edge.train.loss import ChunkedCausalLMLoss
 
@@ -166,6 +168,7 @@ def measure(method: str, args, data: Path, model: str) -> dict:
     result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
     result["tokens_per_s"] = args.seq_len * args.batch / statistics.median(result["times"][args.warmup :])
     result["final_loss"] = statistics.mean(result["losses"][-3:])
+    result["first_step_s"] = result["times"][0]
     result["peak_bytes"] = result.get("peak_cuda_bytes", result["peak_rss_bytes"])
     return result
 
@@ -219,6 +222,8 @@ def main() -> None:
         speed, peak, loss = median(method, "tokens_per_s"), median(method, "peak_bytes"), median(method, "final_loss")
         cells = [f"{speed / median(p, 'tokens_per_s'):.2f}x | {peak / median(p, 'peak_bytes'):.2f}x | {loss / median(p, 'final_loss'):.3f}" for p in peers]
         print(f"| {method} | {speed:.1f} | {peak / 1e9:.2f} | {loss:.4f} | " + " | ".join(cells) + " |")
+    for method in methods:
+        print(f"{method} first step (compile included where compiled): {median(method, 'first_step_s'):.1f} s")
     for method in methods:
         if "plan" in results[method][0]:
             print(f"{method} plan: {results[method][0]['plan']}")

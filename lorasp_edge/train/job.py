@@ -144,7 +144,7 @@ def _train(request: TrainRequest, world: World, progress: bool, note) -> dict:
     probe.next_batch(plan.micro_batch)
     probe.close()
     torch.manual_seed(settings.seed)
-    model = build_model(plan, model_name, device=world.device, seed=settings.seed, redraw_every=settings.redraw_every)
+    model = build_model(plan, model_name, device=world.device, seed=settings.seed, redraw_every=settings.redraw_every, compile_layers=settings.compile)
     fingerprint = base_fingerprint(model.get_base_model())
     if record is not None and (base_note := contract.check_base(record, fingerprint, model_name)):
         notes.append(base_note)

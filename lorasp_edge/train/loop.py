@@ -33,6 +33,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from lorasp_edge.errors import NonFiniteError, OverBudgetError, UserError
 from lorasp_edge.models import load_model
@@ -68,8 +69,10 @@ from lorasp_edge.train.step import (  # noqa: F401 (train_step, evaluate, autoca
 # ------------------------------------------------------------------------------ the parts
 
 
-def build_model(plan, model_name: str, device: torch.device | str | None = None, seed: int = 0, redraw_every: int = 0):
-    """The base model as the plan says (bits, compute dtype, checkpointing) with LoRA-SP applied."""
+def build_model(plan, model_name: str, device: torch.device | str | None = None, seed: int = 0, redraw_every: int = 0,
+                compile_layers: bool = False):
+    """The base model as the plan says (bits, compute dtype, checkpointing) with LoRA-SP applied;
+    with `compile_layers`, each decoder layer compiled by torch.compile."""
     compute_dtype = DTYPES[plan.compute_dtype]
     quant_bits = plan.quant_bits if plan.quant_bits in (4, 8) else None
     model = load_model(model_name, quant_bits=quant_bits, compute_dtype=compute_dtype, device=device)
@@ -97,7 +100,23 @@ def build_model(plan, model_name: str, device: torch.device | str | None = None,
     # from_pretrained returns an eval-mode model, and transformers checkpoints layers only in
     # training mode: without this, a plan's gradient checkpointing would silently not happen.
     peft_model.train()
+    if compile_layers:
+        compile_decoder_layers(peft_model)
     return peft_model
+
+
+def compile_decoder_layers(model: nn.Module) -> int:
+    """torch.compile every decoder layer in place (`nn.Module.compile`, so state_dict keys do not
+    change and checkpoints, resume and the adapter file are the same as without it). The layers are
+    the classes transformers lists in `_no_split_modules`. Fixed shapes (`dynamic=False`): every
+    micro-batch has the plan's shape. Returns how many layers were compiled."""
+    names = set(getattr(model, "_no_split_modules", None) or getattr(model.get_base_model(), "_no_split_modules", None) or ())
+    layers = [module for module in model.modules() if type(module).__name__ in names]
+    if not layers:
+        raise UserError("--compile: this model declares no decoder layer classes to compile (transformers' _no_split_modules)")
+    for layer in layers:
+        layer.compile(dynamic=False)
+    return len(layers)
 
 
 def build_optimizer(model, lr: float = DEFAULT_LR, weight_decay: float = 0.0) -> LoRASPAdamW:

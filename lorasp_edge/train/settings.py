@@ -32,6 +32,7 @@ class TrainSettings:
     redraw_every: int = field(default=0, metadata={"help": "redraw LoRA-SP masks every K steps (0: fixed)"})
     skip_bad_lines: bool = field(default=False, metadata={"help": "count and skip malformed data lines instead of stopping"})
     max_nonfinite_steps: int = field(default=3, metadata={"help": "steps with a non-finite loss or gradient are skipped; stop (exit 5) after N in a row (0: never)"})
+    compile: bool = field(default=False, metadata={"help": "compile each decoder layer with torch.compile (the first steps pay the compile time; docs/performance.md)"})
     shuffle_buffer: int = field(default=DEFAULT_SHUFFLE_BUFFER, metadata={"help": "examples the data order is shuffled within, seeded by the seed and the epoch (0: file order)"})
 
     def problems(self) -> list[str]:
