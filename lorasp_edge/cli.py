@@ -20,6 +20,13 @@ from pathlib import Path
 
 from lorasp_edge.errors import UserError
 from lorasp_edge.export.formats import FORMATS
+from lorasp_edge.plan.search import PREFERENCES
+
+PREFER_HELP = (
+    "what spare memory goes to: speed (default: rank at most 16, where the quality evidence stops, then no "
+    "checkpointing and larger micro-batches), quality (rank up to 64 first), memory (the smallest peak at the best "
+    "coverage: lowest bits, checkpointing, micro-batch 1)"
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,9 +47,8 @@ def _add_plan(subparsers) -> None:
             "Choose the LoRA-SP setting (base bits, rank, target modules, adapted layers, checkpointing, micro-batch) "
             "with the best quality proxy whose predicted peak memory fits the budget with headroom, print it with its "
             "memory by component and write the plan file the trainer reads. Exit code 2 when nothing fits, with the "
-            "smallest budget that would. On CPU the prediction includes glibc's heap holes; on SmolLM2-135M from 4 x 256 "
-            "to 4 x 512 tokens (fp32) it ran from 6.5% under to 1.0% over the measured peaks, and 8.4% over on a small "
-            "model (docs/planner.md, tools/validate_planner.py, tools/heap_trace.py), inside the default 10% headroom."
+            "smallest budget that would. The prediction's measured errors, point by point with the tool that "
+            "measured them, are in docs/planner.md."
         ),
     )
     parser.add_argument("--mem", help="memory budget: 8GB, 8G, 7.5 GB, 8192MB (GB = 10^9 bytes) or 8GiB, 512MiB (GiB = 2^30); overrides --profile's")
@@ -52,6 +58,7 @@ def _add_plan(subparsers) -> None:
     parser.add_argument("--batch", type=int, help="effective batch in sequences per optimizer step, over all ranks (default 8)")
     parser.add_argument("--world-size", type=int, default=1, help="data-parallel ranks; memory is planned per rank (default 1)")
     parser.add_argument("--headroom", type=float, default=0.10, help="share of the budget kept free (default 0.10)")
+    parser.add_argument("--prefer", choices=PREFERENCES, default="speed", help=PREFER_HELP)
     parser.add_argument("--out", type=Path, default=Path("plan.json"), help="plan file to write (default plan.json)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of the table")
     parser.add_argument("--list-profiles", action="store_true", help="list the bundled device profiles and exit")
@@ -73,6 +80,7 @@ def _run_plan(args) -> int:
         batch=args.batch,
         world_size=args.world_size,
         headroom=args.headroom,
+        prefer=args.prefer,
     )
     try:
         plan.to_json(args.out)
@@ -120,6 +128,7 @@ def _add_train(subparsers) -> None:
     budget.add_argument("--mem", help="plan here for this memory budget (e.g. 8GB, 6GiB); default: free memory")
     parser.add_argument("--seq-len", type=int, help="tokens per block when planning here (default: the planner's)")
     parser.add_argument("--batch", type=int, help="effective batch in blocks when planning here")
+    parser.add_argument("--prefer", choices=PREFERENCES, help="when planning here: " + PREFER_HELP)
     parser.add_argument("--eval-data", type=Path, help="held-out data: eval loss every --eval-every steps and at the end")
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="optimizer steps (on --resume: a larger total stretches the schedule to end there)")
@@ -131,6 +140,7 @@ def _add_train(subparsers) -> None:
                        ("max_nonfinite_steps", int)):
         parser.add_argument("--" + name.replace("_", "-"), type=kind, help=_setting_help(name))
     parser.add_argument("--skip-bad-lines", action="store_true", default=None, help=_setting_help("skip_bad_lines"))
+    parser.add_argument("--compile", action="store_true", default=None, help=_setting_help("compile"))
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint, exactly; changed flags are applied with a note or refused")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -139,7 +149,7 @@ def _add_train(subparsers) -> None:
 
 TRAIN_SETTING_FLAGS = (
     "steps", "epochs", "lr", "weight_decay", "warmup_steps", "max_grad_norm", "seed", "shuffle_buffer", "save_every",
-    "eval_every", "redraw_every", "max_nonfinite_steps", "skip_bad_lines",
+    "eval_every", "redraw_every", "max_nonfinite_steps", "skip_bad_lines", "compile",
 )
 
 
@@ -157,6 +167,7 @@ def _run_train(args) -> int:
         mem_bytes=_memory_argument(args.mem) if args.mem else None,
         seq_len=args.seq_len,
         batch=args.batch,
+        prefer=args.prefer or "speed",
         eval_data=args.eval_data,
         resume=args.resume,
         device=args.device,
@@ -201,6 +212,10 @@ def _add_export(subparsers) -> None:
     parser.add_argument("--gguf-type", help="--format gguf: f16, bf16, f32, q8_0, q5_1, q5_0, q4_1 or q4_0 (default: f16)")
     parser.add_argument("--opset", type=int, help="ONNX opset, 14-20 (default: 17)")
     parser.add_argument("--eval-text", type=Path, help="held-out text file for perplexity (default: the Python language reference)")
+    parser.add_argument("--adapter-only", action="store_true",
+                        help="no merge: write the adapter for a runtime that applies it, beside the base as trained (--format gguf: llama.cpp --lora)")
+    parser.add_argument("--mem", help="memory budget, e.g. 8GB or 6GiB: exit 2 with the estimate before any work if the export would not fit")
+    parser.add_argument("--min-agreement", type=float, help="lowest greedy agreement with the merged model that a quantized ONNX, genai or GGUF export may show (default 0.95 for 8/16-bit, 0.70 for 4-bit; random-weight models have near-tied logits and need 0)")
     parser.set_defaults(run=_run_export)
 
 
@@ -208,8 +223,8 @@ def _run_export(args) -> int:
     from lorasp_edge.export.pipeline import ExportSettings, export
 
     # Options left out take ExportSettings' defaults (the one place they are written).
-    options = {name: getattr(args, name) for name in ("format", "quantize", "block_size", "gguf_type", "opset") if getattr(args, name) is not None}
-    settings = ExportSettings(adapter=args.adapter, out=args.out, model=args.model, eval_text=args.eval_text, **options)
+    options = {name: getattr(args, name) for name in ("format", "quantize", "block_size", "gguf_type", "opset", "mem", "min_agreement") if getattr(args, name) is not None}
+    settings = ExportSettings(adapter=args.adapter, out=args.out, model=args.model, eval_text=args.eval_text, adapter_only=args.adapter_only, **options)
     report = export(settings, progress=lambda message: print(message, file=sys.stderr, flush=True))
     manifest = report.manifest
     print(f"exported to {report.out} in {report.seconds:.0f} s")

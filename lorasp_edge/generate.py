@@ -1,6 +1,7 @@
 """Text generation with an exported model: onnxruntime over the KV-cache decoder graph, a merged
 Hugging Face folder through transformers, a GGUF file through llama.cpp (llama-cpp-python) or an
-onnxruntime-genai folder through onnxruntime-genai (both optional installs). Every backend only
+onnxruntime-genai folder through onnxruntime-genai (both optional installs); a LoRA adapter GGUF
+beside a GGUF model is applied by llama.cpp at run time. Every backend only
 returns logits; token choice, stopping and streaming are the same code for all of them.
 
     prompt -> prefill (whole prompt, empty cache) -> logits of the last position
@@ -169,8 +170,12 @@ GENAI_CONFIG = "genai_config.json"
 def resolve_model_dir(path: Path) -> tuple[Path, str]:
     """The folder (or .gguf file) to load and its backend. An export root prefers its fp32 ONNX
     model, then its genai folder, its GGUF file, its merged HF folder."""
+    from lorasp_edge.export.llamacpp import is_adapter
+
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
+        if is_adapter(path):
+            raise UserError(f"{path}: is a LoRA adapter GGUF; pass the base model GGUF beside it (the adapter there is applied)")
         return path, "llama.cpp"
     if not path.is_dir():
         raise UserError(f"{path}: no such model folder or .gguf file")
@@ -181,11 +186,11 @@ def resolve_model_dir(path: Path) -> tuple[Path, str]:
         if (candidate / GENAI_CONFIG).is_file():
             return candidate, "onnxruntime-genai"
     for candidate in (path, path / "gguf"):
-        found = sorted(candidate.glob("*.gguf")) if candidate.is_dir() else []
+        found = [file for file in sorted(candidate.glob("*.gguf")) if not is_adapter(file)] if candidate.is_dir() else []
         if len(found) == 1:
             return found[0], "llama.cpp"
         if len(found) > 1:
-            raise UserError(f"{candidate}: holds {len(found)} .gguf files; name one with --model")
+            raise UserError(f"{candidate}: holds {len(found)} .gguf model files; name one with --model")
     for candidate in (path, path / "hf"):
         if (candidate / "config.json").is_file() and any(candidate.glob("*.safetensors")):
             return candidate, "transformers"
@@ -214,7 +219,7 @@ def load_stepper(model_dir: Path, backend: str, threads: int | None = None, leng
     if backend == "llama.cpp":
         from lorasp_edge.export.llamacpp import LlamaCppModel
 
-        return LlamaCppModel(model_dir, context=length, threads=threads)
+        return LlamaCppModel(model_dir, context=length, threads=threads, lora=adapter_beside(model_dir))
     if backend == "onnxruntime-genai":
         from lorasp_edge.export.genai import GenaiModel
 
@@ -227,6 +232,17 @@ def load_stepper(model_dir: Path, backend: str, threads: int | None = None, leng
     except (OSError, ValueError) as error:
         raise UserError(f"{model_dir}: transformers cannot load it ({str(error).splitlines()[0]})") from None
     return TorchStepper(model.eval())
+
+
+def adapter_beside(model_path: Path) -> Path | None:
+    """The LoRA adapter GGUF in a GGUF model's folder (as `export --adapter-only` writes it), which
+    llama.cpp then applies at run time like `llama-cli --lora`; None when there is none."""
+    from lorasp_edge.export.llamacpp import is_adapter
+
+    found = [file for file in sorted(model_path.parent.glob("*.gguf")) if file != model_path and is_adapter(file)]
+    if len(found) > 1:
+        raise UserError(f"{model_path.parent}: holds {len(found)} LoRA adapter GGUF files; keep the one to apply")
+    return found[0] if found else None
 
 
 def eos_token_ids(model_dir: Path, tokenizer) -> set[int]:

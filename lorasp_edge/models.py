@@ -155,6 +155,13 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as error:
         raise UserError(_load_failure(name, "model", error)) from None
+    if stored_bits is not None:
+        # A pre-quantized checkpoint keeps its float tensors (embeddings, norms, lm_head) in the
+        # dtype they were stored in, whatever `dtype` asks: bf16 ones would turn every matmul into
+        # bf16, which a CPU without native bf16 runs many times slower. Cast them as asked.
+        for param in model.parameters():
+            if param.is_floating_point() and param.dtype != compute_dtype:
+                param.data = param.data.to(compute_dtype)
     if stored_bits == 4:
         # The checkpoint records the compute dtype it was written for; compute in the one asked for.
         import bitsandbytes as bnb

@@ -78,6 +78,11 @@ def test_load_model_uses_the_quantized_folder_and_checks_bits(tmp_path, model_di
     quantize_checkpoint(model_dir, out, 4, torch.float32)
     model = load_model(str(out), quant_bits=4, compute_dtype=torch.float32, device="cpu")
     assert isinstance(model.model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
+    # Float tensors (embeddings, norms, lm_head) come in the compute dtype asked for, whatever the
+    # folder stores (a bf16 one on a CPU without bf16 would run every matmul in slow bf16).
+    for dtype in (torch.float32, torch.bfloat16):
+        floats = {p.dtype for p in load_model(str(out), quant_bits=4, compute_dtype=dtype, device="cpu").parameters() if p.is_floating_point()}
+        assert floats == {dtype}
     for wrong in (8, None):
         with pytest.raises(UserError, match="pre-quantized 4-bit checkpoint"):
             load_model(str(out), quant_bits=wrong, device="cpu")

@@ -1,16 +1,19 @@
 """Every export format side by side on one model: generation speed, file size, held-out
 perplexity and greedy agreement with PyTorch.
 
-    python tools/bench_formats.py [--model smollm2-135m] [--threads 2] [--new-tokens 128] [--rounds 2]
+    python tools/bench_formats.py [--model smollm2-135m] [--threads 2] [--new-tokens 128] [--repeats 5]
+                                  [--write-docs docs/export.md]
 
 Formats: ONNX fp32/int8/int4 (onnxruntime), onnxruntime-genai fp32/int4 (the same graphs), GGUF
 f16/q8_0/q4_0 (llama.cpp through llama-cpp-python); a runtime that is not installed is skipped.
 Speed: batch 1, greedy, `--new-tokens` tokens after a chat prompt (EOS does not stop it), prefill
-included, the best of `--rounds` runs, each runtime limited to `--threads` threads; token choice
-is lorasp-edge's own loop over each runtime's logits, as in `lorasp-edge generate`. Perplexity:
-the first `--eval-tokens` tokens of the Python language reference, windows of 512. Agreement: the
-share of 128 teacher-forced positions where the format's argmax is PyTorch fp32's greedy token
-(lorasp_edge.export.agreement). Prints a Markdown table.
+included, the median of `--repeats` runs after one warm-up run, each runtime limited to
+`--threads` threads; token choice is lorasp-edge's own loop over each runtime's logits, as in
+`lorasp-edge generate`. Perplexity: the first `--eval-tokens` tokens of the Python language
+reference, windows of 512. Agreement: the share of 128 teacher-forced positions where the format's
+argmax is PyTorch fp32's greedy token (lorasp_edge.export.agreement). Prints a Markdown table and
+the ONNX int8/int4 speed over llama.cpp's q8_0/q4_0 from the same run; `--write-docs FILE` also
+puts them into FILE between the lines MARK_START and MARK_END.
 """
 
 from __future__ import annotations
@@ -18,22 +21,53 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 PROMPT = "Explain in a few sentences why the sky is blue."
+MARK_START = "<!-- bench_formats: start -->"
+MARK_END = "<!-- bench_formats: end -->"
+# (ONNX row, llama.cpp row) pairs whose speed ratio the issue's target names
+RATIOS = (("onnx-int8", "gguf-q8_0"), ("onnx-int4", "gguf-q4_0"))
 
 
-def speed(stepper, prompt_ids: list[int], new_tokens: int, rounds: int) -> float:
+def speed(stepper, prompt_ids: list[int], new_tokens: int, repeats: int) -> float:
+    """Median tokens/s of `repeats` greedy generations of `new_tokens` (after one warm-up run)."""
     from lorasp_edge.generate import generate_ids
 
-    best = 0.0
-    for _ in range(rounds):
+    rates = []
+    for run in range(repeats + 1):
         started = time.perf_counter()
         count = sum(1 for _ in generate_ids(stepper, prompt_ids, new_tokens))
-        best = max(best, count / (time.perf_counter() - started))
-    return best
+        if run:
+            rates.append(count / (time.perf_counter() - started))
+    return statistics.median(rates)
+
+
+def table(rows: list[tuple], header: str) -> str:
+    """The Markdown table, then the speed ratios the targets name (rows keyed by format name)."""
+    lines = [header, "", "| format | tokens/s | size MB | perplexity | greedy agreement |", "| --- | --- | --- | --- | --- |"]
+    for _key, name, rate, size, value, agreed in rows:
+        rate = rate if isinstance(rate, str) else f"{rate:.1f}"
+        lines.append(f"| {name} | {rate} | {size / 1e6:.1f} | {value:.3f} | {agreed:.1%} |")
+    rates = {key: rate for key, _name, rate, *_ in rows if not isinstance(rate, str)}
+    ratios = [f"{ours} / {theirs}: {rates[ours] / rates[theirs]:.2f}x" for ours, theirs in RATIOS if ours in rates and theirs in rates]
+    if ratios:
+        lines += ["", "Speed ratios in this run: " + "; ".join(ratios) + " (target: >= 1.0x)."]
+    return "\n".join(lines) + "\n"
+
+
+def write_into(path: Path, text: str) -> None:
+    """Replace what lies between MARK_START and MARK_END in `path` (both lines must be there)."""
+    from lorasp_edge.files import write_text_atomic
+
+    document = path.read_text()
+    start, end = document.find(MARK_START), document.find(MARK_END)
+    if start < 0 or end < start:
+        raise SystemExit(f"{path}: needs the lines {MARK_START} and {MARK_END} around the table")
+    write_text_atomic(path, document[: start + len(MARK_START)] + "\n" + text + document[end:])
 
 
 def main() -> int:
@@ -41,7 +75,8 @@ def main() -> int:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per format (the median is reported)")
+    parser.add_argument("--write-docs", type=Path, help="also write the table into this file between the markers")
     parser.add_argument("--eval-tokens", type=int, default=1024)
     parser.add_argument("--formats", default="onnx,onnx-int8,onnx-int4,genai,genai-int4,gguf-f16,gguf-q8_0,gguf-q4_0")
     args = parser.parse_args()
@@ -70,7 +105,7 @@ def main() -> int:
         prompt = ids[: agreement.PROMPT_TOKENS]
         continuation = agreement.greedy_continuation(model, prompt)
         prompt_ids = encode_prompt(tokenizer, PROMPT, chat=bool(getattr(tokenizer, "chat_template", None)))
-        rows = [("PyTorch fp32 (reference)", "-", 4 * sum(p.numel() for p in model.parameters()), perplexity(torch_logits_fn(model), ids, window), 1.0)]
+        rows = [("pytorch", "PyTorch fp32 (reference)", "-", 4 * sum(p.numel() for p in model.parameters()), perplexity(torch_logits_fn(model), ids, window), 1.0)]
 
         onnx_dirs = {"onnx": root / "onnx"}
         onnx_dirs["onnx"].mkdir()
@@ -84,7 +119,7 @@ def main() -> int:
                 write_side_files(model, tokenizer, onnx_dirs[f"onnx-{bits}"])
         for name in [n for n in wanted if n.startswith("onnx")]:
             decoder = OnnxDecoder(onnx_dirs[name] / ONNX_FILE, threads=args.threads)
-            rows.append((f"ONNX {name[5:] or 'fp32'} (onnxruntime)", speed(OnnxStepper(decoder), prompt_ids, args.new_tokens, args.rounds),
+            rows.append((name, f"ONNX {name[5:] or 'fp32'} (onnxruntime)", speed(OnnxStepper(decoder), prompt_ids, args.new_tokens, args.repeats),
                          files_bytes(onnx_dirs[name]), perplexity(onnx_logits_fn(decoder), ids, window),
                          agreement.measure(onnx_logits_fn(decoder), prompt, continuation, 0).agreement))
         if genai.available():
@@ -97,7 +132,7 @@ def main() -> int:
                 (folder / genai.GENAI_CONFIG).write_text(json.dumps(genai.genai_config(model.config, model.generation_config)))
                 runtime = genai.GenaiModel(folder, threads=args.threads, max_length=len(prompt_ids) + args.new_tokens)
                 probe = genai.GenaiModel(folder, threads=args.threads, max_length=window + 2)
-                rows.append((f"genai {name[6:] or 'fp32'} (onnxruntime-genai)", speed(runtime, prompt_ids, args.new_tokens, args.rounds),
+                rows.append((name, f"genai {name[6:] or 'fp32'} (onnxruntime-genai)", speed(runtime, prompt_ids, args.new_tokens, args.repeats),
                              files_bytes(folder), perplexity(probe.logits, ids, window),
                              agreement.measure(probe.logits, prompt, continuation, 0).agreement))
         if llamacpp.available():
@@ -105,16 +140,17 @@ def main() -> int:
                 type_name = name[5:]
                 path = write_gguf_file(model, tokenizer, root / f"{name}.gguf", type_name)
                 runtime = llamacpp.LlamaCppModel(path, context=max(window + 1, len(prompt) + len(continuation)), threads=args.threads)
-                rows.append((f"GGUF {type_name} (llama.cpp)", speed(runtime, prompt_ids, args.new_tokens, args.rounds), path.stat().st_size,
+                rows.append((name, f"GGUF {type_name} (llama.cpp)", speed(runtime, prompt_ids, args.new_tokens, args.repeats), path.stat().st_size,
                              perplexity(runtime.logits, ids, window), agreement.measure(runtime.logits, prompt, continuation, 0).agreement))
 
-    print(f"# {args.model}: {args.new_tokens} new tokens, batch 1, {args.threads} threads, best of {args.rounds}; "
-          f"perplexity on {len(ids)} held-out tokens; agreement over {len(continuation)} tokens")
-    print("| format | tokens/s | size MB | perplexity | greedy agreement |")
-    print("|---|---|---|---|---|")
-    for name, rate, size, value, agreed in rows:
-        rate = rate if isinstance(rate, str) else f"{rate:.1f}"
-        print(f"| {name} | {rate} | {size / 1e6:.1f} | {value:.3f} | {agreed:.1%} |")
+    load = os.getloadavg()[0]
+    header = (f"{args.model}: {args.new_tokens} new tokens, batch 1, {args.threads} threads, median of {args.repeats} runs; "
+              f"perplexity on {len(ids)} held-out tokens; agreement over {len(continuation)} tokens; "
+              f"load average {load:.1f} on {os.cpu_count()} CPUs when it ended.")
+    text = table(rows, header)
+    print(text, end="")
+    if args.write_docs is not None:
+        write_into(args.write_docs, text)
     return 0
 
 

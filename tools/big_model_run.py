@@ -2,6 +2,7 @@
 
     python tools/big_model_run.py make --model llama-3.1-8b --out /scratch/llama8b
     python tools/big_model_run.py run --base /scratch/llama8b --work /scratch/run8b --mem 16GB --seq-len 128 --batch 1
+    python tools/big_model_run.py load --model /scratch/run8b/q4
 
 `make` writes a random-init bf16 checkpoint with the catalog entry's published shape, one shard at
 a time (normal(0, 0.02) weights, unit norms), so making it needs about one shard of memory. The
@@ -11,7 +12,10 @@ quantized folder, and `lorasp-edge train --steps N` under that plan; with `--lim
 trainer runs under RLIMIT_DATA = the budget (prlimit: the kernel refuses private writable memory
 past it, which bounds anonymous memory from above; file pages are outside it). Each child's
 /proc/PID/status is sampled every 20 ms: peak resident set (VmRSS, and the kernel's VmHWM), peak
-anonymous memory (VmRSS - RssFile) and peak VmData. It prints one JSON result and a Markdown row.
+anonymous memory (VmRSS - RssFile) and peak VmData, written every ~10 s to <log>.peaks.json so a
+run stopped early keeps them. It prints one JSON result and a Markdown row. `run --quantize-only`
+stops after quantizing (a later `run` reuses the folder and its figures); `load` reports the
+anonymous memory loading a quantized folder adds against the bytes of its tensors.
 """
 
 from __future__ import annotations
@@ -113,6 +117,7 @@ def measured_run(command: list[str], log: Path, prefix: list[str] | None = None)
         child = subprocess.Popen((prefix or []) + command, stdout=handle, stderr=subprocess.STDOUT)
 
         def sample():
+            samples = 0
             while child.poll() is None:
                 fields = _status(child.pid)
                 if "VmRSS" in fields and "RssFile" in fields:
@@ -120,6 +125,9 @@ def measured_run(command: list[str], log: Path, prefix: list[str] | None = None)
                     peaks["anonymous"] = max(peaks["anonymous"], fields["VmRSS"] - fields["RssFile"])
                     peaks["hwm"] = max(peaks["hwm"], fields.get("VmHWM", 0))
                     peaks["data"] = max(peaks["data"], fields.get("VmData", 0))
+                samples += 1
+                if samples % 500 == 0:  # peaks so far, every ~10 s: a run stopped early still has them
+                    log.with_suffix(".peaks.json").write_text(json.dumps(peaks | {"seconds": round(time.perf_counter() - started, 1)}))
                 time.sleep(0.02)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -148,8 +156,13 @@ def run(args) -> dict:
     result = {"base": str(args.base), "bits": args.bits, "mem": args.mem, "seq_len": args.seq_len, "batch": args.batch, "steps": args.steps}
     if not (quantized / "config.json").is_file():
         result["quantize"] = measured_run(cli + ["quantize", "--model", str(args.base), "--bits", str(args.bits), "--out", str(quantized), "--no-progress"], work / "quantize.log")
+        (work / "quantize.json").write_text(json.dumps(result["quantize"]))
         if result["quantize"]["exit"] != 0:
             return result
+    elif (work / "quantize.json").is_file():  # quantized by an earlier `run --quantize-only`
+        result["quantize"] = json.loads((work / "quantize.json").read_text())
+    if args.quantize_only:
+        return result
     plan_path = work / "plan.json"
     plan = subprocess.run(cli + ["plan", "--mem", args.mem, "--model", str(quantized), "--seq-len", str(args.seq_len), "--batch", str(args.batch), "--out", str(plan_path)], capture_output=True, text=True, check=False)
     (work / "plan.log").write_text(plan.stdout + plan.stderr)
@@ -191,6 +204,36 @@ def markdown_row(result: dict) -> str:
     )
 
 
+def load_only(folder: Path, bits: int) -> dict:
+    """Anonymous memory that loading a (pre-quantized) folder adds, against the bytes of its tensors."""
+    import gc
+
+    import bitsandbytes as bnb
+
+    from lorasp_edge.models import load_model
+
+    def anonymous() -> int:
+        fields = {}
+        with open("/proc/self/status") as status:
+            for line in status:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "RssFile"):
+                    fields[key] = int(value.split()[0]) * 1024
+        return fields["VmRSS"] - fields["RssFile"]
+
+    before = anonymous()
+    model = load_model(str(folder), quant_bits=bits, compute_dtype=torch.float32, device="cpu")
+    gc.collect()
+    added = anonymous() - before
+    tensors = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}
+    states = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = module.weight.quant_state
+            states += sum(t.numel() * t.element_size() for t in (state.absmax, state.code, state.state2.absmax, state.state2.code))
+    return {"folder": str(folder), "anonymous_added": added, "tensor_bytes": sum(tensors.values()) + states}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -207,7 +250,14 @@ def main() -> None:
     go.add_argument("--batch", type=int, default=1)
     go.add_argument("--steps", type=int, default=2)
     go.add_argument("--limit-data", action="store_true", help="train under prlimit --data=<budget> (RLIMIT_DATA)")
+    go.add_argument("--quantize-only", action="store_true", help="stop after quantizing (a later run reuses it and its figures)")
+    load = sub.add_parser("load", help="anonymous memory that loading a quantized folder adds, against its tensors' bytes")
+    load.add_argument("--model", required=True, type=Path, help="folder written by `lorasp-edge quantize`")
+    load.add_argument("--bits", type=int, default=4, choices=[4, 8])
     args = parser.parse_args()
+    if args.command == "load":
+        print(json.dumps(load_only(args.model, args.bits)))
+        return
     if args.command == "make":
         print(json.dumps(make_checkpoint(args.model, args.out, int(args.shard_gb * 1e9))))
         return

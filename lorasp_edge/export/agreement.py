@@ -59,8 +59,28 @@ def measure(logits_of: Callable[[list[int]], np.ndarray], prompt: list[int], con
     return Agreement(float(same.mean()), len(continuation), int(differs[0]) if len(differs) else None, limit)
 
 
-def limit_for_bits(bits: int) -> float:
-    return AGREEMENT_LIMIT[16 if bits >= 16 else 8 if bits >= 8 else 4]
+def limit_for_bits(bits: int, settings=None) -> float:
+    """The gate for weights of `bits` bits; `settings.min_agreement` (export --min-agreement) overrides it."""
+    given = getattr(settings, "min_agreement", None)
+    return given if given is not None else AGREEMENT_LIMIT[16 if bits >= 16 else 8 if bits >= 8 else 4]
+
+
+def argmax_recorder(logits_of: Callable[[list[int]], np.ndarray], picks: list) -> Callable[[list[int]], np.ndarray]:
+    """`logits_of` that also appends each call's argmax per position to `picks`."""
+    def recorded(ids: list[int]) -> np.ndarray:
+        logits = logits_of(ids)
+        picks.append(np.asarray(logits).argmax(-1))
+        return logits
+
+    return recorded
+
+
+def held_out_agreement(picks: list, reference_picks: list, limit: float) -> Agreement:
+    """Agreement of two runs of argmax_recorder over the same held-out windows (teacher-forced on the text)."""
+    ours, reference = np.concatenate(picks), np.concatenate(reference_picks)
+    same = ours == reference
+    differs = np.flatnonzero(~same)
+    return Agreement(float(same.mean()), len(same), int(differs[0]) if len(differs) else None, limit)
 
 
 def model_context(model, tokenizer, folder, eval_tokens: int = 1024, window: int = 512, say=None):

@@ -239,7 +239,7 @@ def verify_genai(folder: Path, context: ExportContext, bits: int) -> dict:
             raise VerificationError(
                 f"onnxruntime-genai's greedy tokens differ from PyTorch's within {GREEDY_TOKENS} tokens ({folder.name}); nothing was written"
             )
-    agreed = agreement.measure(runtime.logits, prompt, continuation, agreement.limit_for_bits(bits))
+    agreed = agreement.measure(runtime.logits, prompt, continuation, agreement.limit_for_bits(bits, context.settings))
     record["agreement"] = asdict(agreed)
     context.say(f"  {folder.name}: greedy agreement {agreed.agreement:.1%} over {agreed.positions} tokens (limit {agreed.limit:.0%})")
     if not agreed.passed:

@@ -71,19 +71,21 @@ def write_gguf(context: ExportContext) -> None:
     verify_gguf(folder / name, type_name, context, record)
 
 
-def verify_gguf(path: Path, type_name: str, context: ExportContext, record: dict | None = None) -> dict:
-    """Run the GGUF in llama.cpp against the merged model, filling `record` as each check runs (so a
-    caller keeps the measured part after a failure); raises VerificationError on a failed check."""
+def verify_gguf(path: Path, type_name: str, context: ExportContext, record: dict | None = None, lora: Path | None = None) -> dict:
+    """Run the GGUF in llama.cpp against the reference model (`context.merged`), filling `record` as
+    each check runs (so a caller keeps the measured part after a failure); raises VerificationError
+    on a failed check. With `lora`, llama.cpp applies that adapter GGUF at run time (unmerged)."""
     import llama_cpp
 
     merged, tokenizer, say, ids = context.merged, context.tokenizer, context.say, context.ids
     bits = GGUF_BITS[type_name]
     prompt = ids[: agreement.PROMPT_TOKENS]
     length = max(context.window + 1, len(prompt) + agreement.CONTINUATION_TOKENS)
-    runtime = llamacpp.LlamaCppModel(path, context=length)
+    runtime = llamacpp.LlamaCppModel(path, context=length, lora=lora)
     record = {} if record is None else record
     record["runtime"] = f"llama.cpp (llama-cpp-python {llama_cpp.__version__})"
-    say(f"verifying the GGUF in llama.cpp: tokenizer, logits, greedy tokens, perplexity ({type_name})")
+    label = f"{type_name}+lora" if lora is not None else type_name
+    say(f"verifying the GGUF in llama.cpp: tokenizer, logits, greedy tokens, perplexity ({label})")
 
     text = tokenizer.decode(ids)
     same_tokens = runtime.tokenize(text) == list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -98,34 +100,35 @@ def verify_gguf(path: Path, type_name: str, context: ExportContext, record: dict
     greedy = runtime.greedy(prompt, GREEDY_TOKENS)
     record.update({"logits": asdict(check), "greedy_tokens": GREEDY_TOKENS, "greedy_equal": greedy == continuation[:GREEDY_TOKENS]})
     if type_name in GGUF_TOLERANCE:
-        record["tolerance"] = GGUF_TOLERANCE[type_name]
-        say(f"  {type_name}: max |logit diff| {check.max_abs_diff:.2e} ({check.relative_diff:.2e} of the logit scale), "
+        limit = GGUF_TOLERANCE[type_name]
+        record["tolerance"] = limit
+        say(f"  {label}: max |logit diff| {check.max_abs_diff:.2e} ({check.relative_diff:.2e} of the logit scale), "
             f"greedy {GREEDY_TOKENS} tokens {'equal' if record['greedy_equal'] else 'differ'}")
-        if check.relative_diff > GGUF_TOLERANCE[type_name]:
+        if check.relative_diff > limit:
             raise VerificationError(
-                f"llama.cpp's {type_name} logits differ from PyTorch by {check.relative_diff:.2e} of the logit scale "
-                f"> tolerance {GGUF_TOLERANCE[type_name]:.0e}; nothing was written"
+                f"llama.cpp's {label} logits differ from PyTorch by {check.relative_diff:.2e} of the logit scale "
+                f"> tolerance {limit:.0e}; nothing was written"
             )
         if not record["greedy_equal"]:
-            raise VerificationError(f"llama.cpp's greedy tokens differ from PyTorch's within {GREEDY_TOKENS} tokens ({type_name}); nothing was written")
+            raise VerificationError(f"llama.cpp's greedy tokens differ from PyTorch's within {GREEDY_TOKENS} tokens ({label}); nothing was written")
 
-    agreed = agreement.measure(runtime.logits, prompt, continuation, agreement.limit_for_bits(bits))
+    agreed = agreement.measure(runtime.logits, prompt, continuation, agreement.limit_for_bits(bits, context.settings))
     record["agreement"] = asdict(agreed)
     scores = context.manifest["perplexity"]
     if "pytorch" not in scores:
         scores.update({"tokens": len(ids), "window": context.window, "pytorch": perplexity(torch_logits_fn(merged), ids, context.window)})
     value = perplexity(runtime.logits, ids, context.window)
-    scores[f"gguf-{type_name}"] = value
+    scores[f"gguf-{label}"] = value
     ratio, limit = value / scores["pytorch"], PERPLEXITY_RATIO_LIMIT[bits]
     record.update({"perplexity_ratio": ratio, "perplexity_ratio_limit": limit})
-    say(f"  {type_name}: greedy agreement {agreed.agreement:.1%} over {agreed.positions} tokens (limit {agreed.limit:.0%}), "
+    say(f"  {label}: greedy agreement {agreed.agreement:.1%} over {agreed.positions} tokens (limit {agreed.limit:.0%}), "
         f"perplexity {value:.3f} (x{ratio:.3f} of PyTorch, limit {limit})")
     if not agreed.passed:
         raise VerificationError(
-            f"llama.cpp's {type_name} picks PyTorch's greedy token at {agreed.agreement:.1%} of {agreed.positions} positions "
+            f"llama.cpp's {label} picks PyTorch's greedy token at {agreed.agreement:.1%} of {agreed.positions} positions "
             f"(limit {agreed.limit:.0%}); nothing was written"
         )
     if ratio > limit:
-        raise VerificationError(f"llama.cpp's {type_name} perplexity is {ratio:.3f}x PyTorch's (limit {limit}); nothing was written")
+        raise VerificationError(f"llama.cpp's {label} perplexity is {ratio:.3f}x PyTorch's (limit {limit}); nothing was written")
     return record
 

@@ -20,22 +20,37 @@ def available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
-class LlamaCppModel:
-    """One llama.cpp context over a GGUF file; logits for every position of an evaluated sequence."""
+def is_adapter(path: str | Path) -> bool:
+    """Whether a GGUF file is a LoRA adapter (general.type 'adapter') rather than a model."""
+    import gguf
 
-    def __init__(self, path: str | Path, context: int = 512, threads: int | None = None):
+    try:
+        field = gguf.GGUFReader(str(path)).fields.get("general.type")
+    except (ValueError, IndexError, KeyError, OSError):  # a damaged file: loading it reports the problem
+        return False
+    return field is not None and field.contents() == "adapter"
+
+
+class LlamaCppModel:
+    """One llama.cpp context over a GGUF file (and a LoRA adapter GGUF applied at run time, as
+    `llama-cli --lora` does); logits for every position of an evaluated sequence."""
+
+    def __init__(self, path: str | Path, context: int = 512, threads: int | None = None, lora: str | Path | None = None):
         if not available():
             raise UserError(f"{path}: running a GGUF file needs llama-cpp-python: {INSTALL_HINT}")
         import llama_cpp
 
         self.path = Path(path)
         kwargs = {"n_threads": threads, "n_threads_batch": threads} if threads else {}
+        if lora is not None:
+            kwargs["lora_path"] = str(lora)
         try:
             self.llm = llama_cpp.Llama(
                 model_path=str(self.path), n_ctx=context, n_batch=min(context, 512), logits_all=True, verbose=False, **kwargs,
             )
         except (ValueError, RuntimeError) as error:
-            raise UserError(f"{self.path}: llama.cpp cannot load it ({str(error).splitlines()[0]})") from None
+            with_lora = f" with the adapter {lora}" if lora is not None else ""
+            raise UserError(f"{self.path}: llama.cpp cannot load it{with_lora} ({str(error).splitlines()[0]})") from None
         self.context = context
         self.length = 0
 

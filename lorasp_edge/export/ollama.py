@@ -128,10 +128,11 @@ def stop_words(tokenizer, eos_ids: set[int], pieces: ChatPieces | None) -> list[
     return words
 
 
-def modelfile(gguf_name: str, tokenizer, eos_ids: set[int], generation_config) -> tuple[str, bool]:
-    """The Modelfile's text and whether it carries a TEMPLATE derived from the chat template."""
+def modelfile(gguf_name: str, tokenizer, eos_ids: set[int], generation_config, adapter: str | None = None) -> tuple[str, bool]:
+    """The Modelfile's text and whether it carries a TEMPLATE derived from the chat template.
+    `adapter` names a LoRA adapter GGUF beside the base, applied by Ollama's ADAPTER instruction."""
     pieces = chat_pieces(tokenizer)
-    lines = [f"FROM ./{gguf_name}", ""]
+    lines = [f"FROM ./{gguf_name}", *([f"ADAPTER ./{adapter}"] if adapter else []), ""]
     if pieces is not None:
         lines += [f'TEMPLATE """{pieces.go_template()}"""']
         if pieces.default_system:

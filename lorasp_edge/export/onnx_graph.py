@@ -107,7 +107,9 @@ class DecoderWithCache(nn.Module):
         if self.tied:
             # The (hidden, vocab) table both the lookup and the logits MatMul read: one copy in the graph.
             # A parameter, not a buffer: the tracer turns buffers into one Constant node per use.
-            table = model.get_input_embeddings().weight.detach().t().contiguous()
+            weight = model.get_input_embeddings().weight.detach()
+            # A zero-stride placeholder (onnx_stream: weights streamed in later) stays a view.
+            table = weight.t() if 0 in weight.stride() else weight.t().contiguous()
             self.register_parameter(TIED_TABLE, nn.Parameter(table, requires_grad=False))
 
     def forward(self, input_ids, attention_mask, position_ids, *past):

@@ -2,7 +2,8 @@
 
 The fp32 graph must match the merged PyTorch model within `tolerance` x the logit scale over a
 prefill and 3 decode steps; a quantized graph must keep its held-out perplexity within a ratio of
-the fp32 graph's (PERPLEXITY_RATIO_LIMIT).
+the fp32 graph's (PERPLEXITY_RATIO_LIMIT) and pick the merged model's argmax at a share of the
+held-out positions (export/agreement.py's limits, or --min-agreement).
 """
 
 from __future__ import annotations
@@ -10,12 +11,23 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from lorasp_edge.errors import VerificationError
+from lorasp_edge.export import agreement
 from lorasp_edge.export.context import ExportContext
 from lorasp_edge.export.hf import write_side_files
+from lorasp_edge.export.layered import LayerStreamed
+from lorasp_edge.export.memory import trim_heap
 from lorasp_edge.export.onnx_graph import ONNX_FILE, export_decoder, files_bytes
 from lorasp_edge.export.onnx_runtime import OnnxDecoder
-from lorasp_edge.export.quantize import quantize_decoder
-from lorasp_edge.export.verify import DECODE_STEPS, onnx_logits_fn, perplexity, torch_logits_fn, verify_onnx
+from lorasp_edge.export.onnx_stream import export_decoder_streamed
+from lorasp_edge.export.quantize import quantize_decoder_streamed
+from lorasp_edge.export.verify import (
+    DECODE_STEPS,
+    onnx_logits_fn,
+    perplexity,
+    reference_steps,
+    torch_logits_fn,
+    verify_onnx,
+)
 
 QUANT_BITS = {"int8": 8, "int4": 4}
 # Largest allowed held-out perplexity of a quantized graph over the fp32 graph's.
@@ -28,14 +40,23 @@ def write_onnx(context: ExportContext) -> None:
     say(f"exporting the ONNX decoder (opset {settings.opset})")
     onnx_dir = context.folder / "onnx"
     onnx_dir.mkdir()
-    export_decoder(merged, onnx_dir, settings.opset, settings.external_threshold_bytes)
+    if isinstance(merged, LayerStreamed):  # weights on disk: traced with placeholders, filled from the shards
+        export_decoder_streamed(merged.config, merged.weights, onnx_dir, settings.opset, settings.external_threshold_bytes)
+    else:
+        export_decoder(merged, onnx_dir, settings.opset, settings.external_threshold_bytes)
     write_side_files(merged, context.tokenizer, onnx_dir)
     sizes["onnx"] = files_bytes(onnx_dir)
     sizes["fp32_parameters"] = 4 * sum(p.numel() for p in merged.parameters())
 
+    say(f"scoring PyTorch perplexity on {len(context.ids)} held-out tokens")
+    # Before the session opens: the PyTorch side's transient memory and the session's do not add up.
+    reference_picks: list = []  # PyTorch's argmax at every held-out position: the quantized graphs' agreement
+    pytorch_perplexity = perplexity(agreement.argmax_recorder(torch_logits_fn(merged), reference_picks), context.ids, context.window)
+    references = reference_steps(merged, context.input_ids, context.attention_mask)
     say("verifying onnxruntime against PyTorch: prefill + 3 decode steps")
-    fp32 = OnnxDecoder(onnx_dir / ONNX_FILE)
-    check = verify_onnx(fp32, merged, context.input_ids, context.attention_mask)
+    trim_heap()
+    fp32 = OnnxDecoder(onnx_dir / ONNX_FILE, prepack=False)
+    check = verify_onnx(fp32, merged, context.input_ids, context.attention_mask, references=references)
     verification["onnx"] = {**asdict(check), "tolerance": settings.tolerance, "decode_steps": DECODE_STEPS}
     say(f"  fp32: max |logit diff| {check.max_abs_diff:.2e} ({check.relative_diff:.2e} of the logit scale), greedy agreement {check.greedy_agreement:.1%}")
     if check.relative_diff > settings.tolerance:
@@ -43,40 +64,50 @@ def write_onnx(context: ExportContext) -> None:
             f"ONNX logits differ from PyTorch by {check.relative_diff:.2e} of the logit scale (max |diff| {check.max_abs_diff:.2e}) "
             f"> tolerance {settings.tolerance:.0e}; nothing was written"
         )
-    say(f"scoring perplexity on {len(context.ids)} held-out tokens")
+    say(f"scoring onnxruntime perplexity on {len(context.ids)} held-out tokens")
     manifest["perplexity"].update(
         {
             "tokens": len(context.ids),
             "window": context.window,
             "source": str(settings.eval_text) if settings.eval_text else "pydoc_data.topics (Python language reference)",
-            "pytorch": perplexity(torch_logits_fn(merged), context.ids, context.window),
+            "pytorch": pytorch_perplexity,
             "onnx": perplexity(onnx_logits_fn(fp32), context.ids, context.window),
         }
     )
+    del fp32  # one onnxruntime session at a time: the fp32 one is the largest
     if settings.quantize != "none":
-        _write_quantized(context, onnx_dir)
+        _write_quantized(context, onnx_dir, references, reference_picks)
 
 
-def _write_quantized(context: ExportContext, onnx_dir) -> None:
+def _write_quantized(context: ExportContext, onnx_dir, references: list, reference_picks: list) -> None:
     settings, manifest, say = context.settings, context.manifest, context.say
     bits = QUANT_BITS[settings.quantize]
     say(f"quantizing to {settings.quantize} (MatMulNBits, block {settings.block_size})")
     name = f"onnx-{settings.quantize}"
     quant_dir = context.folder / name
     quant_dir.mkdir()
-    quantize_decoder(onnx_dir / ONNX_FILE, quant_dir, bits, settings.block_size, external_threshold_bytes=settings.external_threshold_bytes)
+    quantize_decoder_streamed(onnx_dir / ONNX_FILE, quant_dir, bits, settings.block_size, external_threshold_bytes=settings.external_threshold_bytes)
     write_side_files(context.merged, context.tokenizer, quant_dir)
     manifest["files"][name] = files_bytes(quant_dir)
-    quantized = OnnxDecoder(quant_dir / ONNX_FILE)
-    check = verify_onnx(quantized, context.merged, context.input_ids, context.attention_mask)
-    quantized_perplexity = perplexity(onnx_logits_fn(quantized), context.ids, context.window)
+    trim_heap()
+    quantized = OnnxDecoder(quant_dir / ONNX_FILE, prepack=False)
+    check = verify_onnx(quantized, context.merged, context.input_ids, context.attention_mask, references=references)
+    picks: list = []
+    quantized_perplexity = perplexity(agreement.argmax_recorder(onnx_logits_fn(quantized), picks), context.ids, context.window)
+    agreed = agreement.held_out_agreement(picks, reference_picks, agreement.limit_for_bits(bits, settings))
     ratio = quantized_perplexity / manifest["perplexity"]["onnx"]
     limit = PERPLEXITY_RATIO_LIMIT[settings.quantize]
     manifest["perplexity"][name] = quantized_perplexity
     manifest["verification"][name] = {
         **asdict(check), "perplexity_ratio": ratio, "perplexity_ratio_limit": limit, "block_size": settings.block_size,
+        "agreement": {**asdict(agreed), "compared": "argmax at every held-out position, teacher-forced on the text, against the merged PyTorch model"},
     }
-    say(f"  {settings.quantize}: greedy agreement {check.greedy_agreement:.1%}, perplexity x{ratio:.3f} of fp32 ONNX, "
-        f"{manifest['files'][name] / 1e6:.1f} MB")
+    say(f"  {settings.quantize}: greedy agreement {agreed.agreement:.1%} over {agreed.positions} held-out positions (limit {agreed.limit:.0%}), "
+        f"perplexity x{ratio:.3f} of fp32 ONNX, {manifest['files'][name] / 1e6:.1f} MB")
+    if not agreed.passed:
+        raise VerificationError(
+            f"{settings.quantize} ONNX picks the merged model's greedy token at {agreed.agreement:.1%} of {agreed.positions} held-out positions "
+            f"(limit {agreed.limit:.0%}, --min-agreement); nothing was written"
+        )
     if ratio > limit:
         raise VerificationError(f"{settings.quantize} ONNX perplexity is {ratio:.3f}x the fp32 graph's (limit {limit}); nothing was written")

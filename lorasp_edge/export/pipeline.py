@@ -43,6 +43,12 @@ MERGE_TOLERANCE = {None: 1e-3, 4: 1e-3, 8: 5e-2}
 MANIFEST_FILE = "manifest.json"
 
 
+def merge_base(base_bits: int | None, merged: bool = True) -> str:
+    """The manifest's statement of which base weights the exported files hold."""
+    base = f"the dequantized {base_bits}-bit base the adapter was trained against" if base_bits else "the base as trained (unquantized)"
+    return f"{base} plus the adapter's delta (alpha/r) B A, merged in fp32" if merged else f"{base}, unmerged; the adapter is applied by the runtime"
+
+
 @dataclass
 class ExportSettings:
     adapter: Path = field(metadata={"help": "adapter folder written by `lorasp-edge train`"})
@@ -57,6 +63,9 @@ class ExportSettings:
     eval_text: Path | None = field(default=None, metadata={"help": "held-out text file for perplexity; default: the Python reference"})
     eval_tokens: int = field(default=1024, metadata={"help": "held-out tokens scored for perplexity"})
     external_threshold_bytes: int = field(default=PROTOBUF_LIMIT_BYTES, metadata={"help": "weights above this go to model.onnx_data"})
+    min_agreement: float | None = field(default=None, metadata={"help": "lowest greedy agreement with the merged model a quantized or runtime export may show (default: 0.95 for 8/16-bit, 0.70 for 4-bit)"})
+    mem: str | None = field(default=None, metadata={"help": "memory budget (e.g. 8GB): refuse before any work when the export's estimate exceeds it"})
+    adapter_only: bool = field(default=False, metadata={"help": "write the adapter unmerged beside its base, for runtimes that apply it (--format gguf)"})
 
     def problems(self) -> list[str]:
         found = []
@@ -80,6 +89,17 @@ class ExportSettings:
             found.append(f"--eval-text {self.eval_text}: no such file")
         if self.eval_tokens < 32:
             found.append(f"--eval-tokens must be >= 32, not {self.eval_tokens}")
+        if self.min_agreement is not None and not 0 <= self.min_agreement <= 1:
+            found.append(f"--min-agreement must be in [0, 1], not {self.min_agreement}")
+        if self.adapter_only:
+            found.extend(export_formats.adapter_problems(self.formats))
+        if self.mem is not None:
+            from lorasp_edge.plan.units import parse_memory
+
+            try:
+                parse_memory(self.mem)
+            except UserError as error:
+                found.append(f"--mem: {error}")
         return found
 
     @property
@@ -190,12 +210,24 @@ def export(settings: ExportSettings, progress: Callable[[str], None] | None = No
         raise UserError(f"{adapter_dir / 'lorasp.json'}: base_quant_bits must be 4, 8 or null, not {base_bits!r}")
     _check_out(out)
     _check_formats_support(settings, model_name, resolve_model)
+    from lorasp_edge.export.streamed import check_export_budget, export_streamed, source_folder, streamable
+
+    # A local safetensors base exports streamed: one layer in memory at a time (export/streamed.py).
+    source = source_folder(model_name, base_bits) if streamable(settings) else None
+    if settings.mem is not None:
+        check_export_budget(settings, model_name, source, base_bits, say)
+    if source is not None:
+        return export_streamed(settings, source, adapter_dir, out, info, model_name, base_bits, started, say)
 
     say(f"loading base '{model_name}'" + (f" ({base_bits}-bit, as trained)" if base_bits else ""))
     base = load_model(model_name, quant_bits=base_bits, compute_dtype=torch.float32, device="cpu")
     tokenizer = load_tokenizer(model_name)
-    say(f"merging adapter {adapter_dir} in fp32")
+    say(f"loading adapter {adapter_dir} (unmerged)" if settings.adapter_only else f"merging adapter {adapter_dir} in fp32")
     adapted = load_adapter(base, adapter_dir)
+    if settings.adapter_only:  # no merge: the runtime applies the adapter (export/adapter_export.py)
+        from lorasp_edge.export.adapter_export import export_adapter_only
+
+        return export_adapter_only(settings, adapted, tokenizer, model_name=model_name, base_bits=base_bits, info=info, started=started, say=say)
     merged = merged_model(adapted)
     merged.generation_config = copy.deepcopy(base.generation_config)
     parameter_count = sum(p.numel() for p in merged.parameters())
@@ -226,6 +258,7 @@ def export(settings: ExportSettings, progress: Callable[[str], None] | None = No
             {
                 "base_model": model_name,
                 "base_quant_bits": base_bits,
+                "merge_base": merge_base(base_bits),
                 "adapter": {
                     "path": str(adapter_dir.resolve()),
                     "sha256": adapter_hash(adapter_dir),
@@ -237,6 +270,9 @@ def export(settings: ExportSettings, progress: Callable[[str], None] | None = No
             }
         )
         manifest["verification"]["merge"] = {**asdict(merge_check), "tolerance": merge_tolerance}
+        from lorasp_edge.export.memory import peak_rss_bytes
+
+        manifest["peak_rss_bytes"] = peak_rss_bytes()
         manifest["seconds"] = round(time.perf_counter() - started, 1)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         replace_dir(tmp, out)

@@ -15,8 +15,8 @@ import torch
 
 from lorasp_edge.errors import UserError
 
-
 DECODE_STEPS = 3
+PERPLEXITY_ROWS = 64
 
 
 @dataclass
@@ -81,29 +81,40 @@ def compare(reference: list[torch.Tensor], candidate: list[np.ndarray | torch.Te
     return Comparison(max_abs, max_abs / scale if scale else max_abs, agree / count, count)
 
 
-def verify_onnx(decoder, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, steps: int = DECODE_STEPS) -> Comparison:
+def reference_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, steps: int = DECODE_STEPS) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """PyTorch full recompute over the prefill and `steps` greedy decode steps: (ids, mask, logits) per step.
+
+    Computed before any onnxruntime session opens, the PyTorch side's memory and the session's
+    do not add up; `verify_onnx` takes the list instead of recomputing it for every graph."""
+    steps_out = [(input_ids, attention_mask, reference_logits(model, input_ids, attention_mask))]
+    for _ in range(steps):
+        ids, mask, reference = steps_out[-1]
+        next_ids = reference[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, next_ids], dim=1)
+        mask = torch.cat([mask, torch.ones_like(next_ids)], dim=1)
+        steps_out.append((ids, mask, reference_logits(model, ids, mask)))
+    return steps_out
+
+
+def verify_onnx(decoder, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, steps: int = DECODE_STEPS,
+                references: list | None = None) -> Comparison:
     """onnxruntime with its KV cache against PyTorch full recompute: prefill, then `steps` decode steps.
 
     Both sides are fed the same tokens (PyTorch's greedy choice), so one early argmax flip does not
-    make every later step incomparable.
+    make every later step incomparable. `references` (from `reference_steps`) replaces `model`'s forwards.
     """
-    references, candidates, masks = [], [], []
-    reference = reference_logits(model, input_ids, attention_mask)
-    logits, past = decoder(input_ids.numpy(), attention_mask.numpy(), _positions(attention_mask).numpy(), decoder.empty_cache(len(input_ids)))
-    references.append(reference)
-    candidates.append(logits)
-    masks.append(attention_mask)
-    for _ in range(steps):
-        next_ids = reference[:, -1].argmax(-1, keepdim=True)
-        position = _positions(attention_mask)[:, -1:] + 1
-        input_ids = torch.cat([input_ids, next_ids], dim=1)
-        attention_mask = torch.cat([attention_mask, torch.ones_like(next_ids)], dim=1)
-        reference = reference_logits(model, input_ids, attention_mask)
-        logits, past = decoder(next_ids.numpy(), attention_mask.numpy(), position.numpy(), past)
-        references.append(reference[:, -1:])
+    references = references or reference_steps(model, input_ids, attention_mask, steps)
+    ids, mask, reference = references[0]
+    logits, past = decoder(ids.numpy(), mask.numpy(), _positions(mask).numpy(), decoder.empty_cache(len(ids)))
+    wanted, candidates, masks = [reference], [logits], [mask]
+    for ids, mask, reference in references[1:]:
+        next_ids = ids[:, -1:]
+        position = _positions(mask)[:, -1:]
+        logits, past = decoder(next_ids.numpy(), mask.numpy(), position.numpy(), past)
+        wanted.append(reference[:, -1:])
         candidates.append(logits)
         masks.append(torch.ones_like(next_ids))
-    return compare(references, candidates, masks)
+    return compare(wanted, candidates, masks)
 
 
 def perplexity(logits_of: Callable[[list[int]], np.ndarray], ids: list[int], window: int) -> float:
@@ -113,9 +124,12 @@ def perplexity(logits_of: Callable[[list[int]], np.ndarray], ids: list[int], win
         chunk = ids[start : start + window + 1]
         if len(chunk) < 2:
             break
-        logits = torch.as_tensor(logits_of(chunk[:-1]), dtype=torch.float64)
+        logits = torch.as_tensor(logits_of(chunk[:-1]))
         targets = torch.tensor(chunk[1:])
-        total += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+        # float64 a slice of positions at a time: a whole window's copy is window x vocab x 8 bytes
+        for row in range(0, len(targets), PERPLEXITY_ROWS):
+            part = logits[row : row + PERPLEXITY_ROWS].to(torch.float64)
+            total += float(torch.nn.functional.cross_entropy(part, targets[row : row + PERPLEXITY_ROWS], reduction="sum"))
         count += len(targets)
     return float(np.exp(total / count))
 

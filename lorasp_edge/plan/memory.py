@@ -44,13 +44,11 @@ RUNTIME_BYTES = {"cpu": 411_000_000, "cuda": 300 * 2**20, "mps": 411_000_000}
 # micro-batch's forward grows the heap again: 1,360 and 1,665 MB free, 0.31-0.43 more; the third
 # and fourth add nothing. Backward only reuses holes. The churn terms (per-layer working set,
 # first-step allocations) are fitted on tools/validate_planner.py's grid (docs/planner.md).
-GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit (glibc malloc/malloc.c)
 HEAP_HOLES_OF_FORWARD = 0.62  # of the activations saved with grad (measured 0.56-0.67, mean)
 HEAP_HOLES_OF_ACCUMULATION = 0.37  # of the same, more, when micro-batches accumulate (0.31-0.43)
 HEAP_SLACK_OF_LAYER = 3.5  # of one layer's working set (its activations and backward)
 HEAP_SLACK_OF_RECOMPUTE = 2.0  # of one layer's working set more under checkpointing
 HEAP_SLACK_BYTES = 10_000_000  # first-step allocations: oneDNN kernels, thread pools, autograd
-HEAP_SLACK_OF_LOAD = 0.5  # of the compute-dtype copy quantization makes of each linear weight
 
 
 @dataclass(frozen=True)
@@ -158,22 +156,25 @@ def lora_entries(arch: Architecture, setting: Candidate) -> tuple[int, int]:
 
 
 def lora_state_bytes(arch: Architecture, setting: Candidate) -> dict[str, int]:
-    """fp32 LoRA weights and full-size fp32 gradients (frozen entries' gradients are zeroed, not
-    dropped), one bool mask byte per entry (adapter._set_trainable_mask), and AdamW m and v in fp32
-    for trainable entries only (optim.MaskedAdamW; Loshchilov & Hutter 2019, Alg. 2).
+    """LoRA-SP as the trainer holds it (lorasp_edge.train.flat: all N entries of a model's LoRA
+    matrices in one fp32 `full` buffer, the T trainable ones as one `values` parameter at int64
+    positions `index`, the matrices rebuilt by a scatter each forward and cached until the next):
+    weights = full + rebuilt + values; gradients = the rebuilt matrices' (autograd gathers the
+    per-matrix gradients before the scatter's backward picks `values`' out of them) + values';
+    AdamW m and v in fp32 for `values` only (Loshchilov & Hutter 2019, Alg. 2).
     Under mixed precision autocast keeps a compute-dtype copy of every LoRA weight for the step."""
     total, trainable = lora_entries(arch, setting)
     compute_bytes = DTYPE_BYTES[setting.compute_dtype]
     casts = total * compute_bytes if compute_bytes != LORA_BYTES else 0
     state = {
-        "lora_weights": total * LORA_BYTES + casts,
-        "lora_grads": total * LORA_BYTES,
-        "lora_masks": total,
+        "lora_weights": 2 * total * LORA_BYTES + trainable * LORA_BYTES + casts,
+        "lora_grads": total * LORA_BYTES + trainable * LORA_BYTES,
+        "lora_index": 8 * trainable,
         "optimizer_state": 2 * 4 * trainable,
     }
     if setting.world_size > 1:
-        # DistributedDataParallel copies gradients into flat buckets of the same size.
-        state["ddp_buckets"] = total * LORA_BYTES
+        # DistributedDataParallel copies the gradients it reduces (`values`') into flat buckets.
+        state["ddp_buckets"] = trainable * LORA_BYTES
     return state
 
 
@@ -310,22 +311,19 @@ def heap_slack_bytes(arch: Architecture, setting: Candidate, saved_bytes: int) -
 
     Holes the forward leaves (a share of the activations saved with grad, `saved_bytes`; more when
     micro-batches accumulate), plus a few layers' working sets of churn at the step's peak.
-    Loading a 4/8-bit model first makes a compute-dtype (LLM.int8: fp16) copy of each linear
-    weight to quantize it, leaving holes the size of those copies; training reuses them, so the
-    larger of the two leftovers counts, not their sum."""
+    Loading leaves no holes: on CPU a 4/8-bit base is loaded pre-quantized (lorasp_edge.models),
+    and quantizing it into the cache hands the heap back after each tensor (prequantize._trim_heap).
+    Measured: loading a pre-quantized Qwen2.5-0.5B-shape folder (tools/big_model_run.py `make`,
+    `lorasp-edge quantize --bits 4`) adds 0.78 GB of anonymous memory for 0.73 GB of tensors, where
+    the term this replaced (half the compute-dtype copies of the linear weights) counted 0.36 GB."""
     layer = layer_activation_bytes(arch, setting) + layer_backward_bytes(arch, setting)
     holes = HEAP_HOLES_OF_FORWARD + HEAP_HOLES_OF_ACCUMULATION * (setting.grad_accum > 1)
-    training = (
+    return int(
         holes * saved_bytes
         + HEAP_SLACK_OF_LAYER * layer
         + HEAP_SLACK_OF_RECOMPUTE * layer * setting.gradient_checkpointing
         + HEAP_SLACK_BYTES
     )
-    converts = setting.quant_bits == 8 or (setting.quant_bits == 4 and arch.checkpoint_dtype != setting.compute_dtype)
-    # A copy of 32 MiB or more gets its own mmap from glibc and goes back to the system when freed.
-    copies = sum(2 * linear.weight_params for linear in arch.linears() if 2 * linear.weight_params < GLIBC_MMAP_THRESHOLD_MAX)
-    loading = HEAP_SLACK_OF_LOAD * copies * arch.num_layers if converts else 0
-    return int(max(training, loading))
 
 
 # ----------------------------------------------------------------------------- the total

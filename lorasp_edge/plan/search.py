@@ -11,10 +11,16 @@ Quality proxy, compared in this order (larger is better):
   1. coverage: the share of the decoder's linear weights that carry an adapter. QLoRA found
      adapting every linear layer is what matches full fine-tuning, more than rank or base
      precision (Dettmers et al. 2023, arXiv 2305.14314, Sec. 4 and Fig. 2).
-  2. base precision: 16 > 8 > 4 bits (NF4 comes close to 16-bit but not above it; ibid., Table 3).
-  3. rank (Hu et al. 2021, arXiv 2106.09685, Table 6: small ranks already do well; more never hurt).
-Among settings of equal quality the fastest wins: no checkpointing (it recomputes the forward,
-about +33% compute; Chen et al. 2016), then the largest micro-batch, then the largest loss chunk.
+  2. base precision: a 16-bit base above a quantized one; 8- and 4-bit are one tier. LoRA over an
+     Int8, FP4 or NF4 + double-quantized base matches 16-bit LoRA on GLUE and
+     Super-NaturalInstructions (ibid., Table 3), so at equal coverage 8 bits buy no measured
+     quality, while NF4's smaller base leaves room for a higher rank or more headroom.
+  3. rank (Hu et al. 2021, arXiv 2106.09685, Table 6: small ranks already do well; more never hurt),
+     at most 16 unless `prefer="quality"` (SPEED_MAX_RANK: where the measured quality stops rising).
+Among settings of equal quality (an 8- and a 4-bit base tie) the fastest wins: no checkpointing (it
+recomputes the forward, about +33% compute; Chen et al. 2016), then the largest micro-batch, then
+the largest loss chunk; then an 8-bit base before a 4-bit one (QUANTIZED_ORDER).
+`prefer="memory"` takes the best coverage and rank that fit, at the smallest peak instead.
 The feasible set only grows with the budget, so more memory never gives a lower-quality plan.
 """
 
@@ -35,6 +41,31 @@ RANKS = (64, 32, 16, 8, 4)
 LAYER_SHARES = (1.0, 0.75, 0.5, 0.25, 0.125)
 LOSS_CHUNKS = (1024, 512, 256, 128)
 BITS_ORDER = (16, 8, 4)
+# At equal quality (8- and 4-bit at one coverage and rank) and equal speed option, 8-bit comes
+# first: bitsandbytes' CPU path runs it at least as fast. tools/bench_base_bits.py, fp32, on a shared 2-core machine with
+# other jobs running: one decoder layer's frozen linears at Llama-3.1-8B's shapes, forward + input
+# gradient on 512 tokens, 90.7 s at 8 bits against 126.2 s at 4 (x1.39, median of 2); a whole
+# SmolLM2-135M training step, 1 x 128 tokens, rank 16 on every linear, 2.93 s against 3.01 s.
+QUANTIZED_ORDER = (8, 4)
+
+
+# What the plan spends spare memory on (`plan --prefer`):
+#   speed    (default) rank at most SPEED_MAX_RANK; the rest goes to throughput (no checkpointing,
+#            larger micro-batches, one lm_head pass).
+#   quality  rank up to 64 before throughput.
+#   memory   the smallest peak among the best-coverage settings at rank <= SPEED_MAX_RANK (lowest
+#            bits, checkpointing, micro-batch 1): the most room left for the rest of the device.
+PREFERENCES = ("speed", "quality", "memory")
+# Rank 16 is where the quality evidence stops: on SmolLM2-135M (tools/bench_quality.py,
+# docs/results.md, 50 steps, 3 seeds) LoRA-SP at rank 32 reached 62.1 +- 4.4% exact match and held-out
+# loss 0.315, rank 16 at twice the lr (the trainer's default lr) 62.0 +- 3.0% and 0.299: rank 32
+# bought nothing at twice the optimizer state. Rank 64 was not measured better anywhere.
+SPEED_MAX_RANK = 16
+
+
+def quality_key(coverage_share: float, bits: int, rank: int) -> tuple:
+    """What the search maximizes (module docstring): coverage, a 16-bit base over a quantized one, rank."""
+    return (round(coverage_share, 6), bits == 16, rank)
 
 
 
@@ -113,8 +144,10 @@ def plan_training(
     world_size: int = 1,
     headroom: float = DEFAULT_HEADROOM,
     device: Device | None = None,
+    prefer: str = "speed",
 ) -> Plan:
-    """The highest-quality setting that fits `budget_bytes` (or the profile's budget) with headroom.
+    """The highest-quality setting that fits `budget_bytes` (or the profile's budget) with headroom,
+    spending spare memory as `prefer` says (PREFERENCES).
 
     Raises UserError for bad input and NoFitError (exit code 2) when nothing fits.
     """
@@ -129,6 +162,8 @@ def plan_training(
     seq_len = DEFAULT_SEQ_LEN if seq_len is None else seq_len
     batch = DEFAULT_BATCH if batch is None else batch
     _check_request(arch, budget_bytes, seq_len, batch, world_size, headroom)
+    if prefer not in PREFERENCES:
+        raise UserError(f"--prefer must be one of {', '.join(PREFERENCES)}, not {prefer!r}")
     if batch % world_size:
         raise UserError(f"--batch {batch} must be a multiple of the world size {world_size}")
 
@@ -155,20 +190,34 @@ def plan_training(
     for targets in target_choices(arch):
         for layers in layer_choices(arch.num_layers):
             for bits in bits_allowed:
-                for rank in RANKS:
-                    key = (round(coverage(arch, targets, layers), 6), -BITS_ORDER.index(bits), rank)
+                for rank in RANKS if prefer == "quality" else [r for r in RANKS if r <= SPEED_MAX_RANK]:
+                    key = quality_key(coverage(arch, targets, layers), bits, rank)
                     candidates.append((key, bits, targets, layers, rank))
-    candidates.sort(key=lambda c: c[0], reverse=True)
+    # Best quality first; within one quality, 8-bit before 4-bit.
+    candidates.sort(key=lambda c: (c[0], -QUANTIZED_ORDER.index(c[1]) if c[1] in QUANTIZED_ORDER else 0), reverse=True)
 
     speed_options = [(ckpt, mb, chunk) for ckpt in (False, True) for mb in _divisors_descending(per_rank_batch) for chunk in loss_chunks(mb, seq_len)]
     smallest = min(speed_options, key=lambda o: (not o[0], o[1], o[2]))  # checkpointing, micro-batch 1, smallest chunk
+    if prefer == "memory":
+        # The best coverage and rank that fit at all, then whichever bits and option need least.
+        for key, bits, targets, layers, rank in candidates:
+            if total(setting(bits, targets, layers, rank, *smallest)) <= usable:
+                chosen = min((setting(b, targets, layers, rank, *option) for b in bits_allowed for option in speed_options), key=total)
+                key = quality_key(coverage(arch, targets, layers), chosen.quant_bits, rank)
+                return _make_plan(info, arch, chosen, budget_bytes, headroom, device, profile, per_rank_batch, key, prefer)
+    # The best quality that fits; among the settings of that quality (8- and 4-bit bases tie), the one
+    # whose fastest fitting option comes first in speed_options; on a tie, candidates' order.
+    best = None
     for key, bits, targets, layers, rank in candidates:
+        if best is not None and key != best[0]:
+            break
         if total(setting(bits, targets, layers, rank, *smallest)) > usable:
             continue
-        for option in speed_options:
-            chosen = setting(bits, targets, layers, rank, *option)
-            if total(chosen) <= usable:
-                return _make_plan(info, arch, chosen, budget_bytes, headroom, device, profile, per_rank_batch, key)
+        speed = next(i for i, option in enumerate(speed_options) if total(setting(bits, targets, layers, rank, *option)) <= usable)
+        if best is None or speed < best[1]:
+            best = (key, speed, setting(bits, targets, layers, rank, *speed_options[speed]))
+    if best is not None:
+        return _make_plan(info, arch, best[2], budget_bytes, headroom, device, profile, per_rank_batch, best[0], prefer)
 
     cheapest = min((setting(bits, targets, layers, rank, *smallest) for _, bits, targets, layers, rank in candidates), key=total)
     needed = math.ceil(total(cheapest) / (1 - headroom))
@@ -209,12 +258,12 @@ def plan_for_setting(model: str | None, setting: memory.Candidate, device: Devic
     """The plan file for one given setting, without searching (validation and tests use it)."""
     info = model_info(model)
     arch = info.architecture
-    key = (round(coverage(arch, setting.target_modules, setting.adapted_layers), 6), -BITS_ORDER.index(setting.quant_bits), setting.rank)
+    key = quality_key(coverage(arch, setting.target_modules, setting.adapted_layers), setting.quant_bits, setting.rank)
     budget = budget_bytes if budget_bytes is not None else memory.estimate(arch, setting, device.kind, device.unified_memory)["total_bytes"]
     return _make_plan(info, arch, setting, budget, DEFAULT_HEADROOM, device, None, setting.micro_batch * grad_accum, key)
 
 
-def _make_plan(info: ModelInfo, arch, s: memory.Candidate, budget_bytes, headroom, device, profile, per_rank_batch, key) -> Plan:
+def _make_plan(info: ModelInfo, arch, s: memory.Candidate, budget_bytes, headroom, device, profile, per_rank_batch, key, prefer="speed") -> Plan:
     parts = memory.estimate(arch, s, device.kind, device.unified_memory)
     return Plan(
         model={
@@ -243,7 +292,7 @@ def _make_plan(info: ModelInfo, arch, s: memory.Candidate, budget_bytes, headroo
         gradient_checkpointing=s.gradient_checkpointing,
         loss_chunk_tokens=s.loss_chunk_tokens,
         memory=parts,
-        quality={"coverage": key[0], "quant_bits": s.quant_bits, "rank": s.rank},
+        quality={"coverage": key[0], "quant_bits": s.quant_bits, "rank": s.rank, "prefer": prefer},
     )
 
 
@@ -265,13 +314,29 @@ COMPONENT_LABELS = {
     "checkpoint_pages": "mapped checkpoint pages",
     "lora_weights": "LoRA weights (fp32)",
     "lora_grads": "LoRA gradients (fp32)",
-    "lora_masks": "LoRA-SP masks",
+    "lora_index": "LoRA-SP trainable index",
     "optimizer_state": "AdamW m, v (trainable half)",
     "ddp_buckets": "DDP gradient buckets",
     "activations": "activations",
     "transient": "loss chunk or layer backward",
     "allocator_slack": "allocator slack",
 }
+
+
+def throughput_class(plan: Plan) -> str:
+    """What the plan's step spends beyond one forward and one backward, as a class."""
+    costs = []
+    if plan.gradient_checkpointing:
+        costs.append("checkpointing recomputes the forward (about +33% compute; Chen et al. 2016)")
+    if plan.loss_chunk_tokens < plan.micro_batch * (plan.seq_len - 1):
+        costs.append("the loss recomputes lm_head in chunks")
+    if plan.quant_bits in (4, 8):
+        costs.append(f"every matmul dequantizes the {plan.quant_bits}-bit base")
+    if plan.micro_batch == 1 and plan.grad_accum > 1:
+        costs.append("micro-batch 1 (small matmuls)")
+    if not costs:
+        return "full: one forward and one backward per micro-batch, nothing recomputed"
+    return ("reduced: " if len(costs) == 1 else "low: ") + "; ".join(costs)
 
 
 def format_plan(plan: Plan) -> str:
@@ -293,7 +358,9 @@ def format_plan(plan: Plan) -> str:
         f"  batch        {plan.micro_batch} micro x {plan.grad_accum} accum x {plan.world_size} rank(s) = {plan.effective_batch} x {plan.seq_len} tokens",
         f"  checkpoint   {'on' if plan.gradient_checkpointing else 'off'}",
         f"  loss chunk   {plan.loss_chunk_tokens} tokens",
-        f"  quality      coverage {plan.quality.get('coverage', 0):.0%} of linear weights, {plan.quant_bits}-bit base, rank {plan.rank}",
+        f"  quality      coverage {plan.quality.get('coverage', 0):.0%} of linear weights, {plan.quant_bits}-bit base, rank {plan.rank}"
+        + (f" (--prefer {plan.quality['prefer']})" if plan.quality.get("prefer") else ""),
+        f"  throughput   {throughput_class(plan)}",
         "",
         f"{'memory (per rank)':34s}{'bytes':>16s}{'% budget':>10s}",
     ]

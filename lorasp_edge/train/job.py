@@ -57,6 +57,7 @@ class TrainRequest:
     mem_bytes: int | None = field(default=None, metadata={"help": "budget when planning here; default: free memory"})
     seq_len: int | None = None
     batch: int | None = None
+    prefer: str = "speed"
     eval_data: Path | None = None
     resume: bool = False
     device: str | None = None
@@ -108,6 +109,7 @@ def _resolve_plan(request: TrainRequest, world: World, record: dict | None) -> t
             seq_len=request.seq_len,
             batch=request.batch,
             world_size=world.size,
+            prefer=request.prefer,
         )
     if plan.world_size != world.size:
         raise UserError(f"the plan is for {plan.world_size} rank(s) but {world.size} are running: plan with --world-size {world.size}")

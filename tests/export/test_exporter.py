@@ -1,8 +1,8 @@
 """Export: merge, ONNX graph, verification, quantization and bad input, on tiny models built here."""
 
-import copy
 import errno
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -45,6 +45,8 @@ from lorasp_edge.train.adapter import (
 )
 from lorasp_edge.train.optim import LoRASPAdamW
 
+# export's default 1024 held-out tokens, scored in 512-token windows: 512 + 511 next-token positions
+INT8_AGREEMENT_POSITIONS = 1023
 SMALL = dict(vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
 
@@ -102,9 +104,13 @@ def test_manifest_records_what_was_verified(llama_export):
 
 
 def test_int8_onnx_keeps_top1_agreement_and_perplexity(llama_export):
-    check = llama_export[2].manifest["verification"]["onnx-int8"]
+    manifest = llama_export[2].manifest
+    check = manifest["verification"]["onnx-int8"]
     assert check["greedy_agreement"] > 0.95
     assert check["perplexity_ratio"] < 1.01
+    # gated agreement over every held-out position against the merged PyTorch model
+    assert check["agreement"]["limit"] == 0.95 and check["agreement"]["agreement"] >= 0.95
+    assert check["agreement"]["positions"] == INT8_AGREEMENT_POSITIONS
     nodes = onnx.load(str(llama_export[2].out / "onnx-int8" / "model.onnx")).graph.node
     assert sum(node.op_type == "MatMulNBits" for node in nodes) == 2 * 7 + 1  # every linear + lm_head
     assert not any(node.op_type == "MatMul" and "proj" in node.name for node in nodes)
@@ -208,6 +214,8 @@ def test_export_from_a_4bit_trained_adapter(tmp_path):
     assert manifest["verification"]["onnx"]["relative_diff"] < 1e-5
     int4 = manifest["verification"]["onnx-int4"]
     assert int4["perplexity_ratio"] < 1.30 and int4["greedy_agreement"] > 0.5
+    agreed = int4["agreement"]
+    assert agreed["limit"] == 0.70 and agreed["agreement"] >= 0.70 and agreed["positions"] == 255
     # the tied table is shared in quantized form: no float copy is left for the lookup
     graph = onnx.load(str(report.out / "onnx-int4" / "model.onnx")).graph
     assert any(node.op_type == "GatherBlockQuantized" for node in graph.node)
@@ -256,26 +264,36 @@ def test_disk_full_while_writing_leaves_nothing(llama_adapter, tmp_path, monkeyp
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(onnx_writer, "export_decoder", full)
+    monkeypatch.setattr(onnx_writer, "export_decoder_streamed", full)
     with pytest.raises(UserError, match="no room on disk"):
         export(ExportSettings(adapter=llama_adapter[1], out=tmp_path / "out"))
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
 
 
 def test_verification_failure_exits_4_and_removes_files(llama_adapter, tmp_path, monkeypatch, capsys):
-    real_export = onnx_writer.export_decoder
+    real_export = onnx_writer.export_decoder_streamed
 
-    def export_a_different_model(model, *args, **kwargs):
-        broken = copy.deepcopy(model)
-        with torch.no_grad():
-            broken.model.norm.weight.mul_(1.5)
-        return real_export(broken, *args, **kwargs)
+    def export_a_different_model(config, weights, *args, **kwargs):
+        def read(key):  # the graph gets a final norm 1.5x the merged model's
+            return weights.read(key) * (1.5 if key == "model.norm.weight" else 1.0)
 
-    monkeypatch.setattr(onnx_writer, "export_decoder", export_a_different_model)
+        return real_export(config, SimpleNamespace(keys=weights.keys, read=read), *args, **kwargs)
+
+    monkeypatch.setattr(onnx_writer, "export_decoder_streamed", export_a_different_model)
     code = main(["export", "--adapter", str(llama_adapter[1]), "--out", str(tmp_path / "out"), "--format", "onnx"])
     error = capsys.readouterr().err
     assert code == VerificationError.exit_code == 4
     assert "ONNX logits differ from PyTorch" in error.splitlines()[-1]
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
+def test_quantized_onnx_below_the_agreement_gate_exits_4(llama_adapter, tmp_path, capsys):
+    # int4 weights do not pick the merged model's token at every held-out position: a gate of 100% refuses them.
+    code = main(["export", "--adapter", str(llama_adapter[1]), "--out", str(tmp_path / "out"), "--format", "onnx", "--quantize", "int4",
+                 "--min-agreement", "1"])
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert code == 4, error
+    assert "int4 ONNX picks the merged model's greedy token at" in error and "(limit 100%, --min-agreement)" in error
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
 
 

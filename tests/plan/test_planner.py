@@ -12,9 +12,16 @@ import pytest
 from lorasp_edge.cli import main
 from lorasp_edge.errors import UserError
 from lorasp_edge.plan import memory
-from lorasp_edge.plan.catalog import Architecture, Linear
+from lorasp_edge.plan.catalog import Architecture, Linear, model_info
 from lorasp_edge.plan.planfile import Plan
-from lorasp_edge.plan.search import Device, NoFitError, format_plan, plan_training
+from lorasp_edge.plan.search import (
+    QUANTIZED_ORDER,
+    Device,
+    NoFitError,
+    format_plan,
+    plan_training,
+    quality_key,
+)
 from lorasp_edge.plan.units import parse_memory
 
 CPU_BF16 = Device("cpu", True, (16, 8, 4))
@@ -88,10 +95,13 @@ def test_lora_sp_state_by_hand():
     assert total == 2 * (1024 + 768 + 768 + 1024 + 1536 + 1536 + 1536) == 16384
     assert trainable == total // 2
     state = memory.lora_state_bytes(TINY, tiny_setting())
-    assert state == {"lora_weights": 4 * 16384, "lora_grads": 4 * 16384, "lora_masks": 16384, "optimizer_state": 8 * 8192}
+    # the flat layout (lorasp_edge.train.flat): full + rebuilt + values; rebuilt's and values' gradients;
+    # an int64 index and AdamW m, v per trainable entry
+    assert state == {"lora_weights": 4 * 16384 * 2 + 4 * 8192, "lora_grads": 4 * 16384 + 4 * 8192, "lora_index": 8 * 8192,
+                     "optimizer_state": 8 * 8192}
     mixed = memory.lora_state_bytes(TINY, tiny_setting(compute_dtype="bfloat16"))
-    assert mixed["lora_weights"] == 4 * 16384 + 2 * 16384  # autocast's bf16 copies
-    assert memory.lora_state_bytes(TINY, tiny_setting(world_size=2))["ddp_buckets"] == 4 * 16384
+    assert mixed["lora_weights"] == 4 * 16384 * 2 + 4 * 8192 + 2 * 16384  # autocast's bf16 copies
+    assert memory.lora_state_bytes(TINY, tiny_setting(world_size=2))["ddp_buckets"] == 4 * 8192
     # adapters on the last layer only, q and v only
     total, _ = memory.lora_entries(TINY, tiny_setting(target_modules=("q_proj", "v_proj"), adapted_layers=1))
     assert total == 1024 + 768
@@ -179,21 +189,58 @@ def test_default_plan_is_smollm2_and_fits():
     assert plan_training(budget_bytes=8 * 10**9, device=CPU_FP32).compute_dtype == "float32"
 
 
-def test_more_memory_never_gives_a_worse_plan():
+@pytest.mark.parametrize("prefer, best_rank", [("speed", 16), ("quality", 64)])
+def test_more_memory_never_gives_a_worse_plan(prefer, best_rank):
     previous = None
     for step in range(40):
         budget = int(0.6e9 * 1.15**step)
         try:
-            plan = plan_training("qwen2.5-1.5b", budget_bytes=budget, seq_len=512, batch=8, device=CPU_BF16)
+            plan = plan_training("qwen2.5-1.5b", budget_bytes=budget, seq_len=512, batch=8, device=CPU_BF16, prefer=prefer)
         except NoFitError:
             assert previous is None, f"{budget} fails after a smaller budget fitted"
             continue
-        key = (plan.quality["coverage"], -[16, 8, 4].index(plan.quant_bits), plan.rank)
+        key = quality_key(plan.quality["coverage"], plan.quant_bits, plan.rank)
         assert plan.memory["total_bytes"] <= 0.9 * budget
         if previous is not None:
             assert key >= previous, (budget, key, previous)
         previous = key
-    assert previous == (1.0, 0, 64)
+    assert previous == (1.0, True, best_rank)
+
+
+def test_quantized_bases_are_one_tier_rank_decides():
+    # 8- and 4-bit are equal on quality (QLoRA Table 3); rank decides; 16-bit above both.
+    assert QUANTIZED_ORDER == (8, 4)
+    assert quality_key(1.0, 4, 64) > quality_key(1.0, 8, 32)
+    assert quality_key(1.0, 8, 32) == quality_key(1.0, 4, 32)
+    assert quality_key(1.0, 16, 4) > quality_key(1.0, 8, 64)
+    assert quality_key(0.5, 16, 64) < quality_key(1.0, 4, 4)  # coverage first
+
+
+def test_at_one_quality_the_faster_setting_wins():
+    # llama-3.1-8b, bf16 CPU, seq 512, --prefer quality: rank 64 on every layer fits at 4 bits from
+    # 14 GB and at 8 bits from 20 GB, where the 4-bit base still runs the larger micro-batch (4 x 512
+    # against 1 x 512), so it stays; 16 bits fit only at rank 8, from 21 GB.
+    plans = {gb: plan_training("llama-3.1-8b", budget_bytes=gb * 10**9, seq_len=512, device=CPU_BF16, prefer="quality") for gb in (14, 19, 20, 21)}
+    assert [(p.quant_bits, p.rank, p.micro_batch) for p in plans.values()] == [(4, 64, 1), (4, 64, 4), (4, 64, 4), (16, 8, 1)]
+    assert all(p.quality["coverage"] == 1.0 for p in plans.values())
+    eight = memory.Candidate(8, "bfloat16", 64, tuple(plans[20].target_modules), 32, True, 1, 512, 128, grad_accum=8)
+    assert memory.estimate(model_info("llama-3.1-8b").architecture, eight)["total_bytes"] <= 0.9 * 20 * 10**9  # 8-bit fitted too
+
+
+@pytest.mark.parametrize("device, prefer, rank", [(CPU_BF16, "speed", 16), (CPU_FP32, "speed", 16), (CPU_BF16, "quality", 64), (CPU_FP32, "quality", 32)])
+def test_8b_on_a_16gb_cpu_plans_a_4bit_base(device, prefer, rank):
+    # issue 17: an 8B model on a 16 GB laptop. The 8-bit base (weights 6.98 GB against NF4's
+    # 3.60 GB) fits only at a lower rank, so the 4-bit base on every linear layer wins.
+    plan = plan_training("llama-3.1-8b", budget_bytes=16 * 10**9, seq_len=512, device=device, prefer=prefer)
+    assert (plan.quant_bits, plan.rank, len(plan.layers), plan.quality["coverage"]) == (4, rank, 32, 1.0)
+    assert plan.memory["weights_linear"] == 3_600_647_040
+    assert plan.memory["total_bytes"] <= 0.9 * 16 * 10**9
+    assert "checkpoint_pages" not in plan.memory  # pre-quantized on CPU: no 16-bit pages mapped
+    # An 8-bit base cannot run the chosen setting (at rank 16 it fits only at a smaller micro-batch, so
+    # the 4-bit base is the faster of the two; at the quality ranks it does not fit at all).
+    eight = memory.Candidate(8, plan.compute_dtype, rank, tuple(plan.target_modules), 32, plan.gradient_checkpointing, plan.micro_batch, 512,
+                             plan.loss_chunk_tokens, grad_accum=plan.grad_accum)
+    assert memory.estimate(model_info("llama-3.1-8b").architecture, eight)["total_bytes"] > 0.9 * 16 * 10**9
 
 
 def test_tight_budget_turns_on_checkpointing_and_small_micro_batches():
@@ -333,3 +380,32 @@ def test_loss_chunk_options_start_with_no_chunking():
     assert loss_chunks(8, 512) == [8 * 511, 1024, 512, 256, 128]
     assert loss_chunks(2, 32) == [62]
     assert loss_chunks(1, 200) == [199, 128]
+
+
+def test_prefer_says_what_spare_memory_buys():
+    from lorasp_edge.plan.search import SPEED_MAX_RANK, Device, plan_training, throughput_class
+
+    cpu = Device("cpu", False, (16, 8, 4))
+    plans = {prefer: plan_training(model="smollm2-135m", budget_bytes=8 * 10**9, seq_len=256, batch=4, device=cpu, prefer=prefer)
+             for prefer in ("speed", "quality", "memory")}
+    speed, quality, memory_plan = plans["speed"], plans["quality"], plans["memory"]
+    # speed (the default) stops at rank 16 and spends the rest on throughput: nothing recomputed.
+    assert speed.rank == SPEED_MAX_RANK == 16 and speed.quant_bits == 16
+    assert not speed.gradient_checkpointing and speed.micro_batch == 4 and speed.loss_chunk_tokens == 4 * 255
+    assert throughput_class(speed).startswith("full:")
+    assert plan_training(model="smollm2-135m", budget_bytes=8 * 10**9, seq_len=256, batch=4, device=cpu).rank == 16
+    # quality spends it on rank first.
+    assert quality.rank == 64 and quality.memory["total_bytes"] > speed.memory["total_bytes"]
+    # memory: the same coverage and rank at the smallest peak.
+    assert memory_plan.rank == 16 and memory_plan.quant_bits == 4 and memory_plan.gradient_checkpointing and memory_plan.micro_batch == 1
+    assert memory_plan.memory["total_bytes"] < speed.memory["total_bytes"] / 2
+    assert memory_plan.quality["coverage"] == speed.quality["coverage"] == quality.quality["coverage"] == 1.0
+    assert throughput_class(memory_plan).startswith("low: checkpointing")
+    assert [plan.quality["prefer"] for plan in plans.values()] == ["speed", "quality", "memory"]
+
+
+def test_prefer_refuses_an_unknown_choice():
+    from lorasp_edge.plan.search import plan_training
+
+    with pytest.raises(UserError, match="--prefer must be one of speed, quality, memory"):
+        plan_training(model="smollm2-135m", budget_bytes=8 * 10**9, prefer="fast")

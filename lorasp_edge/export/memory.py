@@ -1,0 +1,129 @@
+"""How much memory an export takes: measured afterwards (peak RSS), estimated beforehand (`--mem`).
+
+The streamed export (streamed.py) runs in phases whose resident sets do not overlap:
+
+    merge           one tensor in 16-bit + its fp32 copy + the merged result
+    reference       one unit's fp32 weights (a decoder layer, or the vocabulary table) + activations
+                    (every PyTorch forward runs before a session opens: verify.reference_steps)
+    fp32 ONNX       the onnxruntime session: every fp32 weight (4 bytes x parameters) + activations
+    quantize        one weight in fp32 + its quantized blocks
+    quantized ONNX  the quantized session + activations
+
+so the estimate is the runtime's fixed cost plus the largest phase. The fixed cost and the
+session's factor over its weights are measured by tools/export_memory.py (docs/export.md,
+"Export memory"). The in-memory path (other formats) holds the fp32 model about four times over.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# Measured with tools/export_memory.py on Qwen2.5-0.5B/1.5B shapes (docs/export.md "Export memory").
+RUNTIME_BYTES = 900 << 20  # resident set just before the fp32 session opened (1.5B run: 0.90 GB)
+SESSION_FACTOR = 1.05  # onnxruntime CPU session (pre-packing off) over its initializers: 2.05 GB for 1.98 GB (0.5B, --session)
+# Perplexity window: one forward over it added 0.83 GB (0.5B, --session) and 1.14 GB (1.5B run) to
+# the session, 2.7x and 3.7x its fp32 logits (window x vocab x 4 bytes); 4x is the term used.
+ACTIVATION_WINDOW = 512
+IN_MEMORY_FACTOR = 4.0  # in-memory path: base, merged copy, traced graph and session (Qwen2.5-1.5B: 24.3 GB / 6.2 GB)
+QUANT_BYTES_PER_PARAMETER = {"int8": 1.1, "int4": 0.8}  # int4 keeps v/up/down and the lm_head at 8 bits
+
+
+@dataclass
+class ExportEstimate:
+    peak_bytes: int
+    phases: dict[str, int]  # phase -> bytes above the runtime's fixed cost
+
+    @property
+    def largest_phase(self) -> str:
+        return max(self.phases, key=self.phases.get)
+
+
+def shapes_summary(shapes: dict[str, tuple[int, ...]]) -> tuple[int, int, int, int]:
+    """(float parameters, largest tensor's elements, largest unit's elements, vocabulary) from checkpoint shapes.
+
+    A unit is a decoder layer (keys under `layers.N.`) or any other single tensor."""
+    parameters, largest, vocab = 0, 0, 0
+    units: dict[str, int] = {}
+    for key, shape in shapes.items():
+        count = 1
+        for size in shape:
+            count *= size
+        parameters += count
+        largest = max(largest, count)
+        match = re.search(r"\.layers\.(\d+)\.", key)
+        unit = match.group(0) if match else key
+        units[unit] = units.get(unit, 0) + count
+        if "embed" in key and len(shape) == 2:
+            vocab = max(vocab, shape[0])
+    return parameters, largest, max(units.values(), default=0), vocab
+
+
+def estimate_streamed(shapes: dict[str, tuple[int, ...]], wants_onnx: bool, quantize: str) -> ExportEstimate:
+    parameters, largest, unit, vocab = shapes_summary(shapes)
+    activations = 4 * 4 * ACTIVATION_WINDOW * vocab  # one window's logits and the buffers around them
+    # 16-bit read + fp32 copy + merged result; the quantizer reads one fp32 weight and writes its blocks
+    phases = {"merge": 2 * largest + 2 * 4 * largest, "reference": 4 * unit + activations}
+    if wants_onnx:
+        phases["fp32 ONNX session"] = int(SESSION_FACTOR * 4 * parameters) + activations
+        if quantize != "none":
+            phases["quantize"] = 2 * 4 * largest
+            phases[f"{quantize} ONNX session"] = int(SESSION_FACTOR * QUANT_BYTES_PER_PARAMETER[quantize] * parameters) + activations
+    return ExportEstimate(RUNTIME_BYTES + max(phases.values()), phases)
+
+
+def estimate_in_memory(shapes: dict[str, tuple[int, ...]]) -> ExportEstimate:
+    parameters = shapes_summary(shapes)[0]
+    phases = {"fp32 model copies": int(IN_MEMORY_FACTOR * 4 * parameters)}
+    return ExportEstimate(RUNTIME_BYTES + phases["fp32 model copies"], phases)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set plus its largest finished child's (the kernel's high-water marks)."""
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return (own + children) * 1024  # Linux reports kilobytes
+
+
+def check_budget(budget_bytes: int, estimate: ExportEstimate) -> None:
+    """UserError (exit 2) naming the estimate when it exceeds the budget."""
+    from lorasp_edge.errors import UserError
+
+    if estimate.peak_bytes > budget_bytes:
+        raise UserError(
+            f"the export needs about {estimate.peak_bytes / 1e9:.2f} GB (largest phase: {estimate.largest_phase}), "
+            f"over --mem {budget_bytes / 1e9:.2f} GB; nothing was written"
+        )
+
+
+MMAP_THRESHOLD = 1 << 20
+
+
+def release_large_frees() -> None:
+    """Serve every allocation of 1 MiB or more with its own mapping, returned to the system when freed.
+
+    glibc raises its mmap threshold after the first large free (up to 32 MiB), after which freed
+    weights stay in the heap as resident holes; a streamed export frees a layer's weights every
+    step, so with the default each phase's holes would add to the next phase's peak."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (malloc.h); fixing it turns the dynamic raise off
+    except (OSError, AttributeError, TypeError):  # not glibc: nothing to set
+        pass
+
+
+def trim_heap() -> None:
+    """Give the heap's free pages back to the system (glibc malloc_trim; elsewhere nothing): called
+    before an onnxruntime session opens, so the PyTorch side's freed small blocks do not stay resident."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass

@@ -1,0 +1,163 @@
+"""The streamed export: merge tensor by tensor, layer-streamed reference, ONNX traced without weights,
+quantized one weight at a time, peak memory recorded and estimated beforehand. Tiny models."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import leftovers, make_model_dir, train_adapter
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from lorasp_edge.cli import main
+from lorasp_edge.export.layered import FolderWeights, LayerStreamed
+from lorasp_edge.export.memory import RUNTIME_BYTES, estimate_streamed, shapes_summary
+from lorasp_edge.export.merge import merged_model, merged_state_dict
+from lorasp_edge.export.onnx_graph import ONNX_DATA_FILE, TIED_TABLE, export_decoder
+from lorasp_edge.export.onnx_runtime import OnnxDecoder
+from lorasp_edge.export.onnx_stream import export_decoder_streamed
+from lorasp_edge.export.pipeline import ExportSettings, export
+from lorasp_edge.export.quantize import quantize_decoder, quantize_decoder_streamed
+from lorasp_edge.export.stream import (
+    BaseWeights,
+    Checkpoint,
+    LoraDelta,
+    StreamingSafetensors,
+    stream_merge,
+)
+from lorasp_edge.export.verify import verify_onnx
+from lorasp_edge.models import load_model
+from lorasp_edge.train.adapter import load_adapter
+
+
+@pytest.fixture(scope="module")
+def tied_qwen(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tied")
+    base = make_model_dir(root / "base", "qwen2", tie_word_embeddings=True)
+    return base, train_adapter(base, root / "adapter", steps=2)
+
+
+@pytest.mark.parametrize("bits", [None, 4, 8])
+def test_streamed_merge_equals_the_in_memory_merge(bits, tmp_path):
+    base = make_model_dir(tmp_path / "base", "llama")
+    adapter = train_adapter(base, tmp_path / "adapter", quant_bits=bits, steps=2)
+    expected = merged_state_dict(load_adapter(load_model(str(base), quant_bits=bits, device="cpu"), adapter))
+    result = stream_merge(BaseWeights(base, bits), LoraDelta.read(adapter), tmp_path / "merged")
+    got = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    assert sorted(got) == sorted(expected) == sorted(result.keys)
+    assert all(got[key].dtype == torch.float32 for key in got)
+    worst = max(float((got[key] - expected[key]).abs().max()) for key in got)
+    assert worst <= 1e-6, worst  # same fp32 arithmetic on the same dequantized values
+    assert result.parameters == sum(t.numel() for t in got.values())
+
+
+def test_streaming_safetensors_shards_read_back(tmp_path):
+    tensors = {f"t{i}": torch.randn(3 + i, 5) for i in range(5)}
+    writer = StreamingSafetensors(tmp_path, [(k, tuple(v.shape), "F32") for k, v in tensors.items()], shard_bytes=200)
+    for key, value in tensors.items():
+        writer.write(key, value)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 4  # 60+80, 100, 120, 140 bytes in 200-byte shards
+    checkpoint = Checkpoint(tmp_path)
+    assert all(torch.equal(checkpoint.read(key), value) for key, value in tensors.items())
+    with pytest.raises(ValueError, match="out of the planned order"):
+        StreamingSafetensors(tmp_path / "..", [("a", (2,), "F32")]).write("b", torch.zeros(2))
+
+
+class CountingWeights(FolderWeights):
+    def __init__(self, folder):
+        super().__init__(folder)
+        self.reads = []
+
+    def read(self, key):
+        self.reads.append(key)
+        return super().read(key)
+
+
+def test_layer_streamed_model_computes_the_whole_model_and_keeps_nothing(tied_qwen, tmp_path):
+    base, _ = tied_qwen
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    weights = CountingWeights(base)
+    streamed = LayerStreamed(AutoConfig.from_pretrained(base), weights)
+    ids = torch.randint(0, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    got = streamed(input_ids=ids).logits
+    assert float((got - expected).abs().max()) == 0.0
+    # each weight read once per forward (the tied table twice: lookup and logits), none kept afterwards
+    assert sorted(weights.reads) == sorted(weights.keys() + ["model.embed_tokens.weight"])
+    assert all(p.device.type == "meta" for p in streamed.model.parameters())
+
+
+def test_streamed_onnx_matches_the_traced_graph(tied_qwen, tmp_path):
+    base, _ = tied_qwen
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    export_decoder(model, tmp_path / "a")
+    export_decoder_streamed(model.config, FolderWeights(base), tmp_path / "b", external_threshold_bytes=0)
+    assert (tmp_path / "b" / ONNX_DATA_FILE).is_file()
+    input_ids = torch.randint(0, 200, (2, 7), generator=torch.Generator().manual_seed(1))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :2] = 0
+    check = verify_onnx(OnnxDecoder(tmp_path / "b" / "model.onnx"), model, input_ids, attention_mask)
+    assert check.relative_diff < 1e-5 and check.greedy_agreement == 1.0
+    graph = onnx.load(str(tmp_path / "b" / "model.onnx"), load_external_data=False).graph
+    vocab = model.config.vocab_size
+    assert [t.name for t in graph.initializer if vocab in t.dims] == [TIED_TABLE]  # the table once
+    assert not any(node.op_type == "Transpose" and node.input[0] in {t.name for t in graph.initializer} for node in graph.node)
+
+    # quantized one weight at a time: the same tensors onnxruntime's quantizer writes from the whole graph
+    for folder in ("qa", "qb"):
+        (tmp_path / folder).mkdir()
+    quantize_decoder(tmp_path / "a" / "model.onnx", tmp_path / "qa", 4)
+    quantize_decoder_streamed(tmp_path / "b" / "model.onnx", tmp_path / "qb", 4)
+    for folder in ("qa", "qb"):
+        nodes = onnx.load(str(tmp_path / folder / "model.onnx")).graph.node
+        assert sum(node.op_type == "MatMulNBits" for node in nodes) == 2 * 7 + 1
+        assert sum(node.op_type == "GatherBlockQuantized" for node in nodes) == 1
+    x = np.array([[3, 9, 27, 81]])
+    decoders = [OnnxDecoder(tmp_path / folder / "model.onnx") for folder in ("qa", "qb")]
+    logits = [d(x, np.ones_like(x), np.arange(4)[None], d.empty_cache(1))[0] for d in decoders]
+    assert np.abs(logits[0] - logits[1]).max() == 0.0
+
+
+def test_export_is_streamed_and_records_its_peak(tied_qwen, tmp_path):
+    base, adapter = tied_qwen
+    report = export(ExportSettings(adapter=adapter, out=tmp_path / "out", quantize="int4", eval_tokens=64, mem="8GB"))
+    manifest = json.loads((report.out / "manifest.json").read_text())
+    assert manifest["streamed"] is True
+    assert 100 << 20 < manifest["peak_rss_bytes"] < 8 << 30
+    assert manifest["verification"]["merge"]["relative_diff"] < 1e-5
+    assert manifest["verification"]["hf_reload"]["max_abs_diff"] == 0.0
+    assert manifest["verification"]["onnx"]["relative_diff"] < 1e-5
+    reloaded = AutoModelForCausalLM.from_pretrained(report.out / "hf", dtype=torch.float32)
+    expected = merged_model(load_adapter(load_model(str(base), device="cpu"), adapter))
+    ids = torch.randint(0, 200, (1, 8), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert float((reloaded(ids).logits - expected(ids).logits).abs().max()) < 1e-5
+    assert not leftovers(tmp_path)
+
+
+def test_mem_too_small_exits_2_with_the_estimate(tied_qwen, tmp_path, capsys):
+    _, adapter = tied_qwen
+    code = main(["export", "--adapter", str(adapter), "--out", str(tmp_path / "out"), "--mem", "1MB"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert "the export needs about" in error[-1] and "over --mem 0.00 GB" in error[-1]
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
+def test_estimate_is_the_largest_phase():
+    # Qwen2.5-1.5B's shapes (tied): 28 layers, hidden 1536, intermediate 8960, vocab 151936, kv 256
+    layer = {"q": (1536, 1536), "k": (256, 1536), "v": (256, 1536), "o": (1536, 1536), "g": (8960, 1536), "u": (8960, 1536), "d": (1536, 8960)}
+    shapes = {f"model.layers.{i}.{name}.weight": shape for i in range(28) for name, shape in layer.items()}
+    shapes["model.embed_tokens.weight"] = (151936, 1536)
+    _, largest, unit, vocab = shapes_summary(shapes)
+    assert largest == 151936 * 1536 and vocab == 151936 and unit == 151936 * 1536
+    estimate = estimate_streamed(shapes, wants_onnx=True, quantize="int4")
+    assert estimate.largest_phase == "fp32 ONNX session"
+    assert estimate.peak_bytes - max(estimate.phases.values()) == RUNTIME_BYTES
+    assert 7e9 < estimate.peak_bytes < 9e9  # the fp32 session: 4 bytes x 1.54e9 parameters, plus the runtime

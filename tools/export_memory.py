@@ -1,0 +1,144 @@
+"""Peak memory of `lorasp-edge export` on a catalog model at full size, measured as a user runs it.
+
+    python tools/export_memory.py --model qwen2.5-1.5b --work /scratch/exp15 --quantize int4 --mem 8GB
+
+Writes (once) a random-init bf16 checkpoint of the catalog entry's shape, shard by shard
+(tools/big_model_run.py's `make_checkpoint`), and a LoRA-SP adapter for it built directly: rank-r
+A (Kaiming-uniform range) and B (normal, std 0.02, so the merge changes every adapted weight) for
+every linear layer of the decoder, the frozen masks drawn as training draws them
+(lorasp_edge.train.masks), and lorasp.json/adapter_config.json as `train` writes them. Then it runs
+`lorasp-edge export --format both --quantize Q [--mem M]` as its own process, sampling
+/proc/PID/status every 20 ms (big_model_run.measured_run: peak VmRSS/VmHWM, peak anonymous), and
+prints one JSON result with the manifest's own peak_rss_bytes and the `--mem` estimate.
+
+    python tools/export_memory.py --session /scratch/exp05/out/onnx
+
+measures one onnxruntime session over an exported graph as verification opens it (pre-packing
+off): resident set after opening, its high-water mark, and after forwards of 12, 128 and 512
+tokens (the constants of lorasp_edge/export/memory.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def make_adapter(base: Path, out: Path, rank: int = 16, alpha: float = 32.0, ratio: float = 0.5, seed: int = 0) -> Path:
+    """A LoRA-SP adapter folder for `base` without loading it: shapes from the checkpoint's headers."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    from lorasp_edge.prequantize import SafetensorsReader, weight_files
+    from lorasp_edge.train import masks as masklib
+    from lorasp_edge.train.adapter import (
+        FORMAT,
+        LORASP_FILE,
+        MASKS_FILE,
+        PEFT_WEIGHTS_FILE,
+        masks_digest,
+    )
+
+    shapes = {}
+    for path in weight_files(base):
+        reader = SafetensorsReader(path)
+        shapes.update({key: entry["shape"] for key, entry in reader.entries.items()})
+        reader.close()
+    generator = torch.Generator().manual_seed(seed)
+    weights, packed = {}, {}
+    for key, (d_out, d_in) in ((k, s) for k, s in shapes.items() if k.endswith(".weight") and k.split(".")[-2] in LINEAR_NAMES):
+        module = key[: -len(".weight")]
+        bound = 1 / math.sqrt(d_in)
+        weights[f"base_model.model.{module}.lora_A.weight"] = torch.empty(rank, d_in).uniform_(-bound, bound, generator=generator)
+        weights[f"base_model.model.{module}.lora_B.weight"] = torch.empty(d_out, rank).normal_(0.0, 0.02, generator=generator)
+        for part, shape in (("A", (rank, d_in)), ("B", (d_out, rank))):
+            packed[f"{module}.lora_{part}"] = masklib.pack(masklib.draw_frozen_mask(shape, ratio, seed, module, part, 0))
+    out.mkdir(parents=True, exist_ok=True)
+    LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(LINEAR_NAMES), task_type="CAUSAL_LM").save_pretrained(out)
+    save_file(weights, str(out / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
+    save_file(packed, str(out / MASKS_FILE), metadata={"format": FORMAT})
+    record = {
+        "format": FORMAT, "rank": rank, "alpha": alpha, "dropout": 0.0, "ratio": ratio, "seed": seed, "target_modules": list(LINEAR_NAMES),
+        "layers": None, "redraw_every": 0, "masks_sha256": masks_digest(packed), "draw": 0, "schedule": "fixed",
+        "base_model": str(base), "base_quant_bits": None,
+    }
+    (out / LORASP_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return out
+
+
+def session_memory(folder: Path) -> dict:
+    import resource
+
+    import numpy as np
+    import psutil
+
+    from lorasp_edge.export.onnx_runtime import OnnxDecoder
+
+    process = psutil.Process()
+    gb = lambda: {"rss_gb": round(process.memory_info().rss / 1e9, 2), "hwm_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)}
+    result = {"data_gb": round(sum(p.stat().st_size for p in folder.glob("model.onnx*")) / 1e9, 2), "before": gb()}
+    decoder = OnnxDecoder(folder / "model.onnx", prepack=False)
+    result["session"] = gb()
+    for tokens in (12, 128, 512):
+        x = np.arange(1, tokens + 1)[None]
+        decoder(x, np.ones_like(x), np.arange(tokens)[None], decoder.empty_cache(1))
+        result[f"after {tokens} tokens"] = gb()
+    return result
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--session":
+        print(json.dumps(session_memory(Path(sys.argv[2])), indent=2))
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="catalog id, e.g. qwen2.5-1.5b")
+    parser.add_argument("--work", required=True, type=Path, help="scratch folder (checkpoint, adapter, export)")
+    parser.add_argument("--quantize", default="int4", choices=["none", "int8", "int4"])
+    parser.add_argument("--format", default="both")
+    parser.add_argument("--mem", help="also pass --mem to the export")
+    args = parser.parse_args()
+
+    from big_model_run import make_checkpoint, measured_run
+
+    base, adapter, out = args.work / "base", args.work / "adapter", args.work / "out"
+    result = {"model": args.model, "quantize": args.quantize, "format": args.format, "mem": args.mem}
+    if not (base / "config.json").is_file():
+        result["make"] = make_checkpoint(args.model, base, 1_000_000_000)
+    if not (adapter / "lorasp.json").is_file():
+        make_adapter(base, adapter)
+    # Random weights give near-tied logits, so which token wins is noise for any quantization:
+    # the agreement gate is meaningless here and is set to 0 (the manifest still records it).
+    command = [sys.executable, "-m", "lorasp_edge", "export", "--adapter", str(adapter), "--out", str(out), "--format", args.format,
+               "--quantize", args.quantize, "--min-agreement", "0"]
+    if args.mem:
+        command += ["--mem", args.mem]
+    result["export"] = measured_run(command, args.work / "export.log")
+    log = (args.work / "export.log").read_text()
+    result["estimate_line"] = next((line for line in log.splitlines() if "estimated peak memory" in line), None)
+    manifest_path = out / "manifest.json"
+    if result["export"]["exit"] == 0 and manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        result["manifest_peak_rss_bytes"] = manifest.get("peak_rss_bytes")
+        result["seconds"] = manifest.get("seconds")
+        result["files"] = manifest.get("files")
+        result["verification"] = {name: {key: check.get(key) for key in ("relative_diff", "greedy_agreement", "perplexity_ratio") if key in check}
+                                  for name, check in manifest["verification"].items()}
+        result["perplexity"] = manifest.get("perplexity")
+    else:
+        result["log_tail"] = log.splitlines()[-5:]
+    print(json.dumps(result, indent=2))
+    subprocess.run(["du", "-sh", str(out)], check=False)
+
+
+if __name__ == "__main__":
+    main()
