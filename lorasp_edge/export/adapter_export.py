@@ -12,14 +12,8 @@ folder beside OUT that is renamed into place only when every format has passed.
 
 from __future__ import annotations
 
-import errno
-import json
-import shutil
-import tempfile
-import time
 from pathlib import Path
 
-from lorasp_edge.errors import UserError
 from lorasp_edge.export import formats as export_formats
 from lorasp_edge.export.context import ExportContext
 from lorasp_edge.export.verify import (
@@ -28,7 +22,6 @@ from lorasp_edge.export.verify import (
     reference_logits,
     verification_batch,
 )
-from lorasp_edge.files import replace_dir
 
 
 def export_adapter_only(settings, adapted, tokenizer, *, model_name: str, base_bits: int | None, info: dict, started: float, say):
@@ -37,34 +30,24 @@ def export_adapter_only(settings, adapted, tokenizer, *, model_name: str, base_b
     import torch
     import transformers
 
-    from lorasp_edge.export.pipeline import (
-        MANIFEST_FILE,
-        ExportReport,
-        adapter_hash,
-        merge_base,
-    )
+    from lorasp_edge.export.pipeline import manifest_source, write_export
 
     adapter_dir, out = Path(settings.adapter), Path(settings.out)
     parameter_count = sum(p.numel() for p in adapted.get_base_model().parameters())
     needed = int(parameter_count * 2 * 1.05) + (64 << 20)  # a 16-bit base file, the adapter, tokenizer slack
-    out.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(out.parent).free
-    if free < needed:
-        raise UserError(f"no room on disk for the export in {out.parent}: needs about {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
-
     ids = held_out_ids(tokenizer, held_out_text(settings.eval_text), settings.eval_tokens)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     input_ids, attention_mask = verification_batch(ids, pad_id)
-    manifest: dict = {
-        "format": "lorasp-edge-export/1",
-        "adapter_only": True,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__},
-        "files": {},
-        "verification": {},
-        "perplexity": {},
-    }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> dict:
+        manifest: dict = {
+            "format": "lorasp-edge-export/1",
+            "adapter_only": True,
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__},
+            "files": {},
+            "verification": {},
+            "perplexity": {},
+        }
         context = ExportContext(
             settings=settings, folder=tmp, merged=adapted, tokenizer=tokenizer, ids=ids, input_ids=input_ids,
             attention_mask=attention_mask, reference=reference_logits(adapted, input_ids, attention_mask),
@@ -72,28 +55,7 @@ def export_adapter_only(settings, adapted, tokenizer, *, model_name: str, base_b
         )
         for name in settings.formats:
             export_formats.FORMATS[name].write_adapter(context)
-        manifest.update(
-            {
-                "base_model": model_name,
-                "base_quant_bits": base_bits,
-                "merge_base": merge_base(base_bits, merged=False),
-                "adapter": {
-                    "path": str(adapter_dir.resolve()),
-                    "sha256": adapter_hash(adapter_dir),
-                    "trained_on": info.get("base_model"),
-                    **{key: info.get(key) for key in ("rank", "alpha", "ratio", "seed", "target_modules", "compute_dtype", "steps")},
-                },
-                "plan": info.get("plan"),
-                "parameters": parameter_count,
-                "seconds": round(time.perf_counter() - started, 1),
-            }
-        )
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        replace_dir(tmp, out)
-    except OSError as error:
-        if error.errno == errno.ENOSPC:
-            raise UserError(f"no room on disk while writing the export to {out.parent} (nothing was left behind)") from None
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return ExportReport(out=out, manifest=manifest, seconds=manifest["seconds"])
+        manifest.update({**manifest_source(model_name, base_bits, adapter_dir, info, merged=False), "parameters": parameter_count})
+        return manifest
+
+    return write_export(out, needed, write, started)

@@ -49,6 +49,48 @@ def merge_base(base_bits: int | None, merged: bool = True) -> str:
     return f"{base} plus the adapter's delta (alpha/r) B A, merged in fp32" if merged else f"{base}, unmerged; the adapter is applied by the runtime"
 
 
+def manifest_source(model_name: str, base_bits: int | None, adapter_dir: Path, info: dict, merged: bool = True) -> dict:
+    """The manifest's record of what was exported: the base, the merge base and the adapter."""
+    return {
+        "base_model": model_name,
+        "base_quant_bits": base_bits,
+        "merge_base": merge_base(base_bits, merged),
+        "adapter": {
+            "path": str(adapter_dir.resolve()),
+            "sha256": adapter_hash(adapter_dir),
+            "trained_on": info.get("base_model"),
+            **{key: info.get(key) for key in ("rank", "alpha", "ratio", "seed", "target_modules", "compute_dtype", "steps")},
+        },
+        "plan": info.get("plan"),
+    }
+
+
+def write_export(out: Path, needed_bytes: int, write: Callable[[Path], dict], started: float) -> "ExportReport":
+    """Every export's way out: refuse when the disk lacks `needed_bytes`, let `write(tmp)` fill a
+    temporary folder beside `out` and return the manifest, add the peak memory and the seconds,
+    write manifest.json, then rename the folder into place. On any error nothing is left behind."""
+    from lorasp_edge.export.memory import peak_rss_bytes
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    free = _free_bytes(out.parent)
+    if free < needed_bytes:
+        raise UserError(f"no room on disk for the export in {out.parent}: needs about {needed_bytes / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        manifest = write(tmp)
+        manifest["peak_rss_bytes"] = peak_rss_bytes()
+        manifest["seconds"] = round(time.perf_counter() - started, 1)
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        replace_dir(tmp, out)
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise UserError(f"no room on disk while writing the export to {out.parent} (nothing was left behind)") from None
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ExportReport(out=out, manifest=manifest, seconds=manifest["seconds"])
+
+
 @dataclass
 class ExportSettings:
     adapter: Path = field(metadata={"help": "adapter folder written by `lorasp-edge train`"})
@@ -245,44 +287,13 @@ def export(settings: ExportSettings, progress: Callable[[str], None] | None = No
             f"> {merge_tolerance:.0e}"
         )
 
-    needed = _estimated_bytes(parameter_count, settings)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    free = _free_bytes(out.parent)
-    if free < needed:
-        raise UserError(f"no room on disk for the export in {out.parent}: needs about {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    def write(tmp: Path) -> dict:
         manifest = _write_formats(settings, tmp, merged, tokenizer, ids, input_ids, attention_mask, say)
-        manifest.update(
-            {
-                "base_model": model_name,
-                "base_quant_bits": base_bits,
-                "merge_base": merge_base(base_bits),
-                "adapter": {
-                    "path": str(adapter_dir.resolve()),
-                    "sha256": adapter_hash(adapter_dir),
-                    "trained_on": info.get("base_model"),
-                    **{key: info.get(key) for key in ("rank", "alpha", "ratio", "seed", "target_modules", "compute_dtype", "steps")},
-                },
-                "plan": info.get("plan"),
-                "parameters": parameter_count,
-            }
-        )
+        manifest.update({**manifest_source(model_name, base_bits, adapter_dir, info), "parameters": parameter_count})
         manifest["verification"]["merge"] = {**asdict(merge_check), "tolerance": merge_tolerance}
-        from lorasp_edge.export.memory import peak_rss_bytes
+        return manifest
 
-        manifest["peak_rss_bytes"] = peak_rss_bytes()
-        manifest["seconds"] = round(time.perf_counter() - started, 1)
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        replace_dir(tmp, out)
-    except OSError as error:
-        if error.errno == errno.ENOSPC:
-            raise UserError(f"no room on disk while writing the export to {out.parent} (nothing was left behind)") from None
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return ExportReport(out=out, manifest=manifest, seconds=manifest["seconds"])
+    return write_export(out, _estimated_bytes(parameter_count, settings), write, started)
 
 
 def _check_formats_support(settings: ExportSettings, model_name: str, resolve_model) -> None:

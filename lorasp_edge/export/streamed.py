@@ -184,60 +184,20 @@ def source_folder(model_name: str, bits: int | None) -> Path | None:
 
 def export_streamed(settings, source: Path, adapter_dir: Path, out: Path, info: dict, model_name: str, bits: int | None, started: float, say):
     """The streamed export, written to a temporary folder beside `out` and renamed into place."""
-    import errno
-    import tempfile
-    import time
-
-    from lorasp_edge.errors import UserError
-    from lorasp_edge.export.memory import peak_rss_bytes, release_large_frees
-    from lorasp_edge.export.pipeline import (
-        MANIFEST_FILE,
-        ExportReport,
-        _estimated_bytes,
-        _free_bytes,
-        adapter_hash,
-        merge_base,
-    )
-    from lorasp_edge.files import replace_dir
+    from lorasp_edge.export.memory import release_large_frees
+    from lorasp_edge.export.pipeline import _estimated_bytes, manifest_source, write_export
     from lorasp_edge.models import load_tokenizer
 
     release_large_frees()
     tokenizer = load_tokenizer(model_name)
     base_shapes = base_float_shapes(source, bits)
-    needed = _estimated_bytes(sum(_numel(shape) for shape in base_shapes.values()), settings)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    free = _free_bytes(out.parent)
-    if free < needed:
-        raise UserError(f"no room on disk for the export in {out.parent}: needs about {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> dict:
         manifest = write_streamed(settings, tmp, source, adapter_dir, info, bits, tokenizer, say)
-        manifest.update(
-            {
-                "base_model": model_name,
-                "base_quant_bits": bits,
-                "merge_base": merge_base(bits),
-                "adapter": {
-                    "path": str(adapter_dir.resolve()),
-                    "sha256": adapter_hash(adapter_dir),
-                    "trained_on": info.get("base_model"),
-                    **{key: info.get(key) for key in ("rank", "alpha", "ratio", "seed", "target_modules", "compute_dtype", "steps")},
-                },
-                "plan": info.get("plan"),
-                "streamed": True,
-                "peak_rss_bytes": peak_rss_bytes(),
-            }
-        )
-        manifest["seconds"] = round(time.perf_counter() - started, 1)
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        replace_dir(tmp, out)
-    except OSError as error:
-        if error.errno == errno.ENOSPC:
-            raise UserError(f"no room on disk while writing the export to {out.parent} (nothing was left behind)") from None
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return ExportReport(out=out, manifest=manifest, seconds=manifest["seconds"])
+        manifest.update({**manifest_source(model_name, bits, adapter_dir, info), "streamed": True})
+        return manifest
+
+    return write_export(out, _estimated_bytes(sum(_numel(shape) for shape in base_shapes.values()), settings), write, started)
 
 
 def base_float_shapes(source: Path, bits: int | None) -> dict[str, tuple[int, ...]]:
