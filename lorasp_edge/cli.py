@@ -158,6 +158,8 @@ def _run_train(args) -> int:
     from lorasp_edge.train.report import format_summary
     from lorasp_edge.train.settings import TrainSettings
 
+    if args.prefer and (args.plan or args.resume):
+        raise UserError(f"--prefer applies only when train plans here: {'--plan' if args.plan else 'the run being resumed'} already fixes the plan")
     given = {name: getattr(args, name) for name in TRAIN_SETTING_FLAGS if getattr(args, name) is not None}
     request = TrainRequest(
         data=args.data,

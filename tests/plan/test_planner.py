@@ -409,3 +409,16 @@ def test_prefer_refuses_an_unknown_choice():
 
     with pytest.raises(UserError, match="--prefer must be one of speed, quality, memory"):
         plan_training(model="smollm2-135m", budget_bytes=8 * 10**9, prefer="fast")
+
+
+@pytest.mark.parametrize("extra, named", [(["--plan", "plan.json"], "--plan"), (["--resume"], "the run being resumed")])
+def test_train_refuses_prefer_where_the_plan_is_already_fixed(tmp_path, capsys, monkeypatch, extra, named):
+    from lorasp_edge.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "plan.json").write_text("{}")
+    (tmp_path / "data.jsonl").write_text('{"text": "x"}\n')
+    code = main(["train", "--data", "data.jsonl", "--out", "run", "--prefer", "quality", *extra])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(error) == 1
+    assert f"--prefer applies only when train plans here: {named} already fixes the plan" in error[0]
