@@ -26,11 +26,8 @@ from lorasp_edge.export.verify import (
 
 def export_adapter_only(settings, adapted, tokenizer, *, model_name: str, base_bits: int | None, info: dict, started: float, say):
     """Write and verify every `settings.formats` in its adapter form under `settings.out` (atomically)."""
-    import onnxruntime
-    import torch
-    import transformers
 
-    from lorasp_edge.export.pipeline import manifest_source, write_export
+    from lorasp_edge.export.pipeline import manifest_source, new_manifest, write_export
 
     adapter_dir, out = Path(settings.adapter), Path(settings.out)
     parameter_count = sum(p.numel() for p in adapted.get_base_model().parameters())
@@ -40,14 +37,7 @@ def export_adapter_only(settings, adapted, tokenizer, *, model_name: str, base_b
     input_ids, attention_mask = verification_batch(ids, pad_id)
 
     def write(tmp: Path) -> dict:
-        manifest: dict = {
-            "format": "lorasp-edge-export/1",
-            "adapter_only": True,
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__},
-            "files": {},
-            "verification": {},
-            "perplexity": {},
-        }
+        manifest = new_manifest(adapter_only=True)
         context = ExportContext(
             settings=settings, folder=tmp, merged=adapted, tokenizer=tokenizer, ids=ids, input_ids=input_ids,
             attention_mask=attention_mask, reference=reference_logits(adapted, input_ids, attention_mask),

@@ -49,6 +49,21 @@ def merge_base(base_bits: int | None, merged: bool = True) -> str:
     return f"{base} plus the adapter's delta (alpha/r) B A, merged in fp32" if merged else f"{base}, unmerged; the adapter is applied by the runtime"
 
 
+def new_manifest(**fields) -> dict:
+    """An export manifest before any format is written: format tag, library versions, empty records."""
+    import onnxruntime
+    import transformers
+
+    return {
+        "format": "lorasp-edge-export/1",
+        **fields,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__},
+        "files": {},
+        "verification": {},
+        "perplexity": {},
+    }
+
+
 def manifest_source(model_name: str, base_bits: int | None, adapter_dir: Path, info: dict, merged: bool = True) -> dict:
     """The manifest's record of what was exported: the base, the merge base and the adapter."""
     return {
@@ -315,16 +330,7 @@ def _check_formats_support(settings: ExportSettings, model_name: str, resolve_mo
 
 def _write_formats(settings: ExportSettings, tmp: Path, merged, tokenizer, ids, input_ids, attention_mask, say) -> dict:
     """Every requested format's files, into `tmp`; returns the manifest's measured part."""
-    import onnxruntime
-    import transformers
-
-    manifest: dict = {
-        "format": "lorasp-edge-export/1",
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__},
-        "files": {},
-        "verification": {},
-        "perplexity": {},
-    }
+    manifest = new_manifest()
     context = ExportContext(
         settings=settings,
         folder=tmp,

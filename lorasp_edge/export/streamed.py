@@ -109,19 +109,10 @@ def merge_to_folder(source: Path, adapter_dir: Path, info: dict, bits: int | Non
 
 def write_streamed(settings, tmp: Path, source: Path, adapter_dir: Path, info: dict, bits: int | None, tokenizer, say) -> dict:
     """Every requested format under `tmp`; returns the manifest's measured part (verification included)."""
-    import onnxruntime
-    import transformers
-
     from lorasp_edge.export.onnx_graph import files_bytes
-    from lorasp_edge.export.pipeline import MERGE_TOLERANCE
+    from lorasp_edge.export.pipeline import MERGE_TOLERANCE, new_manifest
 
-    manifest: dict = {
-        "format": "lorasp-edge-export/1",
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__},
-        "files": {},
-        "verification": {},
-        "perplexity": {},
-    }
+    manifest = new_manifest()
     folder = tmp / MERGED_DIR
     base, delta, config, parameters = merge_to_folder(source, adapter_dir, info, bits, folder, tokenizer, say)
     manifest["parameters"] = parameters
