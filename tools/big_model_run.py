@@ -14,8 +14,12 @@ past it, which bounds anonymous memory from above; file pages are outside it). E
 /proc/PID/status is sampled every 20 ms: peak resident set (VmRSS, and the kernel's VmHWM), peak
 anonymous memory (VmRSS - RssFile) and peak VmData, written every ~10 s to <log>.peaks.json so a
 run stopped early keeps them. It prints one JSON result and a Markdown row. `run --quantize-only`
-stops after quantizing (a later `run` reuses the folder and its figures); `load` reports the
-anonymous memory loading a quantized folder adds against the bytes of its tensors.
+stops after quantizing (a later `run` reuses the folder and its figures); `export` exports the
+trained adapter (`lorasp-edge export --format both --quantize int4 --mem <budget>`, `--min-agreement
+0` since random weights have near-tied logits) and reports its peak beside the manifest's; `load`
+reports the anonymous memory loading a quantized folder adds against the bytes of its tensors.
+
+    python tools/big_model_run.py export --work /scratch/run8b --mem 16GB
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import torch
 INIT_STD = 0.02  # transformers' default initializer_range for these families
 
 
-def make_checkpoint(model_id: str, out: Path, shard_bytes: int) -> dict:
+def make_checkpoint(model_id: str, out: Path, shard_bytes: int, layers: int | None = None) -> dict:
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -43,6 +47,8 @@ def make_checkpoint(model_id: str, out: Path, shard_bytes: int) -> dict:
 
     entry = catalog_entry(model_id)
     fields = {key: value for key, value in entry["config"].items() if key != "torch_dtype"}
+    if layers:  # the entry's widths and vocabulary with fewer decoder layers
+        fields["num_hidden_layers"] = layers
     config = AutoConfig.for_model(**fields)
     config.dtype = torch.bfloat16
     with torch.device("meta"):
@@ -170,7 +176,14 @@ def run(args) -> dict:
         result["plan_error"] = plan.stderr.strip()
         return result
     planned = json.loads(plan_path.read_text())
-    result["plan"] = {key: planned[key] for key in ("quant_bits", "rank", "gradient_checkpointing", "micro_batch", "grad_accum", "compute_dtype")}
+    if args.micro_batch or args.allocator:  # the planner's setting with these forced (an A/B at one setting)
+        if args.micro_batch:
+            planned.update(micro_batch=args.micro_batch, grad_accum=args.batch // args.micro_batch,
+                           loss_chunk_tokens=min(planned["loss_chunk_tokens"], args.micro_batch * (args.seq_len - 1)))
+        planned["host_allocator"] = args.allocator or planned.get("host_allocator", "heap")
+        planned["memory"] = forced_memory(planned)
+        plan_path.write_text(json.dumps(planned, indent=2))
+    result["plan"] = {key: planned.get(key) for key in ("quant_bits", "rank", "gradient_checkpointing", "micro_batch", "grad_accum", "compute_dtype", "host_allocator")}
     result["plan"]["layers"] = len(planned["layers"])
     result["plan"]["total_bytes"] = planned["memory"]["total_bytes"]
     budget = parse_memory(args.mem)
@@ -193,13 +206,43 @@ def run(args) -> dict:
     return result
 
 
+def forced_memory(planned: dict) -> dict:
+    """The planner's estimate for a plan file's setting as it now stands."""
+    from lorasp_edge.plan.catalog import model_info
+    from lorasp_edge.plan.memory import Candidate, estimate
+
+    arch = model_info(planned["model"]["name"]).architecture
+    setting = Candidate(planned["quant_bits"], planned["compute_dtype"], planned["rank"], tuple(planned["target_modules"]), len(planned["layers"]),
+                        planned["gradient_checkpointing"], planned["micro_batch"], planned["seq_len"], planned["loss_chunk_tokens"],
+                        grad_accum=planned["grad_accum"], host_allocator=planned["host_allocator"])
+    return estimate(arch, setting, "cpu")
+
+
+def export_run(args) -> dict:
+    """`lorasp-edge export` of WORK/run/adapter over WORK/q<bits>, measured like the training run."""
+    work = Path(args.work)
+    out = work / "export"
+    shutil.rmtree(out, ignore_errors=True)
+    command = [sys.executable, "-m", "lorasp_edge", "export", "--model", str(work / f"q{args.bits}"), "--adapter", str(work / "run" / "adapter"),
+               "--out", str(out), "--format", "both", "--quantize", args.quantize, "--mem", args.mem, "--min-agreement", "0"]
+    result = {"work": str(work), "mem": args.mem, "quantize": args.quantize, "export": measured_run(command, work / "export.log")}
+    manifest = out / "manifest.json"
+    if manifest.is_file():
+        written = json.loads(manifest.read_text())
+        result["manifest_peak_rss"] = written.get("peak_rss_bytes")
+        result["verification"] = {name: {key: check.get(key) for key in ("relative_diff", "perplexity_ratio") if key in check}
+                                  for name, check in written.get("verification", {}).items()}
+        result["files"] = written.get("files")
+    return result
+
+
 def markdown_row(result: dict) -> str:
     q, t, p = result.get("quantize", {}), result["train"], result["plan"]
     gb = lambda b: f"{b / 1e9:.2f}" if b else "-"
     steps = ", ".join(f"{s:.0f}" for s in t.get("step_seconds", []))
     return (
         f"| {Path(result['base']).name} | {result['mem']} | {p['quant_bits']}-bit, r{p['rank']}, {p['layers']} layers, ckpt {'on' if p['gradient_checkpointing'] else 'off'}, "
-        f"{p['micro_batch']}x{result['seq_len']} | {gb(q.get('peak_rss'))} GB / {q.get('seconds', '-')} s | {gb(p['total_bytes'])} | {gb(t['peak_anonymous'])} "
+        f"{p['micro_batch']}x{result['seq_len']}, {p.get('host_allocator') or 'heap'} | {gb(q.get('peak_rss'))} GB / {q.get('seconds', '-')} s | {gb(p['total_bytes'])} | {gb(t['peak_anonymous'])} "
         f"({result.get('anonymous_vs_plan', 0) * 100:+.1f}%) | {gb(t['peak_rss'])} | {gb(t['peak_vmdata'])} | {steps} | {t['exit']} |"
     )
 
@@ -241,6 +284,7 @@ def main() -> None:
     make.add_argument("--model", required=True, help="catalog id, e.g. llama-3.1-8b")
     make.add_argument("--out", required=True, type=Path)
     make.add_argument("--shard-gb", type=float, default=2.0)
+    make.add_argument("--layers", type=int, help="fewer decoder layers than the catalog entry (same widths and vocabulary)")
     go = sub.add_parser("run", help="quantize, plan and train through the CLI, measured")
     go.add_argument("--base", required=True, type=Path, help="folder written by `make`")
     go.add_argument("--work", required=True, type=Path)
@@ -249,8 +293,15 @@ def main() -> None:
     go.add_argument("--seq-len", type=int, default=128)
     go.add_argument("--batch", type=int, default=1)
     go.add_argument("--steps", type=int, default=2)
+    go.add_argument("--micro-batch", type=int, help="force this micro-batch (accumulating to --batch) instead of the plan's")
+    go.add_argument("--allocator", choices=["heap", "mmap"], help="force the plan's host_allocator (lorasp_edge.allocator)")
     go.add_argument("--limit-data", action="store_true", help="train under prlimit --data=<budget> (RLIMIT_DATA)")
     go.add_argument("--quantize-only", action="store_true", help="stop after quantizing (a later run reuses it and its figures)")
+    export = sub.add_parser("export", help="export WORK/run/adapter (HF + ONNX) under --mem, measured")
+    export.add_argument("--work", required=True, type=Path, help="the folder of an earlier `run`")
+    export.add_argument("--bits", type=int, default=4, choices=[4, 8])
+    export.add_argument("--mem", default="16GB")
+    export.add_argument("--quantize", default="int4", choices=["none", "int8", "int4"])
     load = sub.add_parser("load", help="anonymous memory that loading a quantized folder adds, against its tensors' bytes")
     load.add_argument("--model", required=True, type=Path, help="folder written by `lorasp-edge quantize`")
     load.add_argument("--bits", type=int, default=4, choices=[4, 8])
@@ -258,8 +309,13 @@ def main() -> None:
     if args.command == "load":
         print(json.dumps(load_only(args.model, args.bits)))
         return
+    if args.command == "export":
+        result = export_run(args)
+        (Path(args.work) / "export.json").write_text(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
+        return
     if args.command == "make":
-        print(json.dumps(make_checkpoint(args.model, args.out, int(args.shard_gb * 1e9))))
+        print(json.dumps(make_checkpoint(args.model, args.out, int(args.shard_gb * 1e9), args.layers)))
         return
     result = run(args)
     (Path(args.work) / "result.json").write_text(json.dumps(result, indent=2))

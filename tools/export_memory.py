@@ -83,16 +83,22 @@ def session_memory(folder: Path) -> dict:
     import psutil
 
     from lorasp_edge.export.onnx_runtime import OnnxDecoder
+    from lorasp_edge.export.verify import ONNX_PIECE_ROWS, onnx_logit_pieces, onnx_logits_fn, perplexity
 
     process = psutil.Process()
     gb = lambda: {"rss_gb": round(process.memory_info().rss / 1e9, 2), "hwm_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)}
     result = {"data_gb": round(sum(p.stat().st_size for p in folder.glob("model.onnx*")) / 1e9, 2), "before": gb()}
     decoder = OnnxDecoder(folder / "model.onnx", prepack=False)
     result["session"] = gb()
-    for tokens in (12, 128, 512):
+    for tokens in (12, 128):
         x = np.arange(1, tokens + 1)[None]
         decoder(x, np.ones_like(x), np.arange(tokens)[None], decoder.empty_cache(1))
         result[f"after {tokens} tokens"] = gb()
+    # the export's perplexity: a 512-token window in pieces through the KV cache, then in one forward
+    perplexity(onnx_logit_pieces(decoder), list(range(1, 514)), 512)
+    result[f"after a 512-token window in pieces of {ONNX_PIECE_ROWS}"] = gb()
+    perplexity(onnx_logits_fn(decoder), list(range(1, 514)), 512)
+    result["after a 512-token window in one forward"] = gb()
     return result
 
 

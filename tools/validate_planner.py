@@ -143,7 +143,7 @@ def prepare_tiny_model(name: str) -> None:
 
 
 def setting_of(spec: dict, arch):
-    from lorasp_edge.plan.memory import Candidate
+    from lorasp_edge.plan.memory import Candidate, host_allocator_for
     from lorasp_edge.plan.search import target_choices
 
     choices = dict(zip((ALL, ATTENTION, QV), target_choices(arch)))
@@ -151,6 +151,7 @@ def setting_of(spec: dict, arch):
         quant_bits=spec["bits"], compute_dtype=compute_dtype(spec), rank=spec["rank"], target_modules=choices[spec["targets"]],
         adapted_layers=spec["layers"] or arch.num_layers, gradient_checkpointing=spec["ckpt"], micro_batch=spec["batch"],
         seq_len=spec["seq"], loss_chunk_tokens=spec["chunk"], grad_accum=spec.get("accum", 1),
+        host_allocator=host_allocator_for(arch, "cpu"),
     )
 
 

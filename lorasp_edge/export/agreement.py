@@ -65,12 +65,18 @@ def limit_for_bits(bits: int, settings=None) -> float:
     return given if given is not None else AGREEMENT_LIMIT[16 if bits >= 16 else 8 if bits >= 8 else 4]
 
 
-def argmax_recorder(logits_of: Callable[[list[int]], np.ndarray], picks: list) -> Callable[[list[int]], np.ndarray]:
-    """`logits_of` that also appends each call's argmax per position to `picks`."""
-    def recorded(ids: list[int]) -> np.ndarray:
-        logits = logits_of(ids)
+def argmax_recorder(logits_of: Callable, picks: list) -> Callable:
+    """`logits_of` that also appends the argmax per position of each call (or of each piece, when
+    it returns consecutive row blocks: `verify.onnx_logit_pieces`) to `picks`."""
+    def record(logits):
         picks.append(np.asarray(logits).argmax(-1))
         return logits
+
+    def recorded(ids: list[int]):
+        logits = logits_of(ids)
+        if isinstance(logits, (np.ndarray, torch.Tensor)):
+            return record(logits)
+        return (record(piece) for piece in logits)
 
     return recorded
 

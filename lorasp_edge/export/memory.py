@@ -19,12 +19,19 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from lorasp_edge import allocator
+
 # Measured with tools/export_memory.py on Qwen2.5-0.5B/1.5B shapes (docs/export.md "Export memory").
 RUNTIME_BYTES = 900 << 20  # resident set just before the fp32 session opened (1.5B run: 0.90 GB)
 SESSION_FACTOR = 1.05  # onnxruntime CPU session (pre-packing off) over its initializers: 2.05 GB for 1.98 GB (0.5B, --session)
 # Perplexity window: one forward over it added 0.83 GB (0.5B, --session) and 1.14 GB (1.5B run) to
-# the session, 2.7x and 3.7x its fp32 logits (window x vocab x 4 bytes); 4x is the term used.
+# the session, 2.7x and 3.7x its fp32 logits (window x vocab x 4 bytes); 4x is the term used. The
+# PyTorch reference still runs whole windows; a session scores them in pieces of ONNX_PIECE_ROWS
+# positions through its KV cache (verify.onnx_logit_pieces): scoring a 512-token window that way
+# added 0.39 GB to a session over a two-layer graph of Qwen2.5-1.5B's widths and vocabulary (5.0x
+# a piece's logits; one forward over the window added 1.05 GB; tools/export_memory.py --session).
 ACTIVATION_WINDOW = 512
+PIECE_LOGITS_FACTOR = 5
 IN_MEMORY_FACTOR = 4.0  # in-memory path: base, merged copy, traced graph and session (Qwen2.5-1.5B: 24.3 GB / 6.2 GB)
 QUANT_BYTES_PER_PARAMETER = {"int8": 1.1, "int4": 0.8}  # int4 keeps v/up/down and the lm_head at 8 bits
 
@@ -61,14 +68,17 @@ def shapes_summary(shapes: dict[str, tuple[int, ...]]) -> tuple[int, int, int, i
 
 def estimate_streamed(shapes: dict[str, tuple[int, ...]], wants_onnx: bool, quantize: str) -> ExportEstimate:
     parameters, largest, unit, vocab = shapes_summary(shapes)
+    from lorasp_edge.export.verify import ONNX_PIECE_ROWS
+
     activations = 4 * 4 * ACTIVATION_WINDOW * vocab  # one window's logits and the buffers around them
+    piece = PIECE_LOGITS_FACTOR * 4 * ONNX_PIECE_ROWS * vocab  # what scoring a window in pieces adds to a session
     # 16-bit read + fp32 copy + merged result; the quantizer reads one fp32 weight and writes its blocks
     phases = {"merge": 2 * largest + 2 * 4 * largest, "reference": 4 * unit + activations}
     if wants_onnx:
-        phases["fp32 ONNX session"] = int(SESSION_FACTOR * 4 * parameters) + activations
+        phases["fp32 ONNX session"] = int(SESSION_FACTOR * 4 * parameters) + piece
         if quantize != "none":
             phases["quantize"] = 2 * 4 * largest
-            phases[f"{quantize} ONNX session"] = int(SESSION_FACTOR * QUANT_BYTES_PER_PARAMETER[quantize] * parameters) + activations
+            phases[f"{quantize} ONNX session"] = int(SESSION_FACTOR * QUANT_BYTES_PER_PARAMETER[quantize] * parameters) + piece
     return ExportEstimate(RUNTIME_BYTES + max(phases.values()), phases)
 
 
@@ -98,32 +108,12 @@ def check_budget(budget_bytes: int, estimate: ExportEstimate) -> None:
         )
 
 
-MMAP_THRESHOLD = 1 << 20
-
-
 def release_large_frees() -> None:
-    """Serve every allocation of 1 MiB or more with its own mapping, returned to the system when freed.
-
-    glibc raises its mmap threshold after the first large free (up to 32 MiB), after which freed
-    weights stay in the heap as resident holes; a streamed export frees a layer's weights every
-    step, so with the default each phase's holes would add to the next phase's peak."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (malloc.h); fixing it turns the dynamic raise off
-    except (OSError, AttributeError, TypeError):  # not glibc: nothing to set
-        pass
+    """Map every large allocation on its own (lorasp_edge.allocator): a streamed export frees a
+    layer's weights every step, and in glibc's heap each phase's holes would add to the next's peak."""
+    allocator.map_large_allocations()
 
 
 def trim_heap() -> None:
-    """Give the heap's free pages back to the system (glibc malloc_trim; elsewhere nothing): called
-    before an onnxruntime session opens, so the PyTorch side's freed small blocks do not stay resident."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
-        pass
+    """Called before an onnxruntime session opens, so the PyTorch side's freed small blocks do not stay resident."""
+    allocator.trim_heap()

@@ -22,7 +22,7 @@ from lorasp_edge.export.onnx_stream import export_decoder_streamed
 from lorasp_edge.export.quantize import quantize_decoder_streamed
 from lorasp_edge.export.verify import (
     DECODE_STEPS,
-    onnx_logits_fn,
+    onnx_logit_pieces,
     perplexity,
     reference_steps,
     torch_logits_fn,
@@ -71,7 +71,7 @@ def write_onnx(context: ExportContext) -> None:
             "window": context.window,
             "source": str(settings.eval_text) if settings.eval_text else "pydoc_data.topics (Python language reference)",
             "pytorch": pytorch_perplexity,
-            "onnx": perplexity(onnx_logits_fn(fp32), context.ids, context.window),
+            "onnx": perplexity(onnx_logit_pieces(fp32), context.ids, context.window),
         }
     )
     del fp32  # one onnxruntime session at a time: the fp32 one is the largest
@@ -93,7 +93,7 @@ def _write_quantized(context: ExportContext, onnx_dir, references: list, referen
     quantized = OnnxDecoder(quant_dir / ONNX_FILE, prepack=False)
     check = verify_onnx(quantized, context.merged, context.input_ids, context.attention_mask, references=references)
     picks: list = []
-    quantized_perplexity = perplexity(agreement.argmax_recorder(onnx_logits_fn(quantized), picks), context.ids, context.window)
+    quantized_perplexity = perplexity(agreement.argmax_recorder(onnx_logit_pieces(quantized), picks), context.ids, context.window)
     agreed = agreement.held_out_agreement(picks, reference_picks, agreement.limit_for_bits(bits, settings))
     ratio = quantized_perplexity / manifest["perplexity"]["onnx"]
     limit = PERPLEXITY_RATIO_LIMIT[settings.quantize]

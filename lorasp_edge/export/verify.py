@@ -6,7 +6,7 @@ The held-out sample defaults to the Python language reference shipped with every
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from lorasp_edge.errors import UserError
 
 DECODE_STEPS = 3
 PERPLEXITY_ROWS = 64
+ONNX_PIECE_ROWS = 128  # positions per onnxruntime forward when scoring perplexity (onnx_logit_pieces)
 
 
 @dataclass
@@ -117,21 +118,35 @@ def verify_onnx(decoder, model, input_ids: torch.Tensor, attention_mask: torch.T
     return compare(wanted, candidates, masks)
 
 
-def perplexity(logits_of: Callable[[list[int]], np.ndarray], ids: list[int], window: int) -> float:
-    """exp(mean next-token NLL) over consecutive windows of `window` + 1 tokens."""
+def perplexity(logits_of: Callable[[list[int]], np.ndarray | Iterable[np.ndarray]], ids: list[int], window: int) -> float:
+    """exp(mean next-token NLL) over consecutive windows of `window` + 1 tokens.
+
+    `logits_of(ids)` returns the (len(ids), vocab) logits, or an iterable of consecutive row blocks
+    of them (`onnx_logit_pieces`): a window's logits then never exist whole."""
     total, count = 0.0, 0
     for start in range(0, len(ids) - 1, window):
         chunk = ids[start : start + window + 1]
         if len(chunk) < 2:
             break
-        logits = torch.as_tensor(logits_of(chunk[:-1]))
         targets = torch.tensor(chunk[1:])
-        # float64 a slice of positions at a time: a whole window's copy is window x vocab x 8 bytes
-        for row in range(0, len(targets), PERPLEXITY_ROWS):
-            part = logits[row : row + PERPLEXITY_ROWS].to(torch.float64)
-            total += float(torch.nn.functional.cross_entropy(part, targets[row : row + PERPLEXITY_ROWS], reduction="sum"))
+        done = 0
+        for piece in as_pieces(logits_of(chunk[:-1])):
+            logits = torch.as_tensor(piece)
+            # float64 a slice of positions at a time: a whole window's copy is window x vocab x 8 bytes
+            for row in range(0, len(logits), PERPLEXITY_ROWS):
+                part = logits[row : row + PERPLEXITY_ROWS].to(torch.float64)
+                wanted = targets[done + row : done + row + len(part)]
+                total += float(torch.nn.functional.cross_entropy(part, wanted, reduction="sum"))
+            done += len(logits)
+        if done != len(targets):
+            raise ValueError(f"logits for {done} positions, {len(targets)} expected")
         count += len(targets)
     return float(np.exp(total / count))
+
+
+def as_pieces(logits) -> Iterable:
+    """A whole (positions, vocab) array as one piece; an iterable of pieces as it is."""
+    return [logits] if isinstance(logits, (np.ndarray, torch.Tensor)) else logits
 
 
 def onnx_logits_fn(decoder) -> Callable[[list[int]], np.ndarray]:
@@ -140,6 +155,21 @@ def onnx_logits_fn(decoder) -> Callable[[list[int]], np.ndarray]:
         return decoder(x, np.ones_like(x), np.arange(len(ids))[None], decoder.empty_cache(1))[0][0]
 
     return logits_of
+
+
+def onnx_logit_pieces(decoder, rows: int = ONNX_PIECE_ROWS) -> Callable[[list[int]], Iterator[np.ndarray]]:
+    """Like `onnx_logits_fn`, as consecutive blocks of `rows` positions fed through the KV cache:
+    the session holds one block's activations and logits, not a window's (a 1.5B model's 151,936-entry
+    vocabulary makes a 512-token window's logits 311 MB, and onnxruntime keeps a copy in its arena)."""
+    def pieces(ids: list[int]) -> Iterator[np.ndarray]:
+        past = decoder.empty_cache(1)
+        for start in range(0, len(ids), rows):
+            x = np.asarray([ids[start : start + rows]], dtype=np.int64)
+            end = start + x.shape[1]
+            logits, past = decoder(x, np.ones((1, end), np.int64), np.arange(start, end)[None], past)
+            yield logits[0]
+
+    return pieces
 
 
 def torch_logits_fn(model) -> Callable[[list[int]], np.ndarray]:

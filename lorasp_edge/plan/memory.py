@@ -50,6 +50,21 @@ HEAP_SLACK_OF_LAYER = 3.5  # of one layer's working set (its activations and bac
 HEAP_SLACK_OF_RECOMPUTE = 2.0  # of one layer's working set more under checkpointing
 HEAP_SLACK_BYTES = 10_000_000  # first-step allocations: oneDNN kernels, thread pools, autograd
 
+# The heap constants above were fitted on models of up to 135M parameters (docs/planner.md). At
+# Qwen2.5-1.5B's shape the heap's holes came to 2.4x the saved activations, where they predict about
+# 1.2x, and the run peaked 28% over its plan; with every allocation of 1 MiB or more mapped on its own
+# (lorasp_edge.allocator) the same run peaked at the live tensors (+1.2% over the estimate without
+# holes): tools/big_model_run.py, docs/planner.md "At size". CPU plans for models past this size
+# therefore map, and count no holes.
+MMAP_FROM_PARAMETERS = 200_000_000
+
+
+def host_allocator_for(arch: Architecture, device_kind: str) -> str:
+    """The host allocator a plan runs with: mapped allocations for models past the fitted range, on CPU."""
+    if device_kind == "cpu" and arch.parameters()["total"] > MMAP_FROM_PARAMETERS:
+        return "mmap"
+    return "heap"
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -70,6 +85,7 @@ class Candidate:
     # The trainer packs examples into blocks and passes position ids that restart at each example,
     # so transformers masks attention block-diagonally (the common case; False: one sequence a block).
     packed: bool = True
+    host_allocator: str = "heap"  # lorasp_edge.allocator: glibc's heap, or a mapping per allocation of 1 MiB or more
 
 
 # ----------------------------------------------------------------------------- frozen weights
@@ -312,7 +328,7 @@ def heap_slack_bytes(arch: Architecture, setting: Candidate, saved_bytes: int) -
     Holes the forward leaves (a share of the activations saved with grad, `saved_bytes`; more when
     micro-batches accumulate), plus a few layers' working sets of churn at the step's peak.
     Loading leaves no holes: on CPU a 4/8-bit base is loaded pre-quantized (lorasp_edge.models),
-    and quantizing it into the cache hands the heap back after each tensor (prequantize._trim_heap).
+    and quantizing it into the cache hands the heap back after each tensor (allocator.trim_heap).
     Measured: loading a pre-quantized Qwen2.5-0.5B-shape folder (tools/big_model_run.py `make`,
     `lorasp-edge quantize --bits 4`) adds 0.78 GB of anonymous memory for 0.73 GB of tensors, where
     the term this replaced (half the compute-dtype copies of the linear weights) counted 0.36 GB."""
@@ -351,7 +367,10 @@ def estimate(arch: Architecture, setting: Candidate, device_kind: str = "cpu", u
         # Under checkpointing the layers' forward saves only their inputs; the recomputed layer's
         # forward runs with grad, one at a time.
         saved = parts["activations"] + (activations["recompute"] if setting.gradient_checkpointing else 0)
-        parts["allocator_slack"] = heap_slack_bytes(arch, setting, saved)
+        if setting.host_allocator == "mmap":
+            parts["allocator_slack"] = HEAP_SLACK_BYTES  # allocations below the threshold still use the heap
+        else:
+            parts["allocator_slack"] = heap_slack_bytes(arch, setting, saved)
     parts = {key: int(value) for key, value in parts.items() if value}
     parts["total_bytes"] = sum(parts.values())
     return parts

@@ -39,6 +39,7 @@ class Plan:
     profile: str | None = None
     world_size: int = 1
     loss_chunk_tokens: int = 1024
+    host_allocator: str = field(default="heap", metadata={"help": "heap: the C library's default; mmap: every allocation of 1 MiB or more mapped on its own (lorasp_edge.allocator)"})
     quality: dict = field(default_factory=dict, metadata={"help": "the proxy the search maximized"})
 
     def __post_init__(self):
@@ -116,6 +117,7 @@ def _plan_problems(data: dict) -> list[str]:
         "world_size": (is_int, "a positive integer"),
         "loss_chunk_tokens": (is_int, "a positive integer"),
         "quality": (lambda v: isinstance(v, dict), "an object"),
+        "host_allocator": (lambda v: v in ("heap", "mmap"), "heap or mmap"),
     }
     problems = []
     for name, (check, expected) in checks.items():

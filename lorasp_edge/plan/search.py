@@ -171,9 +171,11 @@ def plan_training(
     compute_dtype = "bfloat16" if device.bf16 else "float32"
     per_rank_batch = batch // world_size
 
+    host_allocator = memory.host_allocator_for(arch, device.kind)
+
     def setting(bits, targets, layers, rank, checkpointing, micro_batch, chunk):
         return memory.Candidate(bits, compute_dtype, rank, targets, layers, checkpointing, micro_batch, seq_len, chunk, world_size=world_size,
-                              grad_accum=per_rank_batch // micro_batch)
+                              grad_accum=per_rank_batch // micro_batch, host_allocator=host_allocator)
 
     def total(s: memory.Candidate) -> int:
         return memory.estimate(arch, s, device.kind, device.unified_memory)["total_bytes"]
@@ -291,6 +293,7 @@ def _make_plan(info: ModelInfo, arch, s: memory.Candidate, budget_bytes, headroo
         world_size=s.world_size,
         gradient_checkpointing=s.gradient_checkpointing,
         loss_chunk_tokens=s.loss_chunk_tokens,
+        host_allocator=s.host_allocator,
         memory=parts,
         quality={"coverage": key[0], "quant_bits": s.quant_bits, "rank": s.rank, "prefer": prefer},
     )
@@ -334,6 +337,8 @@ def throughput_class(plan: Plan) -> str:
         costs.append(f"every matmul dequantizes the {plan.quant_bits}-bit base")
     if plan.micro_batch == 1 and plan.grad_accum > 1:
         costs.append("micro-batch 1 (small matmuls)")
+    if plan.host_allocator == "mmap":
+        costs.append("large allocations are mapped anew each time")
     if not costs:
         return "full: one forward and one backward per micro-batch, nothing recomputed"
     return ("reduced: " if len(costs) == 1 else "low: ") + "; ".join(costs)
@@ -358,6 +363,7 @@ def format_plan(plan: Plan) -> str:
         f"  batch        {plan.micro_batch} micro x {plan.grad_accum} accum x {plan.world_size} rank(s) = {plan.effective_batch} x {plan.seq_len} tokens",
         f"  checkpoint   {'on' if plan.gradient_checkpointing else 'off'}",
         f"  loss chunk   {plan.loss_chunk_tokens} tokens",
+        "  allocator    " + ("mmap: every allocation of 1 MiB or more mapped on its own (no heap holes)" if plan.host_allocator == "mmap" else "heap (the C library's default)"),
         f"  quality      coverage {plan.quality.get('coverage', 0):.0%} of linear weights, {plan.quant_bits}-bit base, rank {plan.rank}"
         + (f" (--prefer {plan.quality['prefer']})" if plan.quality.get("prefer") else ""),
         f"  throughput   {throughput_class(plan)}",

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorasp_edge import allocator
 from lorasp_edge.errors import NonFiniteError, OverBudgetError, UserError
 from lorasp_edge.models import load_model
 from lorasp_edge.train import checkpoint as ckpt
@@ -75,6 +76,7 @@ def build_model(plan, model_name: str, device: torch.device | str | None = None,
     with `compile_layers`, each decoder layer compiled by torch.compile."""
     compute_dtype = DTYPES[plan.compute_dtype]
     quant_bits = plan.quant_bits if plan.quant_bits in (4, 8) else None
+    allocator.use(plan.host_allocator)  # before the load: the weights' temporaries leave no holes either
     model = load_model(model_name, quant_bits=quant_bits, compute_dtype=compute_dtype, device=device)
     model.config.use_cache = False
     if plan.gradient_checkpointing:

@@ -161,3 +161,21 @@ def test_estimate_is_the_largest_phase():
     assert estimate.largest_phase == "fp32 ONNX session"
     assert estimate.peak_bytes - max(estimate.phases.values()) == RUNTIME_BYTES
     assert 7e9 < estimate.peak_bytes < 9e9  # the fp32 session: 4 bytes x 1.54e9 parameters, plus the runtime
+
+
+def test_heap_calls_fork_no_child_that_would_inflate_the_peak():
+    # peak_rss_bytes adds the largest child's peak; a helper forked from a large process reports the
+    # parent's resident set as its own (ctypes.util.find_library forks one), so the heap calls must not fork.
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, torch\n"
+        "from lorasp_edge import allocator\n"
+        "from lorasp_edge.export.memory import release_large_frees, trim_heap\n"
+        "big = torch.ones(1 << 26)\n"
+        "release_large_frees(); trim_heap(); allocator.trim_heap()\n"
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert int(done.stdout) == 0

@@ -23,7 +23,7 @@ from transformers import (
 
 from lorasp_edge.cli import main
 from lorasp_edge.errors import AdapterError, UserError, VerificationError
-from lorasp_edge.export import onnx_writer
+from lorasp_edge.export import agreement, onnx_writer
 from lorasp_edge.export import pipeline as exporter
 from lorasp_edge.export.hf import write_portable_config
 from lorasp_edge.export.onnx_graph import (
@@ -34,7 +34,7 @@ from lorasp_edge.export.onnx_graph import (
 )
 from lorasp_edge.export.onnx_runtime import OnnxDecoder
 from lorasp_edge.export.pipeline import ExportSettings, export
-from lorasp_edge.export.verify import verify_onnx
+from lorasp_edge.export.verify import onnx_logit_pieces, onnx_logits_fn, perplexity, torch_logits_fn, verify_onnx
 from lorasp_edge.models import load_model
 from lorasp_edge.train.adapter import (
     LoRASPConfig,
@@ -179,6 +179,20 @@ def test_kv_cache_decode_equals_full_recompute(tmp_path):
         steps.append(logits)
     assert past[0].shape == (2, 2, 12, 16)
     assert np.abs(np.concatenate(steps, axis=1) - full).max() < 1e-5
+
+
+def test_perplexity_from_kv_cache_pieces_equals_one_forward(tmp_path):
+    model = tiny_model("qwen2-tied")
+    export_decoder(model, tmp_path)
+    decoder = OnnxDecoder(tmp_path / "model.onnx")
+    ids = np.random.default_rng(0).integers(0, 120, 43).tolist()
+    whole_picks, piece_picks = [], []
+    whole = perplexity(agreement.argmax_recorder(onnx_logits_fn(decoder), whole_picks), ids, 16)
+    pieces = perplexity(agreement.argmax_recorder(onnx_logit_pieces(decoder, rows=5), piece_picks), ids, 16)
+    reference = perplexity(torch_logits_fn(model), ids, 16)
+    assert abs(pieces / whole - 1) < 1e-5 and abs(pieces / reference - 1) < 1e-5
+    assert len(piece_picks) == 4 + 4 + 2  # windows of 16, 16 and 10 positions in blocks of 5
+    assert (np.concatenate(piece_picks) == np.concatenate(whole_picks)).all() and len(np.concatenate(piece_picks)) == 42
 
 
 def test_tied_embeddings_are_stored_once(tmp_path):

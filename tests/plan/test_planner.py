@@ -21,6 +21,7 @@ from lorasp_edge.plan.search import (
     format_plan,
     plan_training,
     quality_key,
+    throughput_class,
 )
 from lorasp_edge.plan.units import parse_memory
 
@@ -218,16 +219,18 @@ def test_quantized_bases_are_one_tier_rank_decides():
 
 def test_at_one_quality_the_faster_setting_wins():
     # llama-3.1-8b, bf16 CPU, seq 512, --prefer quality: rank 64 on every layer fits at 4 bits from
-    # 14 GB and at 8 bits from 20 GB, where the 4-bit base still runs the larger micro-batch (4 x 512
-    # against 1 x 512), so it stays; 16 bits fit only at rank 8, from 21 GB.
-    plans = {gb: plan_training("llama-3.1-8b", budget_bytes=gb * 10**9, seq_len=512, device=CPU_BF16, prefer="quality") for gb in (14, 19, 20, 21)}
-    assert [(p.quant_bits, p.rank, p.micro_batch) for p in plans.values()] == [(4, 64, 1), (4, 64, 4), (4, 64, 4), (16, 8, 1)]
+    # 14 GB (with checkpointing) and at 18 GB without it; at 18 GB the 8-bit base fits too, but only
+    # with checkpointing, so the faster 4-bit setting stays. 16 bits (a tier above) fit from 19 GB.
+    plans = {gb: plan_training("llama-3.1-8b", budget_bytes=gb * 10**9, seq_len=512, device=CPU_BF16, prefer="quality") for gb in (14, 18, 20)}
+    got = [(p.quant_bits, p.rank, p.micro_batch, p.gradient_checkpointing) for p in plans.values()]
+    assert got == [(4, 64, 4, True), (4, 64, 1, False), (16, 16, 1, True)]
     assert all(p.quality["coverage"] == 1.0 for p in plans.values())
-    eight = memory.Candidate(8, "bfloat16", 64, tuple(plans[20].target_modules), 32, True, 1, 512, 128, grad_accum=8)
-    assert memory.estimate(model_info("llama-3.1-8b").architecture, eight)["total_bytes"] <= 0.9 * 20 * 10**9  # 8-bit fitted too
+    assert all(p.host_allocator == "mmap" for p in plans.values())  # 8B on CPU: past the heap's fitted range
+    eight = memory.Candidate(8, "bfloat16", 64, tuple(plans[18].target_modules), 32, True, 1, 512, 512, grad_accum=8, host_allocator="mmap")
+    assert memory.estimate(model_info("llama-3.1-8b").architecture, eight)["total_bytes"] <= 0.9 * 18 * 10**9  # 8-bit fitted too
 
 
-@pytest.mark.parametrize("device, prefer, rank", [(CPU_BF16, "speed", 16), (CPU_FP32, "speed", 16), (CPU_BF16, "quality", 64), (CPU_FP32, "quality", 32)])
+@pytest.mark.parametrize("device, prefer, rank", [(CPU_BF16, "speed", 16), (CPU_FP32, "speed", 16), (CPU_BF16, "quality", 64), (CPU_FP32, "quality", 64)])
 def test_8b_on_a_16gb_cpu_plans_a_4bit_base(device, prefer, rank):
     # issue 17: an 8B model on a 16 GB laptop. The 8-bit base (weights 6.98 GB against NF4's
     # 3.60 GB) fits only at a lower rank, so the 4-bit base on every linear layer wins.
@@ -239,7 +242,7 @@ def test_8b_on_a_16gb_cpu_plans_a_4bit_base(device, prefer, rank):
     # An 8-bit base cannot run the chosen setting (at rank 16 it fits only at a smaller micro-batch, so
     # the 4-bit base is the faster of the two; at the quality ranks it does not fit at all).
     eight = memory.Candidate(8, plan.compute_dtype, rank, tuple(plan.target_modules), 32, plan.gradient_checkpointing, plan.micro_batch, 512,
-                             plan.loss_chunk_tokens, grad_accum=plan.grad_accum)
+                             plan.loss_chunk_tokens, grad_accum=plan.grad_accum, host_allocator=plan.host_allocator)
     assert memory.estimate(model_info("llama-3.1-8b").architecture, eight)["total_bytes"] > 0.9 * 16 * 10**9
 
 
@@ -422,3 +425,19 @@ def test_train_refuses_prefer_where_the_plan_is_already_fixed(tmp_path, capsys, 
     error = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(error) == 1
     assert f"--prefer applies only when train plans here: {named} already fixes the plan" in error[0]
+
+
+def test_models_past_the_heaps_fitted_range_plan_mapped_allocations():
+    small = plan_training("smollm2-135m", budget_bytes=8 * 10**9, seq_len=256, batch=4, device=CPU_FP32)
+    large = plan_training("qwen2.5-1.5b", budget_bytes=8 * 10**9, seq_len=256, batch=4, device=CPU_FP32)
+    gpu = plan_training("qwen2.5-1.5b", budget_bytes=8 * 10**9, seq_len=256, batch=4, device=Device("cuda", True, (16, 8, 4)))
+    assert (small.host_allocator, large.host_allocator, gpu.host_allocator) == ("heap", "mmap", "heap")
+    assert small.memory["allocator_slack"] > 10 * memory.HEAP_SLACK_BYTES  # the fitted heap holes
+    assert large.memory["allocator_slack"] == memory.HEAP_SLACK_BYTES  # mapped: the live tensors, no holes
+    assert "allocator_slack" not in gpu.memory
+    assert "mmap" in format_plan(large) and "large allocations are mapped" in throughput_class(large)
+    assert Plan.from_dict(json.loads(large.to_json())).host_allocator == "mmap"
+    older = {key: value for key, value in json.loads(small.to_json()).items() if key != "host_allocator"}
+    assert Plan.from_dict(older).host_allocator == "heap"  # plan files written before the field
+    with pytest.raises(UserError, match="field 'host_allocator' must be heap or mmap"):
+        Plan.from_dict({**older, "host_allocator": "jemalloc"})

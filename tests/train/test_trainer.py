@@ -127,6 +127,43 @@ def test_build_model_trains_with_checkpointing_on(tmp_path, model_dir):
     assert all(layer.training for layer in decoder.layers)
 
 
+@pytest.mark.parametrize("host_allocator, mapped", [("heap", []), ("mmap", [1 << 20])])
+def test_build_model_applies_the_plans_host_allocator(tmp_path, model_dir, monkeypatch, host_allocator, mapped):
+    from lorasp_edge import allocator
+    from lorasp_edge.plan.planfile import Plan
+    from lorasp_edge.train.loop import build_model
+
+    calls = []
+    monkeypatch.setattr(allocator, "map_large_allocations", lambda threshold=allocator.MMAP_THRESHOLD: calls.append(threshold) or True)
+    plan = Plan.from_json(write_plan(tmp_path / "plan.json", model_dir, host_allocator=host_allocator))
+    build_model(plan, str(model_dir), device="cpu")
+    assert calls == mapped
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_mapped_allocations_return_freed_memory_at_once():
+    # In fresh processes: one freed 1 MiB tensor raises glibc's threshold, so 64 more come from the
+    # heap, and a 512 KiB tensor allocated after them keeps their pages resident once freed; with the
+    # threshold fixed each has its own mapping and leaves the resident set when freed.
+    code = (
+        "import sys, torch, psutil\n"
+        "from lorasp_edge import allocator\n"
+        "assert sys.argv[1] == 'heap' or allocator.map_large_allocations()\n"
+        "p = psutil.Process(); warm = torch.ones(1 << 18); del warm\n"
+        "base = p.memory_info().rss\n"
+        "blocks = [torch.ones(1 << 18) for _ in range(64)]; pin = torch.ones(1 << 17)\n"
+        "grown = p.memory_info().rss - base\n"
+        "del blocks\n"
+        "print(grown >> 20, (p.memory_info().rss - base) >> 20)\n"
+    )
+    left = {}
+    for mode in ("heap", "mmap"):
+        done = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, check=True)
+        grown, left[mode] = map(int, done.stdout.split())
+        assert grown >= 60
+    assert left["heap"] >= 60 and left["mmap"] <= 4
+
+
 def test_catalog_ids_resolve_to_their_hub_model():
     from lorasp_edge.models import resolve_model
 
