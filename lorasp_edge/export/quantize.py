@@ -15,6 +15,13 @@ from lorasp_edge.export.onnx_graph import PROTOBUF_LIMIT_BYTES, TIED_TABLE, save
 INT4_KEEP_8BIT = ("v_proj", "down_proj", "up_proj")
 
 
+def _check_arguments(bits: int, block_size: int) -> None:
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, not {bits}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block size must be a power of two >= 16, not {block_size}")
+
+
 def quantize_decoder(source: Path, out_dir: Path, bits: int, block_size: int = 32, accuracy_level: int = 4,
                      external_threshold_bytes: int = PROTOBUF_LIMIT_BYTES, keep_8bit: tuple[str, ...] = INT4_KEEP_8BIT) -> Path:
     """Weight-only block quantization of every MatMul with a constant weight (onnxruntime's MatMulNBits).
@@ -30,10 +37,7 @@ def quantize_decoder(source: Path, out_dir: Path, bits: int, block_size: int = 3
         MatMulNBitsQuantizer,
     )
 
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8, not {bits}")
-    if block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(f"block size must be a power of two >= 16, not {block_size}")
+    _check_arguments(bits, block_size)
     proto = onnx.load(str(source))
     weighted = _weighted_matmuls(proto)
     head = _head_matmuls(proto, weighted)
@@ -139,10 +143,7 @@ def quantize_decoder_streamed(source: Path, out_dir: Path, bits: int, block_size
     from lorasp_edge.export.onnx_graph import ONNX_DATA_FILE, ONNX_FILE
     from lorasp_edge.export.onnx_stream import ExternalData, read_initializer
 
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8, not {bits}")
-    if block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(f"block size must be a power of two >= 16, not {block_size}")
+    _check_arguments(bits, block_size)
     source = Path(source)
     proto = onnx.load(str(source), load_external_data=False)
     graph = proto.graph
