@@ -53,9 +53,9 @@ HEAP_SLACK_BYTES = 10_000_000  # first-step allocations: oneDNN kernels, thread 
 # The heap constants above were fitted on models of up to 135M parameters (docs/planner.md). At
 # Qwen2.5-1.5B's shape the heap's holes came to 2.4x the saved activations, where they predict about
 # 1.2x, and the run peaked 28% over its plan; with every allocation of 1 MiB or more mapped on its own
-# (lorasp_edge.allocator) the same run peaked at the live tensors (+1.2% over the estimate without
-# holes): tools/big_model_run.py, docs/planner.md "At size". CPU plans for models past this size
-# therefore map, and count no holes.
+# (lorasp_edge.allocator) the same command peaked at its plan (6.18 GB against 6.19), at the price of
+# 1.31x the step time (an 8-layer A/B): tools/big_model_run.py, docs/planner.md "Past the fitted
+# range". CPU plans for models past this size therefore map, and count no holes.
 MMAP_FROM_PARAMETERS = 200_000_000
 
 
