@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lorasp_edge.export.verify import as_pieces
+
 PROMPT_TOKENS = 16
 CONTINUATION_TOKENS = 128
 # Smallest allowed agreement over CONTINUATION_TOKENS positions: 16- and 8-bit weights must pick
@@ -54,9 +56,13 @@ def measure(logits_of: Callable[[list[int]], np.ndarray], prompt: list[int], con
     """`logits_of(ids)` returns the runtime's (len(ids), vocab) logits for one forward over `ids`."""
     logits = np.asarray(logits_of(prompt + continuation[:-1]))
     picks = logits[len(prompt) - 1 :].argmax(-1)
-    same = picks == np.asarray(continuation)
+    return _agreement(picks == np.asarray(continuation), limit)
+
+
+def _agreement(same: np.ndarray, limit: float) -> Agreement:
+    """Agreement from a boolean per compared position."""
     differs = np.flatnonzero(~same)
-    return Agreement(float(same.mean()), len(continuation), int(differs[0]) if len(differs) else None, limit)
+    return Agreement(float(same.mean()), len(same), int(differs[0]) if len(differs) else None, limit)
 
 
 def limit_for_bits(bits: int, settings=None) -> float:
@@ -66,27 +72,21 @@ def limit_for_bits(bits: int, settings=None) -> float:
 
 
 def argmax_recorder(logits_of: Callable, picks: list) -> Callable:
-    """`logits_of` that also appends the argmax per position of each call (or of each piece, when
-    it returns consecutive row blocks: `verify.onnx_logit_pieces`) to `picks`."""
+    """`logits_of` that also appends to `picks` the argmax per position of each piece of logits it
+    returns (a whole array is one piece; `verify.onnx_logit_pieces` returns row blocks)."""
     def record(logits):
         picks.append(np.asarray(logits).argmax(-1))
         return logits
 
     def recorded(ids: list[int]):
-        logits = logits_of(ids)
-        if isinstance(logits, (np.ndarray, torch.Tensor)):
-            return record(logits)
-        return (record(piece) for piece in logits)
+        return (record(piece) for piece in as_pieces(logits_of(ids)))
 
     return recorded
 
 
 def held_out_agreement(picks: list, reference_picks: list, limit: float) -> Agreement:
     """Agreement of two runs of argmax_recorder over the same held-out windows (teacher-forced on the text)."""
-    ours, reference = np.concatenate(picks), np.concatenate(reference_picks)
-    same = ours == reference
-    differs = np.flatnonzero(~same)
-    return Agreement(float(same.mean()), len(same), int(differs[0]) if len(differs) else None, limit)
+    return _agreement(np.concatenate(picks) == np.concatenate(reference_picks), limit)
 
 
 def model_context(model, tokenizer, folder, eval_tokens: int = 1024, window: int = 512, say=None):

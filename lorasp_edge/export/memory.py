@@ -16,6 +16,7 @@ session's factor over its weights are measured by tools/export_memory.py (docs/e
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -53,9 +54,7 @@ def shapes_summary(shapes: dict[str, tuple[int, ...]]) -> tuple[int, int, int, i
     parameters, largest, vocab = 0, 0, 0
     units: dict[str, int] = {}
     for key, shape in shapes.items():
-        count = 1
-        for size in shape:
-            count *= size
+        count = math.prod(shape)
         parameters += count
         largest = max(largest, count)
         match = re.search(r"\.layers\.(\d+)\.", key)

@@ -14,6 +14,7 @@ session plus one layer (export/memory.py estimates it).
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -188,7 +189,7 @@ def export_streamed(settings, source: Path, adapter_dir: Path, out: Path, info: 
         manifest.update({**manifest_source(model_name, bits, adapter_dir, info), "streamed": True})
         return manifest
 
-    return write_export(out, _estimated_bytes(sum(_numel(shape) for shape in base_shapes.values()), settings), write, started)
+    return write_export(out, _estimated_bytes(sum(math.prod(shape) for shape in base_shapes.values()), settings), write, started)
 
 
 def base_float_shapes(source: Path, bits: int | None) -> dict[str, tuple[int, ...]]:
@@ -198,13 +199,6 @@ def base_float_shapes(source: Path, bits: int | None) -> dict[str, tuple[int, ..
         return {key: base.shape(key) for key in base.keys()}
     finally:
         base.close()
-
-
-def _numel(shape) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def check_export_budget(settings, model_name: str, source: Path | None, bits: int | None, say) -> None:
