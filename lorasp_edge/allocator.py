@@ -37,11 +37,22 @@ def map_large_allocations(threshold: int = MMAP_THRESHOLD) -> bool:
     """Serve every allocation of `threshold` bytes or more with its own mapping, returned to the
     system when freed (fixing the threshold also turns glibc's dynamic raise off). False where the
     C library has no mallopt."""
+    global _mapped
     libc = _libc()
     try:
-        return bool(libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, threshold))
+        done = bool(libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, threshold))
     except AttributeError:
-        return False
+        done = False
+    _mapped = _mapped or done
+    return done
+
+
+def mapped() -> bool:
+    """Whether this process maps its large allocations (map_large_allocations succeeded)."""
+    return _mapped
+
+
+_mapped = False
 
 
 def use(host_allocator: str) -> bool:

@@ -309,6 +309,8 @@ def main() -> None:
     if args.command == "load":
         print(json.dumps(load_only(args.model, args.bits)))
         return
+    if args.command == "run" and args.micro_batch and args.batch % args.micro_batch:
+        parser.error(f"--micro-batch {args.micro_batch} must divide --batch {args.batch}")
     if args.command == "export":
         result = export_run(args)
         (Path(args.work) / "export.json").write_text(json.dumps(result, indent=2))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from lorasp_edge import allocator
 from lorasp_edge.devices import default_device
 from lorasp_edge.errors import UserError
 from lorasp_edge.files import write_text_atomic
@@ -147,6 +148,9 @@ def _train(request: TrainRequest, world: World, progress: bool, note) -> dict:
     probe.close()
     torch.manual_seed(settings.seed)
     model = build_model(plan, model_name, device=world.device, seed=settings.seed, redraw_every=settings.redraw_every, compile_layers=settings.compile)
+    if plan.host_allocator == allocator.MMAP and not allocator.mapped():
+        notes.append("this C library cannot map large allocations on their own (no mallopt): the plan counts no heap holes, "
+                     "so its memory may be low here; the memory guard still stops the run at the budget")
     fingerprint = base_fingerprint(model.get_base_model())
     if record is not None and (base_note := contract.check_base(record, fingerprint, model_name)):
         notes.append(base_note)
