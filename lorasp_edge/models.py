@@ -104,6 +104,21 @@ def load_tokenizer(name: str):
         raise UserError(_load_failure(name, "tokenizer", error)) from None
 
 
+def check_tokenizer_fits(name: str, tokenizer) -> None:
+    """UserError when the tokenizer has more ids than the model's embedding has rows: the first id past
+    them would stop training with an index error deep in the forward, after the model has loaded."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model(name)).get_text_config(decoder=True)
+    except (OSError, ValueError) as error:
+        raise UserError(_load_failure(name, "config", error)) from None
+    rows = getattr(config, "vocab_size", None)
+    if rows and len(tokenizer) > rows:
+        raise UserError(f"the tokenizer of '{name}' has {len(tokenizer):,} ids but the model's embedding has {rows:,} rows "
+                        "(vocab_size in config.json): use the model's own tokenizer")
+
+
 def load_model(
     name: str,
     quant_bits: int | None = None,

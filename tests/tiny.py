@@ -59,8 +59,8 @@ def make_model_dir(path: Path, arch: str = "llama", seed: int = 0, **overrides) 
         fields = dict(
             vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-            bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, **overrides,
-        )
+            bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+        ) | overrides
         model = (Qwen2ForCausalLM(Qwen2Config(**fields)) if arch == "qwen2" else LlamaForCausalLM(LlamaConfig(**fields)))
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

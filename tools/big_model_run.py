@@ -6,7 +6,8 @@
 
 `make` writes a random-init bf16 checkpoint with the catalog entry's published shape, one shard at
 a time (normal(0, 0.02) weights, unit norms), so making it needs about one shard of memory. The
-tokenizer is the bundled SmolLM2's (its ids fit any of the catalog's vocabularies).
+tokenizer is the bundled SmolLM2's, or, for a vocabulary smaller than its 49,152 ids, a 4,096-id BPE
+trained on the run's text (`small_tokenizer`).
 `run` runs, each as its own process: `lorasp-edge quantize --bits 4`, `lorasp-edge plan` for the
 quantized folder, and `lorasp-edge train --steps N` under that plan; with `--limit-data` the
 trainer runs under RLIMIT_DATA = the budget (prlimit: the kernel refuses private writable memory
@@ -20,6 +21,10 @@ trained adapter (`lorasp-edge export --format both --quantize int4 --mem <budget
 reports the anonymous memory loading a quantized folder adds against the bytes of its tensors.
 
     python tools/big_model_run.py export --work /scratch/run8b --mem 16GB
+    python tools/big_model_run.py table /scratch/run8b /scratch/run3b ... [--write-docs]
+
+`table` sets each run's plan against its training process's peak anonymous memory (sampled from the
+process's start, so loading counts) and writes the Markdown table of docs/planner.md's "At size".
 """
 
 from __future__ import annotations
@@ -36,6 +41,23 @@ from pathlib import Path
 import torch
 
 INIT_STD = 0.02  # transformers' default initializer_range for these families
+SMOLLM2_VOCAB = 49152  # ids of the bundled tokenizer
+
+
+def small_tokenizer(vocab_size: int = 4096):
+    """A byte-level BPE trained here on the run's own text and the held-out reference text, for
+    shapes whose vocabulary is smaller than the bundled tokenizer's."""
+    import pydoc_data.topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    texts = [json.loads(line)["text"] for line in data_lines()] + list(pydoc_data.topics.topics.values())
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
 def make_checkpoint(model_id: str, out: Path, shard_bytes: int, layers: int | None = None) -> dict:
@@ -93,9 +115,12 @@ def make_checkpoint(model_id: str, out: Path, shard_bytes: int, layers: int | No
     config_dict["architectures"] = [type(model).__name__]
     (out / "config.json").write_text(json.dumps(config_dict, indent=2))
     tokenizer_dir = Path(resolve_model("smollm2-135m"))
-    for item in tokenizer_dir.iterdir():
-        if item.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
-            shutil.copy2(item, out / item.name)
+    if config.vocab_size >= SMOLLM2_VOCAB:
+        for item in tokenizer_dir.iterdir():
+            if item.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
+                shutil.copy2(item, out / item.name)
+    else:  # SmolLM2's ids would run past this vocabulary (Phi-3: 32,064; Mistral: 32,768)
+        small_tokenizer().save_pretrained(out)
     return {"model": model_id, "bytes": total, "shards": len(shards), "seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -143,12 +168,14 @@ def measured_run(command: list[str], log: Path, prefix: list[str] | None = None)
     return {"exit": code, "seconds": round(time.perf_counter() - started, 1), "peak_rss": max(peaks["rss"], peaks["hwm"]), "peak_anonymous": peaks["anonymous"], "peak_vmdata": peaks["data"]}
 
 
-def write_data(path: Path, lines: int = 2000) -> Path:
+def data_lines(lines: int = 2000) -> list[str]:
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
-    with open(path, "w") as handle:
-        for i in range(lines):
-            text = " ".join(str(n) for n in range(i % 50, i % 50 + 20)) + ". " + " ".join(words[(i + k) % 8] for k in range(12))
-            handle.write(json.dumps({"text": text}) + "\n")
+    return [json.dumps({"text": " ".join(str(n) for n in range(i % 50, i % 50 + 20)) + ". " + " ".join(words[(i + k) % 8] for k in range(12))})
+            for i in range(lines)]
+
+
+def write_data(path: Path, lines: int = 2000) -> Path:
+    path.write_text("".join(line + "\n" for line in data_lines(lines)))
     return path
 
 
@@ -176,7 +203,9 @@ def run(args) -> dict:
         result["plan_error"] = plan.stderr.strip()
         return result
     planned = json.loads(plan_path.read_text())
-    if args.micro_batch or args.allocator:  # the planner's setting with these forced (an A/B at one setting)
+    if args.micro_batch or args.allocator or args.checkpointing:  # the planner's setting with these forced (an A/B at one setting)
+        if args.checkpointing:
+            planned["gradient_checkpointing"] = args.checkpointing == "on"
         if args.micro_batch:
             planned.update(micro_batch=args.micro_batch, grad_accum=args.batch // args.micro_batch,
                            loss_chunk_tokens=min(planned["loss_chunk_tokens"], args.micro_batch * (args.seq_len - 1)))
@@ -247,6 +276,46 @@ def markdown_row(result: dict) -> str:
     )
 
 
+TABLE_BEGIN, TABLE_END = "<!-- at-size:begin -->", "<!-- at-size:end -->"
+HEADROOM = 0.10  # the planner's default headroom (lorasp-edge plan --headroom)
+
+
+def planner_table(works: list[Path]) -> str:
+    """The planner against each `run`'s whole-process peak anonymous memory (load included), as Markdown."""
+    import statistics
+
+    rows, errors = [], []
+    for work in works:
+        result = json.loads((work / "result.json").read_text())
+        plan, train = result["plan"], result["train"]
+        config = json.loads((Path(result["base"]) / "config.json").read_text())
+        parameters = json.loads((work / "plan.json").read_text())["model"].get("params")
+        measured, predicted = train["peak_anonymous"], plan["total_bytes"]
+        error = predicted / measured - 1  # negative: the plan says less than the run used
+        errors.append(error)
+        shape = f"{config['model_type']} {config['num_hidden_layers']}L h{config['hidden_size']} v{config['vocab_size']}"
+        size = f"{parameters / 1e9:.2f}B" if parameters else "-"
+        setting = (f"{plan['quant_bits']}-bit r{plan['rank']}, {plan['layers']} layers, ckpt {'on' if plan['gradient_checkpointing'] else 'off'}, "
+                   f"{plan['micro_batch']}x{plan['grad_accum']} x {result['seq_len']}, {plan.get('host_allocator') or 'heap'}")
+        rows.append(f"| `{work.name}` | {shape} | {size} | {result['mem']} | {setting} | {predicted / 1e9:.2f} | {measured / 1e9:.2f} | "
+                    f"{error * 100:+.1f}% | {train['peak_rss'] / 1e9:.2f} | {train['exit']} |")
+    absolute = [abs(e) for e in errors]
+    under = [e for e in errors if e < -HEADROOM]
+    summary = (f"{len(errors)} points: median |error| {statistics.median(absolute) * 100:.1f}%, worst {max(absolute) * 100:.1f}% "
+               f"(range {min(errors) * 100:+.1f}% to {max(errors) * 100:+.1f}%); under-predicting by more than the {HEADROOM:.0%} headroom: {len(under)}.")
+    head = ("| run | shape | parameters | budget | plan's setting (micro x accum x seq, allocator) | plan GB | peak anonymous GB | error | peak RSS GB | exit |\n"
+            "|---|---|---:|---|---|---:|---:|---:|---:|---|")
+    return "\n".join([head, *rows, "", summary])
+
+
+def write_table(works: list[Path], docs: Path) -> str:
+    table = planner_table(works)
+    text = docs.read_text()
+    start, end = text.index(TABLE_BEGIN) + len(TABLE_BEGIN), text.index(TABLE_END)
+    docs.write_text(text[:start] + "\n" + table + "\n" + text[end:])
+    return table
+
+
 def load_only(folder: Path, bits: int) -> dict:
     """Anonymous memory that loading a (pre-quantized) folder adds, against the bytes of its tensors."""
     import gc
@@ -295,6 +364,7 @@ def main() -> None:
     go.add_argument("--steps", type=int, default=2)
     go.add_argument("--micro-batch", type=int, help="force this micro-batch (accumulating to --batch) instead of the plan's")
     go.add_argument("--allocator", choices=["heap", "mmap"], help="force the plan's host_allocator (lorasp_edge.allocator)")
+    go.add_argument("--checkpointing", choices=["on", "off"], help="force the plan's gradient checkpointing")
     go.add_argument("--limit-data", action="store_true", help="train under prlimit --data=<budget> (RLIMIT_DATA)")
     go.add_argument("--quantize-only", action="store_true", help="stop after quantizing (a later run reuses it and its figures)")
     export = sub.add_parser("export", help="export WORK/run/adapter (HF + ONNX) under --mem, measured")
@@ -302,12 +372,19 @@ def main() -> None:
     export.add_argument("--bits", type=int, default=4, choices=[4, 8])
     export.add_argument("--mem", default="16GB")
     export.add_argument("--quantize", default="int4", choices=["none", "int8", "int4"])
+    table = sub.add_parser("table", help="the planner against every given run's peak, as Markdown")
+    table.add_argument("works", nargs="+", type=Path, help="folders of earlier `run`s")
+    table.add_argument("--write-docs", action="store_true", help="replace the table between the at-size markers in docs/planner.md")
     load = sub.add_parser("load", help="anonymous memory that loading a quantized folder adds, against its tensors' bytes")
     load.add_argument("--model", required=True, type=Path, help="folder written by `lorasp-edge quantize`")
     load.add_argument("--bits", type=int, default=4, choices=[4, 8])
     args = parser.parse_args()
     if args.command == "load":
         print(json.dumps(load_only(args.model, args.bits)))
+        return
+    if args.command == "table":
+        docs = Path(__file__).resolve().parent.parent / "docs" / "planner.md"
+        print(write_table(args.works, docs) if args.write_docs else planner_table(args.works))
         return
     if args.command == "run" and args.micro_batch and args.batch % args.micro_batch:
         parser.error(f"--micro-batch {args.micro_batch} must divide --batch {args.batch}")

@@ -23,3 +23,4 @@ class ExportContext:
     window: int  # perplexity window
     manifest: dict
     say: Callable[[str], None]
+    session_slices: int = 1  # onnxruntime sessions over consecutive layers the fp32 graph is verified in

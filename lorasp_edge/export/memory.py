@@ -5,7 +5,9 @@ The streamed export (streamed.py) runs in phases whose resident sets do not over
     merge           one tensor in 16-bit + its fp32 copy + the merged result
     reference       one unit's fp32 weights (a decoder layer, or the vocabulary table) + activations
                     (every PyTorch forward runs before a session opens: verify.reference_steps)
-    fp32 ONNX       the onnxruntime session: every fp32 weight (4 bytes x parameters) + activations
+    fp32 ONNX       the onnxruntime session: every fp32 weight (4 bytes x parameters) + activations,
+                    or, when that exceeds the budget, the largest of N sessions over consecutive layers
+                    opened one at a time (onnx_slices.py)
     quantize        one weight in fp32 + its quantized blocks
     quantized ONNX  the quantized session + activations
 
@@ -41,6 +43,7 @@ QUANT_BYTES_PER_PARAMETER = {"int8": 1.1, "int4": 0.8}  # int4 keeps v/up/down a
 class ExportEstimate:
     peak_bytes: int
     phases: dict[str, int]  # phase -> bytes above the runtime's fixed cost
+    session_slices: int = 1  # onnxruntime sessions the fp32 graph is verified in (onnx_slices.py)
 
     @property
     def largest_phase(self) -> str:
@@ -65,20 +68,68 @@ def shapes_summary(shapes: dict[str, tuple[int, ...]]) -> tuple[int, int, int, i
     return parameters, largest, max(units.values(), default=0), vocab
 
 
-def estimate_streamed(shapes: dict[str, tuple[int, ...]], wants_onnx: bool, quantize: str) -> ExportEstimate:
-    parameters, largest, unit, vocab = shapes_summary(shapes)
+def slice_parameters(shapes: dict[str, tuple[int, ...]], count: int) -> list[int]:
+    """Parameters each of `count` sessions over consecutive layers loads (onnx_slices.layer_ranges): the
+    first also holds the embedding table, the last the final norm and the output matrix (the table
+    again when it is tied: both ends read it)."""
+    from lorasp_edge.export.onnx_slices import layer_ranges
+
+    per_layer: dict[int, int] = {}
+    first, last, table, tied = 0, 0, 0, not any("lm_head" in key for key in shapes)
+    for key, shape in shapes.items():
+        parameters = math.prod(shape)
+        match = re.search(r"\.layers\.(\d+)\.", key)
+        if match:
+            per_layer[int(match.group(1))] = per_layer.get(int(match.group(1)), 0) + parameters
+        elif "embed" in key:
+            first += parameters
+            table += parameters if tied and len(shape) == 2 else 0
+        else:
+            last += parameters
+    ranges = layer_ranges(max(len(per_layer), 1), count)
+    sizes = [sum(per_layer.get(layer, 0) for layer in range(a, b)) for a, b in ranges]
+    sizes[0] += first
+    sizes[-1] += last + (table if len(sizes) > 1 else 0)
+    return sizes
+
+
+def session_slices(shapes: dict[str, tuple[int, ...]], budget_bytes: int | None) -> int:
+    """The fewest sessions over consecutive layers whose largest fits `budget_bytes` with the
+    runtime's fixed cost and a scoring piece (one session when it fits whole or there is no budget;
+    one per layer when nothing fits, and the estimate then says so)."""
+    if budget_bytes is None:
+        return 1
+    layers = len({m.group(1) for key in shapes if (m := re.search(r"\.layers\.(\d+)\.", key))}) or 1
+    piece = _piece_bytes(shapes_summary(shapes)[3])
+    for count in range(1, layers + 1):
+        if RUNTIME_BYTES + SESSION_FACTOR * 4 * max(slice_parameters(shapes, count)) + piece <= budget_bytes:
+            return count
+    return layers
+
+
+def _piece_bytes(vocab: int) -> int:
     from lorasp_edge.export.verify import ONNX_PIECE_ROWS
 
+    return PIECE_LOGITS_FACTOR * 4 * ONNX_PIECE_ROWS * vocab  # what scoring a window in pieces adds to a session
+
+
+def estimate_streamed(shapes: dict[str, tuple[int, ...]], wants_onnx: bool, quantize: str, budget_bytes: int | None = None) -> ExportEstimate:
+    """The streamed export's peak by phase; under `budget_bytes` the fp32 graph is verified in as many
+    layer slices as it takes to fit (`session_slices`)."""
+    parameters, largest, unit, vocab = shapes_summary(shapes)
     activations = 4 * 4 * ACTIVATION_WINDOW * vocab  # one window's logits and the buffers around them
-    piece = PIECE_LOGITS_FACTOR * 4 * ONNX_PIECE_ROWS * vocab  # what scoring a window in pieces adds to a session
+    piece = _piece_bytes(vocab)
     # 16-bit read + fp32 copy + merged result; the quantizer reads one fp32 weight and writes its blocks
     phases = {"merge": 2 * largest + 2 * 4 * largest, "reference": 4 * unit + activations}
+    slices = 1
     if wants_onnx:
-        phases["fp32 ONNX session"] = int(SESSION_FACTOR * 4 * parameters) + piece
+        slices = session_slices(shapes, budget_bytes)
+        session = "fp32 ONNX session" if slices == 1 else f"fp32 ONNX session ({slices} layer slices)"
+        phases[session] = int(SESSION_FACTOR * 4 * max(slice_parameters(shapes, slices))) + piece
         if quantize != "none":
             phases["quantize"] = 2 * 4 * largest
             phases[f"{quantize} ONNX session"] = int(SESSION_FACTOR * QUANT_BYTES_PER_PARAMETER[quantize] * parameters) + piece
-    return ExportEstimate(RUNTIME_BYTES + max(phases.values()), phases)
+    return ExportEstimate(RUNTIME_BYTES + max(phases.values()), phases, slices)
 
 
 def estimate_in_memory(shapes: dict[str, tuple[int, ...]]) -> ExportEstimate:

@@ -18,6 +18,7 @@ from lorasp_edge.export.layered import LayerStreamed
 from lorasp_edge.export.memory import trim_heap
 from lorasp_edge.export.onnx_graph import ONNX_FILE, export_decoder, files_bytes
 from lorasp_edge.export.onnx_runtime import OnnxDecoder
+from lorasp_edge.export.onnx_slices import SlicedDecoder, SliceError, layer_ranges
 from lorasp_edge.export.onnx_stream import export_decoder_streamed
 from lorasp_edge.export.quantize import quantize_decoder_streamed
 from lorasp_edge.export.verify import (
@@ -55,28 +56,44 @@ def write_onnx(context: ExportContext) -> None:
     references = reference_steps(merged, context.input_ids, context.attention_mask)
     say("verifying onnxruntime against PyTorch: prefill + 3 decode steps")
     trim_heap()
-    fp32 = OnnxDecoder(onnx_dir / ONNX_FILE, prepack=False)
-    check = verify_onnx(fp32, merged, context.input_ids, context.attention_mask, references=references)
-    verification["onnx"] = {**asdict(check), "tolerance": settings.tolerance, "decode_steps": DECODE_STEPS}
-    say(f"  fp32: max |logit diff| {check.max_abs_diff:.2e} ({check.relative_diff:.2e} of the logit scale), greedy agreement {check.greedy_agreement:.1%}")
-    if check.relative_diff > settings.tolerance:
-        raise VerificationError(
-            f"ONNX logits differ from PyTorch by {check.relative_diff:.2e} of the logit scale (max |diff| {check.max_abs_diff:.2e}) "
-            f"> tolerance {settings.tolerance:.0e}; nothing was written"
+    with fp32_decoder(context, onnx_dir / ONNX_FILE) as fp32:  # one onnxruntime session at a time: this is the largest
+        check = verify_onnx(fp32, merged, context.input_ids, context.attention_mask, references=references)
+        verification["onnx"] = {**asdict(check), "tolerance": settings.tolerance, "decode_steps": DECODE_STEPS,
+                                "session_layers": [list(layers) for layers in fp32.ranges]}
+        say(f"  fp32: max |logit diff| {check.max_abs_diff:.2e} ({check.relative_diff:.2e} of the logit scale), greedy agreement {check.greedy_agreement:.1%}")
+        if check.relative_diff > settings.tolerance:
+            raise VerificationError(
+                f"ONNX logits differ from PyTorch by {check.relative_diff:.2e} of the logit scale (max |diff| {check.max_abs_diff:.2e}) "
+                f"> tolerance {settings.tolerance:.0e}; nothing was written"
+            )
+        say(f"scoring onnxruntime perplexity on {len(context.ids)} held-out tokens")
+        manifest["perplexity"].update(
+            {
+                "tokens": len(context.ids),
+                "window": context.window,
+                "source": str(settings.eval_text) if settings.eval_text else "pydoc_data.topics (Python language reference)",
+                "pytorch": pytorch_perplexity,
+                "onnx": perplexity(onnx_logit_pieces(fp32), context.ids, context.window),
+            }
         )
-    say(f"scoring onnxruntime perplexity on {len(context.ids)} held-out tokens")
-    manifest["perplexity"].update(
-        {
-            "tokens": len(context.ids),
-            "window": context.window,
-            "source": str(settings.eval_text) if settings.eval_text else "pydoc_data.topics (Python language reference)",
-            "pytorch": pytorch_perplexity,
-            "onnx": perplexity(onnx_logit_pieces(fp32), context.ids, context.window),
-        }
-    )
-    del fp32  # one onnxruntime session at a time: the fp32 one is the largest
     if settings.quantize != "none":
         _write_quantized(context, onnx_dir, references, reference_picks)
+
+
+def fp32_decoder(context: ExportContext, path):
+    """The fp32 graph under onnxruntime: one session, or `context.session_slices` sessions over
+    consecutive layers opened one at a time when one would not fit the export's memory (onnx_slices.py)."""
+    if context.session_slices > 1:
+        num_layers = context.merged.config.get_text_config(decoder=True).num_hidden_layers
+        ranges = layer_ranges(num_layers, context.session_slices)
+        try:
+            decoder = SlicedDecoder(path, ranges)
+        except SliceError as error:
+            context.say(f"  cannot cut the graph at layer boundaries ({error}); verifying it in one session")
+        else:
+            context.say(f"  in {len(ranges)} sessions of layers " + ", ".join(f"{a}-{b - 1}" for a, b in ranges) + ", one open at a time")
+            return decoder
+    return OnnxDecoder(path, prepack=False)
 
 
 def _write_quantized(context: ExportContext, onnx_dir, references: list, reference_picks: list) -> None:
@@ -100,6 +117,7 @@ def _write_quantized(context: ExportContext, onnx_dir, references: list, referen
     manifest["perplexity"][name] = quantized_perplexity
     manifest["verification"][name] = {
         **asdict(check), "perplexity_ratio": ratio, "perplexity_ratio_limit": limit, "block_size": settings.block_size,
+        "session_layers": [list(layers) for layers in quantized.ranges],
         "agreement": {**asdict(agreed), "compared": "argmax at every held-out position, teacher-forced on the text, against the merged PyTorch model"},
     }
     say(f"  {settings.quantize}: greedy agreement {agreed.agreement:.1%} over {agreed.positions} held-out positions (limit {agreed.limit:.0%}), "

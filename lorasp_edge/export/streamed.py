@@ -108,8 +108,10 @@ def merge_to_folder(source: Path, adapter_dir: Path, info: dict, bits: int | Non
     return base, delta, config, result.parameters
 
 
-def write_streamed(settings, tmp: Path, source: Path, adapter_dir: Path, info: dict, bits: int | None, tokenizer, say) -> dict:
-    """Every requested format under `tmp`; returns the manifest's measured part (verification included)."""
+def write_streamed(settings, tmp: Path, source: Path, adapter_dir: Path, info: dict, bits: int | None, tokenizer, say,
+                   session_slices: int = 1) -> dict:
+    """Every requested format under `tmp`; returns the manifest's measured part (verification included).
+    The fp32 ONNX graph is verified in `session_slices` onnxruntime sessions over consecutive layers."""
     from lorasp_edge.export.onnx_graph import files_bytes
     from lorasp_edge.export.pipeline import MERGE_TOLERANCE, new_manifest
 
@@ -146,6 +148,7 @@ def write_streamed(settings, tmp: Path, source: Path, adapter_dir: Path, info: d
     context = ExportContext(
         settings=settings, folder=tmp, merged=merged, tokenizer=tokenizer, ids=ids, input_ids=input_ids, attention_mask=attention_mask,
         reference=reference, window=min(512, getattr(config, "max_position_embeddings", 512) or 512), manifest=manifest, say=say,
+        session_slices=session_slices,
     )
     for name in settings.formats:
         if name != "hf":
@@ -176,20 +179,30 @@ def source_folder(model_name: str, bits: int | None) -> Path | None:
 
 def export_streamed(settings, source: Path, adapter_dir: Path, out: Path, info: dict, model_name: str, bits: int | None, started: float, say):
     """The streamed export, written to a temporary folder beside `out` and renamed into place."""
-    from lorasp_edge.export.memory import release_large_frees
+    from lorasp_edge.export.memory import estimate_streamed, release_large_frees
     from lorasp_edge.export.pipeline import _estimated_bytes, manifest_source, write_export
     from lorasp_edge.models import load_tokenizer
 
     release_large_frees()
     tokenizer = load_tokenizer(model_name)
     base_shapes = base_float_shapes(source, bits)
+    estimate = estimate_streamed(base_shapes, settings.wants_onnx, settings.quantize, export_budget(settings))
 
     def write(tmp: Path) -> dict:
-        manifest = write_streamed(settings, tmp, source, adapter_dir, info, bits, tokenizer, say)
+        manifest = write_streamed(settings, tmp, source, adapter_dir, info, bits, tokenizer, say, estimate.session_slices)
         manifest.update({**manifest_source(model_name, bits, adapter_dir, info), "streamed": True})
         return manifest
 
     return write_export(out, _estimated_bytes(sum(math.prod(shape) for shape in base_shapes.values()), settings), write, started)
+
+
+def export_budget(settings) -> int:
+    """The memory the export may use: --mem, or else what the system has available when it starts."""
+    import psutil
+
+    from lorasp_edge.plan.units import parse_memory
+
+    return parse_memory(settings.mem) if settings.mem is not None else psutil.virtual_memory().available
 
 
 def base_float_shapes(source: Path, bits: int | None) -> dict[str, tuple[int, ...]]:
@@ -211,7 +224,7 @@ def check_export_budget(settings, model_name: str, source: Path | None, bits: in
     from lorasp_edge.plan.units import parse_memory
 
     if source is not None:
-        estimate = estimate_streamed(base_float_shapes(source, bits), settings.wants_onnx, settings.quantize)
+        estimate = estimate_streamed(base_float_shapes(source, bits), settings.wants_onnx, settings.quantize, export_budget(settings))
     else:
         from transformers import AutoConfig
 

@@ -372,5 +372,27 @@ def estimate(arch: Architecture, setting: Candidate, device_kind: str = "cpu", u
         else:
             parts["allocator_slack"] = heap_slack_bytes(arch, setting, saved)
     parts = {key: int(value) for key, value in parts.items() if value}
+    step = sum(parts.values())
+    # Loading can peak above the step: the part by which it does, so the total is the larger of the two.
+    parts["loading"] = max(0, load_peak_bytes(arch, setting, device_kind, runtime, parts) - step)
+    parts = {key: value for key, value in parts.items() if value}
     parts["total_bytes"] = sum(parts.values())
     return parts
+
+
+def load_peak_bytes(arch: Architecture, setting: Candidate, device_kind: str, runtime: int, parts: dict[str, int]) -> int:
+    """The resident peak of loading a 4/8-bit base on CPU, before training allocates anything.
+
+    A pre-quantized folder (how lorasp_edge.models loads a 4/8-bit base on CPU) keeps its float
+    tensors in the dtype they were stored in, and `load_model` casts them to the compute dtype after
+    loading, one at a time: the largest (the vocabulary table) then exists in both dtypes at once.
+    At Gemma 2's 256,000 x 2,304 table that is 1.18 GB of bf16 beside 2.36 GB of fp32; an 8-layer
+    Gemma-2-2B shape planned at 3.60 GB for its step failed to allocate the fp32 copy under a 4 GB
+    limit (tools/big_model_run.py, docs/planner.md "At size")."""
+    if device_kind != "cpu" or setting.quant_bits not in (4, 8):
+        return 0
+    stored = DTYPE_BYTES.get(arch.checkpoint_dtype, 4)
+    if stored == DTYPE_BYTES[setting.compute_dtype]:
+        return 0
+    table = arch.vocab_size * arch.hidden_size * stored
+    return runtime + parts.get("weights_linear", 0) + parts.get("weights_float", 0) + table

@@ -323,6 +323,7 @@ COMPONENT_LABELS = {
     "activations": "activations",
     "transient": "loss chunk or layer backward",
     "allocator_slack": "allocator slack",
+    "loading": "loading, above the step",
 }
 
 

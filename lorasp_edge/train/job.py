@@ -25,7 +25,7 @@ from lorasp_edge import allocator
 from lorasp_edge.devices import default_device
 from lorasp_edge.errors import UserError
 from lorasp_edge.files import write_text_atomic
-from lorasp_edge.models import load_tokenizer
+from lorasp_edge.models import check_tokenizer_fits, load_tokenizer
 from lorasp_edge.plan.planfile import Plan
 from lorasp_edge.plan.search import plan_training
 from lorasp_edge.train import checkpoint as ckpt
@@ -141,6 +141,7 @@ def _train(request: TrainRequest, world: World, progress: bool, note) -> dict:
         _write_json(out / "plan.json", plan.to_dict())
 
     tokenizer = load_tokenizer(model_name)
+    check_tokenizer_fits(model_name, tokenizer)
     # Malformed, too-short or target-less data is reported before the (slow) model load, not after it.
     check_targets(request.data, tokenizer, plan.seq_len, skip_bad_lines=settings.skip_bad_lines)
     probe = PackedStream(request.data, tokenizer, plan.seq_len, skip_bad_lines=settings.skip_bad_lines, rank=world.rank, world_size=world.size)

@@ -13,10 +13,19 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from lorasp_edge.cli import main
 from lorasp_edge.export.layered import FolderWeights, LayerStreamed
-from lorasp_edge.export.memory import RUNTIME_BYTES, estimate_streamed, shapes_summary
+from lorasp_edge.export.memory import (
+    RUNTIME_BYTES,
+    SESSION_FACTOR,
+    _piece_bytes,
+    estimate_streamed,
+    session_slices,
+    shapes_summary,
+    slice_parameters,
+)
 from lorasp_edge.export.merge import merged_model, merged_state_dict
 from lorasp_edge.export.onnx_graph import ONNX_DATA_FILE, TIED_TABLE, export_decoder
 from lorasp_edge.export.onnx_runtime import OnnxDecoder
+from lorasp_edge.export.onnx_slices import SlicedDecoder, layer_ranges
 from lorasp_edge.export.onnx_stream import export_decoder_streamed
 from lorasp_edge.export.pipeline import ExportSettings, export
 from lorasp_edge.export.quantize import quantize_decoder, quantize_decoder_streamed
@@ -179,3 +188,93 @@ def test_heap_calls_fork_no_child_that_would_inflate_the_peak():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert int(done.stdout) == 0
+
+
+@pytest.fixture(scope="module")
+def four_layer_graph(tmp_path_factory):
+    """A tied 4-layer Qwen2 traced the streamed way, weights in an external data file."""
+    root = tmp_path_factory.mktemp("sliced")
+    base = make_model_dir(root / "base", "qwen2", tie_word_embeddings=True, num_hidden_layers=4)
+    config = AutoConfig.from_pretrained(base)
+    (root / "onnx").mkdir()
+    export_decoder_streamed(config, FolderWeights(base), root / "onnx", external_threshold_bytes=0)
+    return root / "onnx" / "model.onnx"
+
+
+@pytest.mark.parametrize("count", [2, 3, 4])
+def test_layer_slices_compute_what_the_whole_graph_computes(four_layer_graph, count):
+    whole = OnnxDecoder(four_layer_graph, prepack=False)
+    ids = np.array([[3, 9, 27, 81, 5], [1, 1, 4, 8, 9]])
+    mask = np.ones_like(ids)
+    mask[1, :2] = 0
+    positions = np.clip(mask.cumsum(-1) - 1, 0, None)
+    next_ids, next_mask = np.array([[7], [11]]), np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
+    expected, past = whole(ids, mask, positions, whole.empty_cache(2))
+    expected_step, _ = whole(next_ids, next_mask, positions[:, -1:] + 1, past)
+    graph = onnx.load(str(four_layer_graph), load_external_data=False).graph
+    whole_bytes = sum(4 * int(np.prod(t.dims)) for t in graph.initializer)
+    table_bytes = next(4 * int(np.prod(t.dims)) for t in graph.initializer if t.name == TIED_TABLE)
+    with SlicedDecoder(four_layer_graph, layer_ranges(4, count)) as sliced:
+        assert sliced.ranges == layer_ranges(4, count) and len(sliced.slices) == count
+        got, got_past = sliced(ids, mask, positions, sliced.empty_cache(2))
+        got_step, _ = sliced(next_ids, next_mask, positions[:, -1:] + 1, got_past)
+        # each weight in exactly one slice, the tied table in the first (lookup) and the last (logits)
+        assert sum(part.weight_bytes for part in sliced.slices) == whole_bytes + table_bytes
+        assert max(part.weight_bytes for part in sliced.slices) < whole_bytes
+        files = [part.path for part in sliced.slices]
+        assert all(path.is_file() for path in files)
+    assert not any(path.exists() for path in files)  # removed on close
+    scale = np.abs(expected).max()
+    assert np.abs(got - expected).max() <= 1e-6 * scale
+    assert np.abs(got_step - expected_step).max() <= 1e-6 * scale
+    assert all(np.abs(a - b).max() <= 1e-6 for a, b in zip(got_past, past))
+
+
+def test_layer_ranges_are_consecutive_and_even():
+    assert layer_ranges(28, 1) == [(0, 28)]
+    assert layer_ranges(28, 2) == [(0, 14), (14, 28)]
+    assert layer_ranges(28, 3) == [(0, 9), (9, 19), (19, 28)]
+    assert layer_ranges(2, 5) == [(0, 1), (1, 2)]  # never more slices than layers
+
+
+def test_session_slices_are_the_fewest_that_fit():
+    # 4 layers of 100 parameters, a tied 50-parameter table (read by the first and the last slice), a norm
+    shapes = {f"model.layers.{i}.w": (10, 10) for i in range(4)}
+    shapes.update({"model.embed_tokens.weight": (5, 10), "model.norm.weight": (10,)})
+    assert slice_parameters(shapes, 1) == [460]
+    assert slice_parameters(shapes, 2) == [250, 260]
+    assert slice_parameters(shapes, 4) == [150, 100, 100, 160]
+    fixed = RUNTIME_BYTES + _piece_bytes(5)
+
+    def needs(parameters):
+        return fixed + SESSION_FACTOR * 4 * parameters
+
+    assert session_slices(shapes, None) == 1
+    assert session_slices(shapes, int(needs(460)) + 1) == 1
+    assert session_slices(shapes, int(needs(460)) - 1) == 2
+    assert slice_parameters(shapes, 3) == [150, 200, 160]  # layers 0 | 1-2 | 3
+    assert session_slices(shapes, int(needs(260)) - 1) == 3
+    assert session_slices(shapes, int(needs(200)) - 1) == 4
+    assert session_slices(shapes, 1) == 4  # nothing fits: one layer each, and the estimate says it is over
+    estimate = estimate_streamed(shapes, wants_onnx=True, quantize="none", budget_bytes=int(needs(460)) - 1)
+    assert estimate.session_slices == 2
+    assert estimate.phases["fp32 ONNX session (2 layer slices)"] == int(SESSION_FACTOR * 4 * 260) + _piece_bytes(5)
+
+
+def test_export_verifies_the_fp32_graph_in_slices_when_one_session_would_not_fit(tied_qwen, tmp_path, monkeypatch):
+    from lorasp_edge.export import memory
+    from lorasp_edge.export.streamed import base_float_shapes
+
+    # at this size a window's logits would be the largest phase; make the session the one that binds
+    monkeypatch.setattr(memory, "ACTIVATION_WINDOW", 1)
+    base, adapter = tied_qwen
+    shapes = base_float_shapes(base, None)
+    whole = RUNTIME_BYTES + _piece_bytes(shapes_summary(shapes)[3]) + SESSION_FACTOR * 4 * shapes_summary(shapes)[0]
+    budget = f"{int(whole) - 1}B"  # one byte short of one session: the streamed export verifies in two
+    report = export(ExportSettings(adapter=adapter, out=tmp_path / "out", quantize="int8", eval_tokens=64, mem=budget))
+    manifest = json.loads((report.out / "manifest.json").read_text())
+    onnx_check = manifest["verification"]["onnx"]
+    assert onnx_check["session_layers"] == [[0, 1], [1, 2]]
+    assert onnx_check["relative_diff"] < 1e-5 and onnx_check["greedy_agreement"] == 1.0
+    assert manifest["verification"]["onnx-int8"]["session_layers"] == [[0, 2]]
+    assert not list((report.out / "onnx").glob(".slice-*")) and not leftovers(tmp_path)

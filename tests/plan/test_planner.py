@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -441,3 +442,19 @@ def test_models_past_the_heaps_fitted_range_plan_mapped_allocations():
     assert Plan.from_dict(older).host_allocator == "heap"  # plan files written before the field
     with pytest.raises(UserError, match="field 'host_allocator' must be heap or mmap"):
         Plan.from_dict({**older, "host_allocator": "jemalloc"})
+
+
+def test_loading_a_prequantized_base_counts_the_cast_of_its_largest_float_tensor():
+    # Gemma 2's widths with 8 layers: a 256,000 x 2,304 table stored bf16, cast to fp32 after loading
+    arch = dataclasses.replace(model_info("gemma-2-2b").architecture, num_layers=8, checkpoint_dtype="bfloat16")
+    setting = memory.Candidate(4, "float32", 8, ("q_proj", "v_proj"), 8, True, 1, 256, 255, host_allocator="mmap")
+    parts = memory.estimate(arch, setting, "cpu")
+    table = 256_000 * 2_304
+    load_peak = memory.RUNTIME_BYTES["cpu"] + parts["weights_linear"] + parts["weights_float"] + 2 * table
+    step = sum(value for key, value in parts.items() if key not in ("loading", "total_bytes"))
+    assert parts["loading"] == load_peak - step > 0
+    assert parts["total_bytes"] == load_peak  # the larger of loading and the step
+    # computing in the stored dtype casts nothing; on a GPU or for a 16-bit base there is no such phase
+    for dtype, device, bits in (("bfloat16", "cpu", 4), ("float32", "cuda", 4), ("float32", "cpu", 16)):
+        other = memory.estimate(arch, dataclasses.replace(setting, compute_dtype=dtype, quant_bits=bits), device)
+        assert "loading" not in other

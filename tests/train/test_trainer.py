@@ -303,3 +303,16 @@ def test_torn_metrics_line_is_dropped_on_resume(tmp_path, model_dir, data_file):
     done = run_cli(*train_command(model_dir, data_file, out, plan, "--steps", "4", "--save-every", "2", "--resume"))
     assert "Traceback" not in done.stderr
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_tokenizer_with_more_ids_than_the_embedding_is_one_line_before_loading(tmp_path, data_file):
+    from tiny import make_model_dir
+
+    small = make_model_dir(tmp_path / "small-vocab", vocab_size=200)  # the trained tokenizer has 300 ids
+    plan = write_plan(tmp_path / "plan.json", small)
+    done = run_cli(*train_command(small, data_file, tmp_path / "run", plan, "--steps", "1"), check=False)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert one_line_error(done) == (
+        f"lorasp-edge train: error: the tokenizer of '{small}' has 300 ids but the model's embedding has 200 rows "
+        "(vocab_size in config.json): use the model's own tokenizer"
+    )
