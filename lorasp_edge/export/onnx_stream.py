@@ -64,6 +64,9 @@ def placeholder_model(config) -> nn.Module:
     return model.eval()
 
 
+INLINE_BYTES = 1024  # onnx.save_model's default size_threshold
+
+
 class ExternalData:
     """Initializers appended one by one to an external data file (or kept inline when `path` is None)."""
 
@@ -82,7 +85,10 @@ class ExternalData:
         tensor.name = name
         tensor.dims.extend(int(d) for d in shape)
         tensor.data_type = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-        if self.handle is None:
+        size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        # Small tensors stay inline, as onnx.save's size_threshold keeps them: onnxruntime's shape
+        # inference reads a Reshape's shape initializer and cannot from external data.
+        if self.handle is None or size < INLINE_BYTES:
             tensor.raw_data = b"".join(np.ascontiguousarray(chunk).tobytes() for chunk in chunks)
             return tensor
         pad = -self.offset % ALIGNMENT
