@@ -50,6 +50,14 @@ class ExportEstimate:
         return max(self.phases, key=self.phases.get)
 
 
+LAYER_KEY = re.compile(r"\.layers\.(\d+)\.")  # a decoder layer's checkpoint keys: model.layers.N.*
+
+
+def _layer_of(key: str) -> int | None:
+    match = LAYER_KEY.search(key)
+    return int(match.group(1)) if match else None
+
+
 def shapes_summary(shapes: dict[str, tuple[int, ...]]) -> tuple[int, int, int, int]:
     """(float parameters, largest tensor's elements, largest unit's elements, vocabulary) from checkpoint shapes.
 
@@ -60,8 +68,8 @@ def shapes_summary(shapes: dict[str, tuple[int, ...]]) -> tuple[int, int, int, i
         count = math.prod(shape)
         parameters += count
         largest = max(largest, count)
-        match = re.search(r"\.layers\.(\d+)\.", key)
-        unit = match.group(0) if match else key
+        layer = _layer_of(key)
+        unit = f"layer {layer}" if layer is not None else key
         units[unit] = units.get(unit, 0) + count
         if "embed" in key and len(shape) == 2:
             vocab = max(vocab, shape[0])
@@ -78,9 +86,9 @@ def slice_parameters(shapes: dict[str, tuple[int, ...]], count: int) -> list[int
     first, last, table, tied = 0, 0, 0, not any("lm_head" in key for key in shapes)
     for key, shape in shapes.items():
         parameters = math.prod(shape)
-        match = re.search(r"\.layers\.(\d+)\.", key)
-        if match:
-            per_layer[int(match.group(1))] = per_layer.get(int(match.group(1)), 0) + parameters
+        layer = _layer_of(key)
+        if layer is not None:
+            per_layer[layer] = per_layer.get(layer, 0) + parameters
         elif "embed" in key:
             first += parameters
             table += parameters if tied and len(shape) == 2 else 0
@@ -99,7 +107,7 @@ def session_slices(shapes: dict[str, tuple[int, ...]], budget_bytes: int | None)
     one per layer when nothing fits, and the estimate then says so)."""
     if budget_bytes is None:
         return 1
-    layers = len({m.group(1) for key in shapes if (m := re.search(r"\.layers\.(\d+)\.", key))}) or 1
+    layers = len({_layer_of(key) for key in shapes} - {None}) or 1
     piece = _piece_bytes(shapes_summary(shapes)[3])
     for count in range(1, layers + 1):
         if RUNTIME_BYTES + SESSION_FACTOR * 4 * max(slice_parameters(shapes, count)) + piece <= budget_bytes:

@@ -190,7 +190,7 @@ def save_onnx(proto, out_dir: Path, external_threshold_bytes: int = PROTOBUF_LIM
     import onnx
 
     path = out_dir / ONNX_FILE
-    weight_bytes = sum(_initializer_bytes(tensor) for tensor in proto.graph.initializer)
+    weight_bytes = sum(initializer_bytes(tensor) for tensor in proto.graph.initializer)
     if weight_bytes > external_threshold_bytes:
         onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=ONNX_DATA_FILE, size_threshold=1024)
     else:
@@ -198,7 +198,7 @@ def save_onnx(proto, out_dir: Path, external_threshold_bytes: int = PROTOBUF_LIM
     return path
 
 
-def _initializer_bytes(tensor) -> int:
+def initializer_bytes(tensor) -> int:
     from onnx import external_data_helper, helper
 
     if external_data_helper.uses_external_data(tensor):
@@ -215,7 +215,7 @@ def onnx_weight_bytes(path: Path) -> int:
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)
-    return sum(_initializer_bytes(tensor) for tensor in proto.graph.initializer)
+    return sum(initializer_bytes(tensor) for tensor in proto.graph.initializer)
 
 
 def files_bytes(folder: Path, pattern: str = "model.onnx*") -> int:

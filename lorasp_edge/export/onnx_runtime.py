@@ -28,7 +28,29 @@ def open_session(path: str | Path, threads: int | None = None, prepack: bool = T
         raise UserError(f"{path}: onnxruntime cannot load it ({str(error).splitlines()[0]})") from None
 
 
-class OnnxDecoder:
+class DecoderRuntime:
+    """What every onnxruntime decoder here offers: an empty KV cache of the graph's shape, and
+    `ranges`, the layers each of its sessions holds. Use as a context manager (or call `close`)."""
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    ranges: list[tuple[int, int]]
+
+    def empty_cache(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for _ in range(2 * self.num_layers)]
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class OnnxDecoder(DecoderRuntime):
     """An onnxruntime session over the decoder graph (optimum's names), one forward per call."""
 
     def __init__(self, path: str | Path, threads: int | None = None, prepack: bool = True):
@@ -40,19 +62,10 @@ class OnnxDecoder:
         self.num_layers = len(past_inputs) // 2
         self.kv_heads, self.head_dim = int(past_inputs[0].shape[1]), int(past_inputs[0].shape[3])
         self.input_names, self.output_names = io_names(self.num_layers)
-        self.ranges = [(0, self.num_layers)]  # the layers each session holds: one session, all of them
+        self.ranges = [(0, self.num_layers)]  # one session, all the layers
 
     def close(self) -> None:
         self.session = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def empty_cache(self, batch: int) -> list[np.ndarray]:
-        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for _ in range(2 * self.num_layers)]
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: list[np.ndarray]):
         """Logits (batch, seq, vocab) and the grown cache."""

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lorasp_edge.export.onnx_graph import io_names
+from lorasp_edge.export.onnx_graph import initializer_bytes, io_names
+from lorasp_edge.export.onnx_runtime import DecoderRuntime, open_session
 
 LAYER_SCOPE = re.compile(r"/layers\.(\d+)/")
 
@@ -50,13 +51,6 @@ def layer_ranges(num_layers: int, count: int) -> list[tuple[int, int]]:
     count = max(1, min(count, num_layers))
     bounds = [round(i * num_layers / count) for i in range(count + 1)]
     return [(bounds[i], bounds[i + 1]) for i in range(count)]
-
-
-def _tensor_bytes(tensor) -> int:
-    from onnx import helper
-
-    size = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-    return int(np.prod(tensor.dims, dtype=np.int64)) * size
 
 
 def _value_info(name: str, known: dict):
@@ -146,14 +140,13 @@ def write_slices(path: Path, ranges: list[tuple[int, int]]) -> list[GraphSlice]:
         slice_path = path.parent / f".slice-{k}.onnx"
         # serialized by hand: onnx.save would try to write the external tensors' data, which is not loaded
         slice_path.write_bytes(sliced.SerializeToString())
-        slices.append(GraphSlice(slice_path, inputs, outputs, sum(_tensor_bytes(initializers[name]) for name in weights)))
+        slices.append(GraphSlice(slice_path, inputs, outputs, sum(initializer_bytes(initializers[name]) for name in weights)))
     return slices
 
 
-class SlicedDecoder:
+class SlicedDecoder(DecoderRuntime):
     """OnnxDecoder's interface over a graph split into layer slices; one session is open at a time.
-
-    Use as a context manager (or call `close`): the slice files are removed on exit."""
+    `close` (or leaving the `with` block) removes the slice files."""
 
     def __init__(self, path: str | Path, ranges: list[tuple[int, int]], prepack: bool = False):
         import onnx
@@ -172,12 +165,7 @@ class SlicedDecoder:
             for name in part.inputs:
                 self._last_reader[name] = k
 
-    def empty_cache(self, batch: int) -> list[np.ndarray]:
-        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for _ in range(2 * self.num_layers)]
-
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: list[np.ndarray]):
-        from lorasp_edge.export.onnx_runtime import open_session
-
         feeds = [input_ids.astype(np.int64), attention_mask.astype(np.int64), position_ids.astype(np.int64), *past]
         values = dict(zip(self.input_names, feeds))
         results = {}
@@ -197,9 +185,3 @@ class SlicedDecoder:
     def close(self) -> None:
         for part in self.slices:
             part.path.unlink(missing_ok=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
