@@ -429,6 +429,9 @@ def main() -> int:
     parser.add_argument("--write-docs", action="store_true", help="write the table into docs/planner.md")
     parser.add_argument("--json", type=Path, help="also write every result as JSON")
     parser.add_argument("--only", help="run only points whose model name contains this")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"],
+                        help="run every point in this compute dtype (a CPU without native bf16 runs bf16 points emulated, "
+                             "many times slower; the planner computes in fp32 there)")
     parser.add_argument("--from-json", type=Path, help="re-predict the measurements saved by an earlier --json run (no training)")
     parser.add_argument("--live", action="store_true", help="check activations against the tensors autograd keeps (no allocator)")
     parser.add_argument("--point", help=argparse.SUPPRESS)
@@ -463,6 +466,12 @@ def main() -> int:
         return 0
 
     points = [p for p in grid(args.quick) if not args.only or args.only in p["model"]]
+    if args.dtype:  # every point in one compute dtype; points that become the same are run once
+        unique = {}
+        for spec in points:
+            spec = {**spec, "dtype": args.dtype}
+            unique.setdefault(json.dumps({k: v for k, v in spec.items() if k != "held_out"}, sort_keys=True), spec)
+        points = list(unique.values())
     prepare({p["model"] for p in points})
     results = []
     started = time.time()
