@@ -277,12 +277,13 @@ def markdown_row(result: dict) -> str:
 
 
 TABLE_BEGIN, TABLE_END = "<!-- at-size:begin -->", "<!-- at-size:end -->"
-HEADROOM = 0.10  # the planner's default headroom (lorasp-edge plan --headroom)
 
 
 def planner_table(works: list[Path]) -> str:
     """The planner against each `run`'s whole-process peak anonymous memory (load included), as Markdown."""
     import statistics
+
+    from lorasp_edge.plan.planfile import DEFAULT_HEADROOM as HEADROOM
 
     rows, errors = [], []
     for work in works:

@@ -271,10 +271,9 @@ def export(settings: ExportSettings, progress: Callable[[str], None] | None = No
 
     # A local safetensors base exports streamed: one layer in memory at a time (export/streamed.py).
     source = source_folder(model_name, base_bits) if streamable(settings) else None
-    if settings.mem is not None:
-        check_export_budget(settings, model_name, source, base_bits, say)
+    estimate = check_export_budget(settings, model_name, source, base_bits, say) if settings.mem is not None else None
     if source is not None:
-        return export_streamed(settings, source, adapter_dir, out, info, model_name, base_bits, started, say)
+        return export_streamed(settings, source, adapter_dir, out, info, model_name, base_bits, started, say, estimate)
 
     say(f"loading base '{model_name}'" + (f" ({base_bits}-bit, as trained)" if base_bits else ""))
     base = load_model(model_name, quant_bits=base_bits, compute_dtype=torch.float32, device="cpu")

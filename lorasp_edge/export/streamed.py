@@ -177,8 +177,10 @@ def source_folder(model_name: str, bits: int | None) -> Path | None:
     return None if config.get("model_type") == "gpt2" else folder  # Conv1D weights are stored transposed
 
 
-def export_streamed(settings, source: Path, adapter_dir: Path, out: Path, info: dict, model_name: str, bits: int | None, started: float, say):
-    """The streamed export, written to a temporary folder beside `out` and renamed into place."""
+def export_streamed(settings, source: Path, adapter_dir: Path, out: Path, info: dict, model_name: str, bits: int | None, started: float, say,
+                    estimate=None):
+    """The streamed export, written to a temporary folder beside `out` and renamed into place.
+    `estimate`: the one `check_export_budget` made (--mem), else made here against the available memory."""
     from lorasp_edge.export.memory import estimate_streamed, release_large_frees
     from lorasp_edge.export.pipeline import _estimated_bytes, manifest_source, write_export
     from lorasp_edge.models import load_tokenizer
@@ -186,7 +188,8 @@ def export_streamed(settings, source: Path, adapter_dir: Path, out: Path, info: 
     release_large_frees()
     tokenizer = load_tokenizer(model_name)
     base_shapes = base_float_shapes(source, bits)
-    estimate = estimate_streamed(base_shapes, settings.wants_onnx, settings.quantize, export_budget(settings))
+    if estimate is None:
+        estimate = estimate_streamed(base_shapes, settings.wants_onnx, settings.quantize, export_budget(settings))
 
     def write(tmp: Path) -> dict:
         manifest = write_streamed(settings, tmp, source, adapter_dir, info, bits, tokenizer, say, estimate.session_slices)
@@ -214,8 +217,9 @@ def base_float_shapes(source: Path, bits: int | None) -> dict[str, tuple[int, ..
         base.close()
 
 
-def check_export_budget(settings, model_name: str, source: Path | None, bits: int | None, say) -> None:
-    """Refuse (exit 2) before any work when the export's estimated peak exceeds `settings.mem`."""
+def check_export_budget(settings, model_name: str, source: Path | None, bits: int | None, say):
+    """Refuse (exit 2) before any work when the export's estimated peak exceeds `settings.mem`;
+    returns the estimate (the streamed export verifies in the layer slices it chose)."""
     from lorasp_edge.export.memory import (
         check_budget,
         estimate_in_memory,
@@ -235,3 +239,4 @@ def check_export_budget(settings, model_name: str, source: Path | None, bits: in
         estimate = estimate_in_memory({name: tuple(p.shape) for name, p in model.named_parameters()})
     say(f"estimated peak memory: {estimate.peak_bytes / 1e9:.2f} GB (largest phase: {estimate.largest_phase})")
     check_budget(parse_memory(settings.mem), estimate)
+    return estimate
