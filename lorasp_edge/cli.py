@@ -47,8 +47,10 @@ def _add_plan(subparsers) -> None:
             "Choose the LoRA-SP setting (base bits, rank, target modules, adapted layers, checkpointing, micro-batch) "
             "with the best quality proxy whose predicted peak memory fits the budget with headroom, print it with its "
             "memory by component and write the plan file the trainer reads. Exit code 2 when nothing fits, with the "
-            "smallest budget that would. The prediction's measured errors, point by point with the tool that "
-            "measured them, are in docs/planner.md."
+            "smallest budget that would. Measured against real steps (tools/validate_planner.py, CPU, held-out points): "
+            "median |error| 7.6%, worst 16.8%, none under-predicting by more than 5.7% (models up to 200M parameters); "
+            "catalog models at size (tools/big_model_run.py): median 3.2%, worst 8.8%, none under by more than 2.8%. "
+            "Not measured on CUDA. Every point is in docs/planner.md."
         ),
     )
     parser.add_argument("--mem", help="memory budget: 8GB, 8G, 7.5 GB, 8192MB (GB = 10^9 bytes) or 8GiB, 512MiB (GiB = 2^30); overrides --profile's")

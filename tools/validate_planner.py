@@ -1,6 +1,8 @@
 """Check the planner's memory model against real training steps.
 
-    python tools/validate_planner.py [--quick] [--write-docs] [--json out.json]
+    python tools/validate_planner.py [--quick] [--no-defaults] [--json runs.json] [--write-docs]
+    python tools/validate_planner.py --fit runs.json          # fit the heap-slack constants, score the held-out third
+    python tools/validate_planner.py --from-json runs.json    # the same measurements against the model as it is
 
 Each grid point (model x quant bits x compute dtype x checkpointing x seq x batch x accumulation x
 rank x targets) runs in a fresh process: import everything, record the resident set (the baseline:
@@ -61,59 +63,83 @@ def point(model, bits, dtype, ckpt, seq, batch, rank=16, targets=ALL, layers=Non
 def default_shapes() -> list[dict]:
     """The planner's default request on the bundled model (seq 512, effective batch 8, rank 64 where it
     fits) and its long-sequence variant: seq 512 and 1024, micro-batch 4 and 8 (accumulating to 8), 16-bit
-    and 4-bit, checkpointing off and on. Every third point, from the first (6 of 16), is held out of any fitting."""
+    and 4-bit, checkpointing off and on."""
     points = []
     for seq in (512, 1024):
         for micro in (4, 8):
             for bits in (16, 4):
                 for ckpt in (False, True):
                     chunk = 512 if seq == 512 else 1024
-                    points.append(point("smollm2-135m", bits, LOCAL, ckpt, seq, micro, rank=64, chunk=chunk, accum=8 // micro,
-                                        held_out=len(points) % 3 == 0))
+                    points.append(point("smollm2-135m", bits, LOCAL, ckpt, seq, micro, rank=64, chunk=chunk, accum=8 // micro))
     return points
 
 
-def grid(quick: bool) -> list[dict]:
-    """The points the CPU heap constants in lorasp_edge/plan/memory.py were fitted on, and held-out ones
-    (`held_out=True`: settings the fit never saw)."""
-    bf, fp = "bfloat16", "float32"
+def grid(quick: bool, defaults: bool = True) -> list[dict]:
+    """Every point in the compute dtype the planner picks on the machine that runs it. Every third
+    point, from the first, is held out (`held_out=True`): `--fit` never sees it, and the table scores
+    it apart. The small models come first, then the bundled model at small shapes, then its default
+    shapes (`defaults`: minutes a step on a CPU without native bf16)."""
     if quick:
         return [
-            point("tiny-llama", 16, bf, False, 512, 2),
-            point("tiny-llama", 4, bf, True, 512, 2),
-            point("tiny-llama", 8, fp, False, 512, 2),
-            point("smollm2-135m", 16, bf, True, 256, 4),
+            point("tiny-llama", 16, LOCAL, False, 512, 2),
+            point("tiny-llama", 4, LOCAL, True, 512, 2),
+            point("tiny-gemma2", 8, LOCAL, False, 256, 2),
+            point("smollm2-135m", 16, LOCAL, True, 256, 4),
             point("smollm2-135m", 16, LOCAL, False, 512, 4, rank=64, chunk=512, accum=2),
         ]
-    return [
-        point("tiny-llama", 16, bf, False, 512, 2),
-        point("tiny-llama", 16, bf, True, 512, 2),
-        point("tiny-llama", 16, fp, False, 512, 2),
-        point("tiny-llama", 16, fp, True, 512, 2),
-        point("tiny-llama", 8, bf, False, 512, 2),
-        point("tiny-llama", 8, fp, True, 512, 2),
-        point("tiny-llama", 4, bf, False, 512, 2),
-        point("tiny-llama", 4, bf, True, 512, 2),
-        point("tiny-llama", 4, fp, True, 512, 2),
-        point("tiny-llama", 16, bf, False, 128, 8, rank=64),
-        point("tiny-llama", 16, bf, False, 1024, 1, rank=8),
-        point("tiny-llama", 4, bf, False, 256, 4, rank=8, targets=ATTENTION),
-        point("tiny-llama", 16, fp, False, 256, 4, rank=32, targets=QV, layers=4),
-        point("tiny-qwen2", 16, bf, False, 512, 2),
-        point("tiny-qwen2", 4, fp, True, 512, 2),
-        point("tiny-phi3", 16, bf, False, 512, 2),
-        point("tiny-gemma2", 16, bf, False, 256, 2),
-        point("smollm2-135m", 16, bf, False, 256, 4),
-        point("smollm2-135m", 16, bf, True, 256, 4),
-        point("smollm2-135m", 4, bf, True, 256, 4),
-        point("smollm2-135m", 8, bf, False, 128, 2),
-        # held out: not in the fit
-        point("tiny-llama", 16, bf, False, 256, 4, rank=32, held_out=True),
-        point("tiny-qwen2", 8, bf, True, 1024, 2, held_out=True),
-        point("tiny-phi3", 4, fp, False, 512, 1, held_out=True),
-        point("smollm2-135m", 16, bf, True, 512, 2, rank=32, held_out=True),
+    points = [
+        # tiny-llama: h 512, 8 layers, GQA
+        point("tiny-llama", 16, LOCAL, False, 512, 2),
+        point("tiny-llama", 16, LOCAL, True, 512, 2),
+        point("tiny-llama", 8, LOCAL, False, 512, 2),
+        point("tiny-llama", 8, LOCAL, True, 512, 2),
+        point("tiny-llama", 4, LOCAL, False, 512, 2),
+        point("tiny-llama", 4, LOCAL, True, 512, 2),
+        point("tiny-llama", 16, LOCAL, False, 128, 8, rank=64),
+        point("tiny-llama", 16, LOCAL, False, 1024, 1, rank=8),
+        point("tiny-llama", 4, LOCAL, False, 256, 4, rank=8, targets=ATTENTION),
+        point("tiny-llama", 16, LOCAL, False, 256, 4, rank=32, targets=QV, layers=4),
+        point("tiny-llama", 16, LOCAL, False, 256, 4, rank=32),
+        point("tiny-llama", 16, LOCAL, False, 256, 2, accum=2),
+        point("tiny-llama", 4, LOCAL, True, 512, 2, accum=2),
+        point("tiny-llama", 8, LOCAL, False, 128, 4, accum=4),
+        point("tiny-llama", 16, LOCAL, True, 1024, 2),
+        # tiny-qwen2: q/k/v bias, tied embeddings, vocab 16384
+        point("tiny-qwen2", 16, LOCAL, False, 512, 2),
+        point("tiny-qwen2", 4, LOCAL, True, 512, 2),
+        point("tiny-qwen2", 8, LOCAL, True, 1024, 2),
+        point("tiny-qwen2", 16, LOCAL, False, 256, 4, accum=2),
+        point("tiny-qwen2", 4, LOCAL, False, 1024, 1),
+        # tiny-phi3: fused qkv and gate_up
+        point("tiny-phi3", 16, LOCAL, False, 512, 2),
+        point("tiny-phi3", 4, LOCAL, False, 512, 1),
+        point("tiny-phi3", 16, LOCAL, True, 512, 2),
+        point("tiny-phi3", 8, LOCAL, False, 256, 4),
+        # tiny-gemma2: eager attention, four norms a layer
+        point("tiny-gemma2", 16, LOCAL, False, 256, 2),
+        point("tiny-gemma2", 16, LOCAL, False, 512, 2),
+        point("tiny-gemma2", 4, LOCAL, True, 256, 2),
+        point("tiny-gemma2", 8, LOCAL, False, 256, 4, accum=2),
+        # the bundled model at small shapes
+        point("smollm2-135m", 16, LOCAL, False, 256, 4),
+        point("smollm2-135m", 16, LOCAL, True, 256, 4),
+        point("smollm2-135m", 4, LOCAL, True, 256, 4),
+        point("smollm2-135m", 8, LOCAL, False, 128, 2),
+        point("smollm2-135m", 16, LOCAL, True, 512, 2, rank=32),
+        point("smollm2-135m", 4, LOCAL, False, 256, 2, rank=64, chunk=512, accum=2),
         *default_shapes(),
     ]
+    # Points added after the first run go last, so that the split of the points above never moves.
+    points += [
+        point("tiny-gemma2", 16, LOCAL, True, 512, 2),
+        point("tiny-gemma2", 4, LOCAL, False, 512, 1),
+        point("tiny-gemma2", 8, LOCAL, False, 256, 2),
+        # --prefer memory's shape on the bundled model: one sequence a micro-batch, accumulated
+        point("smollm2-135m", 16, LOCAL, True, 256, 1, accum=4),
+        point("smollm2-135m", 4, LOCAL, True, 256, 1, accum=4),
+    ]
+    points = [{**spec, "held_out": index % 3 == 0} for index, spec in enumerate(points)]
+    return points if defaults else [spec for spec in points if {**spec, "held_out": False} not in default_shapes()]
 
 
 # --------------------------------------------------------------------------- one point (child)
@@ -413,6 +439,117 @@ def error(result: dict) -> float:
     return (predicted / result["measured"] - 1) * 100
 
 
+# --------------------------------------------------------------------------- fitting the heap terms
+
+# No fitted point may under-predict by more than this share: half the planner's default headroom,
+# leaving the other half for the points the fit does not see.
+FIT_UNDER_LIMIT = 0.05
+
+
+def heap_terms(result: dict) -> tuple[float, dict[str, float]]:
+    """A measured point's bytes outside the heap's slack, as the planner predicts them now, and the
+    slack's terms (memory.heap_slack_terms) at that point."""
+    from lorasp_edge.plan import memory
+    from lorasp_edge.plan.catalog import model_info
+
+    arch = model_info(model_name(result["spec"])).architecture
+    setting = setting_of(result["spec"], arch)
+    predicted = memory.estimate(arch, setting, "cpu")
+    saved = memory.saved_with_grad_bytes(memory.activation_bytes(arch, setting), setting)
+    other = predicted["total_bytes"] - predicted["runtime"] - predicted.get("allocator_slack", 0)
+    return other, memory.heap_slack_terms(arch, setting, saved)
+
+
+def fit_heap(results: list[dict]) -> dict[str, float]:
+    """The heap-slack constants (memory.HEAP_SLACK's names) fitted on measured points (`fit_constants`)."""
+    import numpy as np
+
+    rows = [heap_terms(r) for r in results]
+    names = list(rows[0][1])
+    return fit_constants(
+        names,
+        np.array([o for o, _ in rows], dtype=float),
+        np.array([[terms[name] for name in names] for _, terms in rows], dtype=float),
+        np.array([r["measured"] for r in results], dtype=float),
+    )
+
+
+def fit_constants(names: list[str], other, features, measured) -> dict[str, float]:
+    """Constants for `features` (points x names) that minimise median + worst |relative error| of
+    other + features @ constants against `measured`, none negative, with no point under-predicted by
+    more than FIT_UNDER_LIMIT.
+
+    Starts from the non-negative least-squares fit of the relative errors, then a pattern search
+    (Hooke and Jeeves 1961): move one constant up or down by its step while that lowers the score, and
+    halve the steps when no move does."""
+    import numpy as np
+
+    other = other / measured
+    features = features / measured[:, None]
+    scale = np.abs(features).max(0)
+    scale[scale == 0] = 1
+    features = features / scale  # every constant of order one while searching
+    # Drop the terms no point exercises, fit the rest, and drop the negatives until none is left.
+    active = [j for j in range(len(names)) if features[:, j].any()]
+    while True:
+        solution, *_ = np.linalg.lstsq(features[:, active], 1 - other, rcond=None)
+        if (solution >= 0).all():
+            break
+        active = [j for j, value in zip(active, solution) if value >= 0]
+    constants = np.zeros(len(names))
+    constants[active] = solution
+
+    def score(values: np.ndarray) -> float:
+        errors = other + features @ values - 1
+        penalty = max(0.0, -FIT_UNDER_LIMIT - errors.min()) * 100
+        return float(np.median(np.abs(errors)) + np.abs(errors).max() + penalty)
+
+    steps = np.where(constants > 0, constants / 4, 0.0)
+    steps[[j for j in active if constants[j] == 0]] = 0.1
+    best = score(constants)
+    while steps.max() > 1e-5:
+        moved = False
+        for j in active:
+            for sign in (1, -1):
+                trial = constants.copy()
+                trial[j] = max(0.0, trial[j] + sign * steps[j])
+                value = score(trial)
+                if value < best - 1e-12:
+                    constants, best, moved = trial, value, True
+        if not moved:
+            steps /= 2
+    if score(constants) >= 100:
+        raise SystemExit(f"no constants keep every fitted point within {FIT_UNDER_LIMIT:.0%} under its measurement")
+    return dict(zip(names, (float(value) for value in constants / scale)))
+
+
+def fit_report(results: list[dict]) -> str:
+    from lorasp_edge.plan import memory
+
+    fitted = [r for r in results if not r["spec"].get("held_out")]
+    held_out = [r for r in results if r["spec"].get("held_out")]
+    if not fitted or not held_out:
+        raise SystemExit("--fit needs both fitted and held-out points in the runs")
+    constants = fit_heap(fitted)
+
+    def errors(group, values):
+        out = []
+        for r in group:
+            other, terms = heap_terms(r)
+            slack = sum(values[name] * terms[name] for name in terms)
+            out.append(((other + slack) / r["measured"] - 1) * 100)
+        return out
+
+    lines = [f"fitted on {len(fitted)} points, {len(held_out)} held out (of {len(results)})"]
+    lines.append("constants: " + ", ".join(f"{name} {value:.4g}" for name, value in constants.items()))
+    for label, values in (("now (memory.HEAP_SLACK)", memory.HEAP_SLACK), ("fitted", constants)):
+        for group_label, group in (("fit", fitted), ("held out", held_out)):
+            e = errors(group, values)
+            lines.append(f"{label:24s} {group_label:8s}: median |error| {statistics.median(map(abs, e)):.1f}%, worst "
+                         f"{max(map(abs, e)):.1f}%, most under {min(e):+.1f}%")
+    return "\n".join(lines)
+
+
 def write_docs(text: str) -> None:
     doc = DOCS.read_text()
     if BEGIN not in doc or END not in doc:
@@ -424,15 +561,19 @@ def write_docs(text: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a 4-point grid (about a minute)")
+    parser.add_argument("--quick", action="store_true", help="a 5-point grid (a few minutes)")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per point (default 3)")
     parser.add_argument("--write-docs", action="store_true", help="write the table into docs/planner.md")
     parser.add_argument("--json", type=Path, help="also write every result as JSON")
     parser.add_argument("--only", help="run only points whose model name contains this")
+    parser.add_argument("--no-defaults", action="store_true",
+                        help="leave out the bundled model's default shapes (minutes a step on a CPU without native bf16)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"],
                         help="run every point in this compute dtype (a CPU without native bf16 runs bf16 points emulated, "
                              "many times slower; the planner computes in fp32 there)")
     parser.add_argument("--from-json", type=Path, help="re-predict the measurements saved by an earlier --json run (no training)")
+    parser.add_argument("--fit", type=Path, metavar="RUNS_JSON",
+                        help="fit the CPU heap-slack constants on the unmarked points of an earlier --json run, score the held-out ones")
     parser.add_argument("--live", action="store_true", help="check activations against the tensors autograd keeps (no allocator)")
     parser.add_argument("--point", help=argparse.SUPPRESS)
     parser.add_argument("--prepare", help=argparse.SUPPRESS)
@@ -457,6 +598,9 @@ def main() -> int:
             print(f"| `{describe(spec)}` | {r['live'] / 1e6:.1f} | {r['predicted'] / 1e6:.1f} | {(r['predicted'] / r['live'] - 1) * 100:+.1f}% |", flush=True)
         return 0
 
+    if args.fit:
+        print(fit_report(json.loads(args.fit.read_text())))
+        return 0
     if args.from_json:
         results = [repredict(r) for r in json.loads(args.from_json.read_text())]
         text = table(results)
@@ -465,7 +609,7 @@ def main() -> int:
             write_docs(text)
         return 0
 
-    points = [p for p in grid(args.quick) if not args.only or args.only in p["model"]]
+    points = [p for p in grid(args.quick, defaults=not args.no_defaults) if not args.only or args.only in p["model"]]
     if args.dtype:  # every point in one compute dtype; points that become the same are run once
         unique = {}
         for spec in points:
@@ -481,12 +625,12 @@ def main() -> int:
         predicted = result["predicted"]["total_bytes"] - result["predicted"]["runtime"]
         print(f"{describe(spec)}  predicted {predicted / 1e6:8.1f} MB  measured {result['measured'] / 1e6:8.1f} MB  "
               f"{error(result):+6.1f}%  ({result['step_seconds']:.1f} s/step)", flush=True)
+        if args.json:  # after every point: a long run stopped part-way keeps what it measured
+            args.json.write_text(json.dumps(results, indent=2))
     text = table(results)
     print()
     print(text)
     print(f"\n{time.time() - started:.0f} s")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
     if args.write_docs:
         write_docs(text)
     return 0

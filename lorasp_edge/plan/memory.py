@@ -5,7 +5,7 @@
 
 Each term follows what the trainer runs (lorasp_edge.train: loop, loss, optim, adapter) and the
 libraries under it; the formulas below name their source. The constants measured on this
-project's machines come from tools/validate_planner.py (runtime, fitted heap churn) and
+project's machines come from tools/validate_planner.py (runtime, the fitted heap-slack constants) and
 tools/heap_trace.py (heap holes); docs/planner.md holds the measurements.
 Notation: T = micro_batch x seq_len tokens, h hidden size, q = heads x head_dim, kv = kv_heads x
 head_dim, i intermediate size, V vocabulary, r rank, c bytes of the compute dtype (2 for bf16/fp16,
@@ -37,18 +37,32 @@ RUNTIME_BYTES = {"cpu": 411_000_000, "cuda": 300 * 2**20, "mps": 411_000_000}
 # size. In a forward with grad the temporaries a layer frees sit between tensors saved for
 # backward, cannot merge, and stay as holes; the heap grows past the live tensors by a share of
 # the saved activations (tools/heap_trace.py: `aligned` shows the reuse failing, `step` traces
-# mallinfo2 per operator). SmolLM2-135M, fp32, 2 x 512, rank 64: 26-35 MB of holes per layer beside
-# 42.9 MB saved; free heap at the first micro-batch's peak 968 and 1,111 MB (two runs): with the
-# churn terms below taken out, 0.56-0.67 of the 1,288 MB saved. With accumulation the
-# first backward places the LoRA gradients inside the holes and splits them, and the second
-# micro-batch's forward grows the heap again: 1,360 and 1,665 MB free, 0.31-0.43 more; the third
-# and fourth add nothing. Backward only reuses holes. The churn terms (per-layer working set,
-# first-step allocations) are fitted on tools/validate_planner.py's grid (docs/planner.md).
-HEAP_HOLES_OF_FORWARD = 0.62  # of the activations saved with grad (measured 0.56-0.67, mean)
-HEAP_HOLES_OF_ACCUMULATION = 0.37  # of the same, more, when micro-batches accumulate (0.31-0.43)
-HEAP_SLACK_OF_LAYER = 3.5  # of one layer's working set (its activations and backward)
-HEAP_SLACK_OF_RECOMPUTE = 2.0  # of one layer's working set more under checkpointing
-HEAP_SLACK_BYTES = 10_000_000  # first-step allocations: oneDNN kernels, thread pools, autograd
+# mallinfo2 per operator; SmolLM2-135M, fp32, 2 x 512: 26-35 MB of holes per layer beside 42.9 MB
+# saved). With accumulation the first backward places the LoRA gradients inside the holes and
+# splits them, and the next micro-batch's forward grows the heap again. Under checkpointing every
+# adapted layer's forward runs again in backward, and each recomputed layer's tensors, freed before
+# the next one's, leave holes the next cannot use: the heap grows with the number of layers
+# recomputed. A 4/8-bit base dequantizes every weight to the compute dtype for each matmul, forward
+# and backward, and frees it between saved tensors: a hole of the weight's size, which activations
+# larger than it cannot use (SmolLM2-135M, fp32, tools/validate_planner.py: a 4-bit base peaked
+# 0.51 GB above the 16-bit one at 4 x 512 x 2, and 0.29 GB below it at 1 x 256 x 4). Eager attention
+# (Gemma 2) makes several batch x heads x seq x seq temporaries a layer (scores, scaled,
+# soft-capped, masked) that sdpa never materialises. Every thread's arena keeps its
+# own high-water mark: a fixed part.
+# The slack is a sum of these terms (`heap_slack_terms`), each times its constant below; the
+# constants are fitted by `python tools/validate_planner.py --fit RUNS.json` on two thirds of the
+# validation grid and scored on the other third (docs/planner.md, "Validation").
+HEAP_SLACK = {
+    "saved": 0.83,  # of the activations saved with grad (the recomputed layer's too, under checkpointing)
+    "accumulating": 0.70,  # of the same, more, when micro-batches accumulate
+    "recompute": 0.57,  # of every adapted layer's working set (activations and backward), under checkpointing
+    "dequantized": 0.21,  # of every adapted layer's linear weights in the compute dtype, a 4/8-bit base, per micro-batch
+    # (where the micro-batch's hidden states are larger than the largest weight)
+    "scores": 2.0,  # of every adapted layer's batch x heads x seq x seq scores, eager attention, per micro-batch
+    "fixed": 100_000_000,  # bytes: the arenas' and first step's own (oneDNN kernels, thread pools, autograd)
+}
+# Under one mapping per large allocation only the small allocations use the heap.
+HEAP_SLACK_BYTES = 10_000_000
 
 # The heap constants above were fitted on models of up to 135M parameters (docs/planner.md). At
 # Qwen2.5-1.5B's shape the heap's holes came to 2.4x the saved activations, where they predict about
@@ -322,24 +336,47 @@ def loss_bytes(arch: Architecture, setting: Candidate) -> int:
     return chunk * arch.vocab_size * 12
 
 
-def heap_slack_bytes(arch: Architecture, setting: Candidate, saved_bytes: int) -> int:
-    """Resident memory glibc's heap holds beyond the live tensors (CPU only).
+def saved_with_grad_bytes(activations: dict[str, int], setting: Candidate) -> int:
+    """What forwards with grad save over a step: under checkpointing the layers' forward saves only
+    their inputs, and the recomputed layer's forward runs with grad, one at a time."""
+    return activations["saved"] + (activations["recompute"] if setting.gradient_checkpointing else 0)
 
-    Holes the forward leaves (a share of the activations saved with grad, `saved_bytes`; more when
-    micro-batches accumulate), plus a few layers' working sets of churn at the step's peak.
-    Loading leaves no holes: on CPU a 4/8-bit base is loaded pre-quantized (lorasp_edge.models),
-    and quantizing it into the cache hands the heap back after each tensor (allocator.trim_heap).
-    Measured: loading a pre-quantized Qwen2.5-0.5B-shape folder (tools/big_model_run.py `make`,
-    `lorasp-edge quantize --bits 4`) adds 0.78 GB of anonymous memory for 0.73 GB of tensors, where
-    the term this replaced (half the compute-dtype copies of the linear weights) counted 0.36 GB."""
+
+def heap_slack_terms(arch: Architecture, setting: Candidate, saved_bytes: int) -> dict[str, int]:
+    """The quantities the heap's slack scales with (CPU only), by the names of `HEAP_SLACK`.
+
+    Holes the forward leaves (`saved_bytes`, the activations saved with grad; again when
+    micro-batches accumulate), the holes of every recomputed layer under checkpointing, the
+    dequantized copies of a 4/8-bit base's weights, eager attention's score temporaries, and a
+    fixed part. Loading leaves no holes: on CPU a 4/8-bit base is loaded
+    pre-quantized (lorasp_edge.models), and quantizing it into the cache hands the heap back after
+    each tensor (allocator.trim_heap). Measured: loading a pre-quantized Qwen2.5-0.5B-shape folder
+    (tools/big_model_run.py `make`, `lorasp-edge quantize --bits 4`) adds 0.78 GB of anonymous
+    memory for 0.73 GB of tensors."""
     layer = layer_activation_bytes(arch, setting) + layer_backward_bytes(arch, setting)
-    holes = HEAP_HOLES_OF_FORWARD + HEAP_HOLES_OF_ACCUMULATION * (setting.grad_accum > 1)
-    return int(
-        holes * saved_bytes
-        + HEAP_SLACK_OF_LAYER * layer
-        + HEAP_SLACK_OF_RECOMPUTE * layer * setting.gradient_checkpointing
-        + HEAP_SLACK_BYTES
-    )
+    n = setting.adapted_layers
+    eager = arch.family.attention == "eager"
+    c = DTYPE_BYTES[setting.compute_dtype]
+    scores = setting.micro_batch * arch.num_heads * setting.seq_len**2 * c
+    # A dequantized weight's hole stays only where the micro-batch's hidden states (T x h) are larger
+    # than the largest weight: smaller activations fill it.
+    linears = arch.linears()
+    quantized = setting.quant_bits != 16
+    holes_stay = setting.micro_batch * setting.seq_len * arch.hidden_size > max(linear.weight_params for linear in linears)
+    return {
+        "saved": saved_bytes,
+        "accumulating": saved_bytes * (setting.grad_accum > 1),
+        "recompute": n * layer * setting.gradient_checkpointing,
+        # temporaries of every micro-batch's forward and backward: each micro-batch leaves its own
+        "dequantized": n * sum(linear.weight_params for linear in linears) * c * setting.grad_accum * (quantized and holes_stay),
+        "scores": n * scores * eager * setting.grad_accum,
+        "fixed": 1,
+    }
+
+
+def heap_slack_bytes(arch: Architecture, setting: Candidate, saved_bytes: int, constants: dict[str, float] = HEAP_SLACK) -> int:
+    """Resident memory glibc's heap holds beyond the live tensors (CPU only)."""
+    return int(sum(constants[name] * value for name, value in heap_slack_terms(arch, setting, saved_bytes).items()))
 
 
 # ----------------------------------------------------------------------------- the total
@@ -364,13 +401,10 @@ def estimate(arch: Architecture, setting: Candidate, device_kind: str = "cpu", u
     layer_walk = activations["recompute"] + activations["backward"] + dequant_buffer_bytes(arch, setting.quant_bits, compute_bytes)
     parts["transient"] = max(loss_bytes(arch, setting), layer_walk)
     if device_kind == "cpu":
-        # Under checkpointing the layers' forward saves only their inputs; the recomputed layer's
-        # forward runs with grad, one at a time.
-        saved = parts["activations"] + (activations["recompute"] if setting.gradient_checkpointing else 0)
         if setting.host_allocator == "mmap":
             parts["allocator_slack"] = HEAP_SLACK_BYTES  # allocations below the threshold still use the heap
         else:
-            parts["allocator_slack"] = heap_slack_bytes(arch, setting, saved)
+            parts["allocator_slack"] = heap_slack_bytes(arch, setting, saved_with_grad_bytes(activations, setting))
     parts = {key: int(value) for key, value in parts.items() if value}
     step = sum(parts.values())
     # Loading can peak above the step: the part by which it does, so the total is the larger of the two.
