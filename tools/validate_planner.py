@@ -566,6 +566,7 @@ def main() -> int:
     parser.add_argument("--write-docs", action="store_true", help="write the table into docs/planner.md")
     parser.add_argument("--json", type=Path, help="also write every result as JSON")
     parser.add_argument("--only", help="run only points whose model name contains this")
+    parser.add_argument("--points", help="run only these grid points, by their index in the grid (0-based, comma-separated)")
     parser.add_argument("--no-defaults", action="store_true",
                         help="leave out the bundled model's default shapes (minutes a step on a CPU without native bf16)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"],
@@ -610,6 +611,12 @@ def main() -> int:
         return 0
 
     points = [p for p in grid(args.quick, defaults=not args.no_defaults) if not args.only or args.only in p["model"]]
+    if args.points:
+        everything = grid(args.quick)
+        try:
+            points = [everything[int(index)] for index in args.points.split(",")]
+        except (ValueError, IndexError):
+            parser.error(f"--points: indices 0-{len(everything) - 1}, comma-separated")
     if args.dtype:  # every point in one compute dtype; points that become the same are run once
         unique = {}
         for spec in points:
