@@ -460,17 +460,17 @@ def heap_terms(result: dict) -> tuple[float, dict[str, float]]:
     return other, memory.heap_slack_terms(arch, setting, saved)
 
 
-def fit_heap(results: list[dict]) -> dict[str, float]:
-    """The heap-slack constants (memory.HEAP_SLACK's names) fitted on measured points (`fit_constants`)."""
+def fit_heap(rows: list[tuple[float, dict[str, float]]], measured: list[float]) -> dict[str, float]:
+    """The heap-slack constants (memory.HEAP_SLACK's names) fitted on measured points (`fit_constants`);
+    `rows` are their `heap_terms`."""
     import numpy as np
 
-    rows = [heap_terms(r) for r in results]
     names = list(rows[0][1])
     return fit_constants(
         names,
         np.array([o for o, _ in rows], dtype=float),
         np.array([[terms[name] for name in names] for _, terms in rows], dtype=float),
-        np.array([r["measured"] for r in results], dtype=float),
+        np.array(measured, dtype=float),
     )
 
 
@@ -518,7 +518,7 @@ def fit_constants(names: list[str], other, features, measured) -> dict[str, floa
                     constants, best, moved = trial, value, True
         if not moved:
             steps /= 2
-    if score(constants) >= 100:
+    if (other + features @ constants - 1).min() < -FIT_UNDER_LIMIT - 1e-9:
         raise SystemExit(f"no constants keep every fitted point within {FIT_UNDER_LIMIT:.0%} under its measurement")
     return dict(zip(names, (float(value) for value in constants / scale)))
 
@@ -526,21 +526,17 @@ def fit_constants(names: list[str], other, features, measured) -> dict[str, floa
 def fit_report(results: list[dict]) -> str:
     from lorasp_edge.plan import memory
 
-    fitted = [r for r in results if not r["spec"].get("held_out")]
-    held_out = [r for r in results if r["spec"].get("held_out")]
+    rows = [(r, *heap_terms(r)) for r in results]
+    fitted = [row for row in rows if not row[0]["spec"].get("held_out")]
+    held_out = [row for row in rows if row[0]["spec"].get("held_out")]
     if not fitted or not held_out:
         raise SystemExit("--fit needs both fitted and held-out points in the runs")
-    constants = fit_heap(fitted)
+    constants = fit_heap([(other, terms) for _, other, terms in fitted], [r["measured"] for r, _, _ in fitted])
 
     def errors(group, values):
-        out = []
-        for r in group:
-            other, terms = heap_terms(r)
-            slack = sum(values[name] * terms[name] for name in terms)
-            out.append(((other + slack) / r["measured"] - 1) * 100)
-        return out
+        return [((other + sum(values[name] * terms[name] for name in terms)) / r["measured"] - 1) * 100 for r, other, terms in group]
 
-    lines = [f"fitted on {len(fitted)} points, {len(held_out)} held out (of {len(results)})"]
+    lines = [f"fitted on {len(fitted)} points, {len(held_out)} held out (of {len(rows)})"]
     lines.append("constants: " + ", ".join(f"{name} {value:.4g}" for name, value in constants.items()))
     for label, values in (("now (memory.HEAP_SLACK)", memory.HEAP_SLACK), ("fitted", constants)):
         for group_label, group in (("fit", fitted), ("held out", held_out)):
@@ -612,11 +608,16 @@ def main() -> int:
 
     points = [p for p in grid(args.quick, defaults=not args.no_defaults) if not args.only or args.only in p["model"]]
     if args.points:
+        if args.only or args.no_defaults:
+            parser.error("--points names the points itself: leave out --only and --no-defaults")
         everything = grid(args.quick)
         try:
-            points = [everything[int(index)] for index in args.points.split(",")]
-        except (ValueError, IndexError):
+            indices = [int(index) for index in args.points.split(",")]
+        except ValueError:
+            indices = [-1]
+        if not all(0 <= index < len(everything) for index in indices):
             parser.error(f"--points: indices 0-{len(everything) - 1}, comma-separated")
+        points = [everything[index] for index in indices]
     if args.dtype:  # every point in one compute dtype; points that become the same are run once
         unique = {}
         for spec in points:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 import validate_planner  # noqa: E402
@@ -40,3 +41,9 @@ def test_fit_keeps_every_point_within_the_under_prediction_limit():
     assert errors.min() >= -validate_planner.FIT_UNDER_LIMIT - 1e-9
     assert all(value >= 0 for value in fitted.values())
     assert np.median(np.abs(errors)) < 0.08
+
+
+def test_fit_refuses_when_a_point_stays_under_the_limit():
+    # The second point has no slack term to raise: it is 20% under whatever the constant.
+    with pytest.raises(SystemExit, match="within 5% under"):
+        validate_planner.fit_constants(["fixed"], np.array([0.0, 80.0]), np.array([[1.0], [0.0]]), np.array([100.0, 100.0]))
