@@ -144,6 +144,7 @@ def _add_train(subparsers) -> None:
     parser.add_argument("--skip-bad-lines", action="store_true", default=None, help=_setting_help("skip_bad_lines"))
     parser.add_argument("--compile", action="store_true", default=None, help=_setting_help("compile"))
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint, exactly; changed flags are applied with a note or refused")
+    parser.add_argument("--overwrite", action="store_true", help="write into an --out that is not empty and was not written by lorasp-edge train, or start over the run in it (its checkpoint is deleted)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=_run_train)
@@ -174,15 +175,18 @@ def _run_train(args) -> int:
         prefer=args.prefer or "speed",
         eval_data=args.eval_data,
         resume=args.resume,
+        overwrite=args.overwrite,
         device=args.device,
         settings=TrainSettings(**given),
         given=frozenset(given),
     )
+    if given.get("max_grad_norm") == 0:
+        print("lorasp-edge train: --max-grad-norm 0: gradients are not clipped", file=sys.stderr)
     summary = run_training(request, progress=not args.no_progress, note=lambda line: print(f"lorasp-edge train: resume: {line}", file=sys.stderr))
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_summary(summary))
     if summary.get("stopped") in ("SIGINT", "SIGTERM"):
-        print(f"stopped by {summary['stopped']} at step {summary['steps']}: checkpoint written; continue with --resume", file=sys.stderr)
+        print(f"stopped by {summary['stopped']} at step {summary['steps']}: checkpoint written; continue with: {summary['resume_command']}", file=sys.stderr)
         return 130 if summary["stopped"] == "SIGINT" else 143
     return 0
 
@@ -203,7 +207,8 @@ def _add_export(subparsers) -> None:
         description=(
             "Merge base + LoRA-SP adapter in fp32 (a 4/8-bit base is dequantized, as trained) and write OUT/hf "
             "(Hugging Face folder), OUT/onnx (KV-cache decoder, optimum's names) and OUT/manifest.json. "
-            "onnxruntime is checked against PyTorch on every run; a failed check exits 4 and writes nothing."
+            "onnxruntime is checked against PyTorch on every run; a failed check exits 4 and writes nothing. "
+            "Exporting into an earlier export replaces only the formats written now and keeps the others."
         ),
     )
     parser.add_argument("--adapter", required=True, type=Path, help="adapter folder written by `lorasp-edge train`")
@@ -220,21 +225,60 @@ def _add_export(subparsers) -> None:
                         help="no merge: write the adapter for a runtime that applies it, beside the base as trained (--format gguf: llama.cpp --lora)")
     parser.add_argument("--mem", help="memory budget, e.g. 8GB or 6GiB: exit 2 with the estimate before any work if the export would not fit")
     parser.add_argument("--min-agreement", type=float, help="lowest greedy agreement with the merged model that a quantized ONNX, genai or GGUF export may show (default 0.95 for 8/16-bit, 0.70 for 4-bit; random-weight models have near-tied logits and need 0)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty --out that is not an earlier export, or drop the formats of an earlier export not written now: everything in --out is replaced")
     parser.set_defaults(run=_run_export)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the export is, so that its cleanup runs as it does for Ctrl-C."""
+
+    received = False  # set first: an import interrupted by it re-raises it as ImportError
+
+
+def _on_sigterm(signum, frame):
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM does not cut the cleanup short
+    _Terminated.received = True
+    raise _Terminated
+
+
 def _run_export(args) -> int:
+    import signal
+    import threading
+
+    from lorasp_edge.export.output import record_folder
     from lorasp_edge.export.pipeline import ExportSettings, export
 
     # Options left out take ExportSettings' defaults (the one place they are written).
     options = {name: getattr(args, name) for name in ("format", "quantize", "block_size", "gguf_type", "opset", "mem", "min_agreement") if getattr(args, name) is not None}
-    settings = ExportSettings(adapter=args.adapter, out=args.out, model=args.model, eval_text=args.eval_text, adapter_only=args.adapter_only, **options)
-    report = export(settings, progress=lambda message: print(message, file=sys.stderr, flush=True))
+    settings = ExportSettings(adapter=args.adapter, out=args.out, model=args.model, eval_text=args.eval_text, adapter_only=args.adapter_only,
+                              overwrite=args.overwrite, **options)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    try:
+        report = export(settings, progress=lambda message: print(message, file=sys.stderr, flush=True))
+    except BaseException:
+        if not _Terminated.received:
+            raise
+        print(f"lorasp-edge export: stopped by SIGTERM; nothing half-written was left in or beside {args.out}", file=sys.stderr)
+        return 143
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     manifest = report.manifest
     print(f"exported to {report.out} in {report.seconds:.0f} s")
+    if report.replaced:
+        print(f"  replaced: {', '.join(report.replaced)}")
+    if report.kept:
+        print(f"  kept from the earlier export: {', '.join(report.kept)}")
+    if report.removed:
+        print(f"  removed (--overwrite): {', '.join(report.removed)}")
     for name, size in manifest["files"].items():
         if name != "fp32_parameters":
-            print(f"  {name:<10} {size / 1e6:9.1f} MB")
+            kept = " (kept)" if record_folder("files", name) in report.kept else ""
+            print(f"  {name:<10} {size / 1e6:9.1f} MB{kept}")
     for name, check in manifest["verification"].items():
         print(f"  {name:<10} {_check_line(check)}")
     for name, value in manifest["perplexity"].items():
@@ -290,7 +334,8 @@ def _run_generate(args) -> int:
         model=args.model, prompt=args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_p=args.top_p, chat=args.chat, seed=args.seed, threads=args.threads,
     )
-    result = generate(settings, on_text=lambda piece: print(piece, end="", flush=True))
+    result = generate(settings, on_text=lambda piece: print(piece, end="", flush=True),
+                      on_note=lambda line: print(f"lorasp-edge generate: note: {line}", file=sys.stderr, flush=True))
     print()
     print(
         f"{result.new_tokens} tokens in {result.total_seconds:.2f} s: {result.tokens_per_s:.1f} tokens/s "

@@ -11,7 +11,9 @@ returns logits; token choice, stopping and streaming are the same code for all o
 Nucleus (top-p) sampling keeps the smallest set of most likely tokens whose probabilities sum to
 at least p (Holtzman et al., "The Curious Case of Neural Text Degeneration", ICLR 2020, section 3.1).
 Text is streamed as it is decoded; a piece that ends inside a multi-byte character is held back
-until the character completes.
+until the character completes. Prompt and new tokens must fit the model's context (config.json's
+max_position_embeddings, genai_config.json's context_length, the GGUF's context_length): a longer
+prompt is refused, and --max-new-tokens is cut to what fits, with a note.
 """
 
 from __future__ import annotations
@@ -245,6 +247,46 @@ def adapter_beside(model_path: Path) -> Path | None:
     return found[0] if found else None
 
 
+def context_length(model_path: Path, backend: str) -> tuple[int, str] | None:
+    """The most tokens (prompt + new) the model was built for, and where that number is written;
+    None when the folder does not say."""
+    import json
+
+    try:
+        if backend == "llama.cpp":
+            import gguf
+
+            fields = gguf.GGUFReader(str(model_path)).fields
+            architecture = fields["general.architecture"].contents()
+            return int(fields[f"{architecture}.context_length"].contents()), f"n_ctx_train, {architecture}.context_length in {model_path.name}"
+        if backend == "onnxruntime-genai":
+            return int(json.loads((model_path / GENAI_CONFIG).read_text())["model"]["context_length"]), f"context_length in {GENAI_CONFIG}"
+        config = json.loads((model_path / "config.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError, IndexError):  # unreadable or unstated: the runtime reports what it finds
+        return None
+    config = config.get("text_config") or config
+    for key in ("max_position_embeddings", "n_positions"):
+        if isinstance(config.get(key), int):
+            return config[key], f"{key} in config.json"
+    return None
+
+
+def fit_to_context(prompt_tokens: int, max_new_tokens: int, context: tuple[int, str] | None, note: Callable[[str], None]) -> int:
+    """`max_new_tokens`, cut (with a note) so that the prompt and the new tokens fit the context;
+    UserError when the prompt alone leaves no room."""
+    if context is None:
+        return max_new_tokens
+    limit, source = context
+    if prompt_tokens >= limit:
+        than = "longer than" if prompt_tokens > limit else "as long as"
+        raise UserError(f"--prompt is {prompt_tokens} tokens, {than} the model's context of {limit} tokens ({source}): shorten the prompt")
+    if prompt_tokens + max_new_tokens > limit:
+        note(f"--max-new-tokens {max_new_tokens} cut to {limit - prompt_tokens}: the prompt's {prompt_tokens} tokens and the new ones "
+             f"must fit the model's context of {limit} tokens")
+        return limit - prompt_tokens
+    return max_new_tokens
+
+
 def eos_token_ids(model_dir: Path, tokenizer) -> set[int]:
     import json
 
@@ -289,21 +331,24 @@ class TextStream:
         return piece
 
 
-def generate(settings: GenerateSettings, on_text: Callable[[str], None] | None = None) -> GenerationResult:
-    """Generate from `settings.prompt`, calling `on_text` with each new piece of text as it is decoded."""
+def generate(settings: GenerateSettings, on_text: Callable[[str], None] | None = None,
+             on_note: Callable[[str], None] | None = None) -> GenerationResult:
+    """Generate from `settings.prompt`, calling `on_text` with each new piece of text as it is decoded
+    and `on_note` with a line about a setting changed to fit (--max-new-tokens past the context)."""
     problems = settings.problems()
     if problems:
         raise UserError("; ".join(problems))
     model_dir, backend = resolve_model_dir(settings.model)
     tokenizer = load_tokenizer_for(model_dir, backend)
     prompt_ids = encode_prompt(tokenizer, settings.prompt, settings.chat)
-    stepper = load_stepper(model_dir, backend, settings.threads, len(prompt_ids) + settings.max_new_tokens)
+    max_new_tokens = fit_to_context(len(prompt_ids), settings.max_new_tokens, context_length(model_dir, backend), on_note or (lambda line: None))
+    stepper = load_stepper(model_dir, backend, settings.threads, len(prompt_ids) + max_new_tokens)
     stream = TextStream(tokenizer)
     emit = on_text or (lambda piece: None)
 
     start = time.perf_counter()
     prefill_seconds = 0.0
-    for token in generate_ids(stepper, prompt_ids, settings.max_new_tokens, settings.temperature, settings.top_p,
+    for token in generate_ids(stepper, prompt_ids, max_new_tokens, settings.temperature, settings.top_p,
                               eos_token_ids(model_dir, tokenizer), settings.seed):
         if not stream.ids:
             prefill_seconds = time.perf_counter() - start

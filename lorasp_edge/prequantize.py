@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -229,7 +228,7 @@ def quantize_checkpoint(
     """
     import psutil
 
-    from lorasp_edge.files import fsync_dir, replace_dir
+    from lorasp_edge.files import apply_umask, fsync_dir, make_temp_dir, replace_dir
 
     started = time.perf_counter()
     source, out = Path(source), Path(out)
@@ -244,7 +243,7 @@ def quantize_checkpoint(
     peak = process.memory_info().rss
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    tmp = make_temp_dir(out.parent, f".{out.name}-")
     try:
         writer = _ShardWriter(tmp, max_shard_bytes)
         readers = [SafetensorsReader(path) for path in files]
@@ -285,6 +284,7 @@ def quantize_checkpoint(
             with open(item, "rb") as handle:
                 os.fsync(handle.fileno())
         fsync_dir(tmp)
+        apply_umask(tmp)  # the modes open/mkdir give (copy2 copied the source's; mkdtemp made the folder 0700)
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -347,8 +347,13 @@ def quantize_model(name: str, out: str | Path, bits: int, compute_dtype: torch.d
     from lorasp_edge.devices import bf16_supported, default_device
     from lorasp_edge.models import local_safetensors_folder, resolve_model
 
+    from lorasp_edge.files import os_error_message
+
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    existing = next((path for path in (out, *out.parents) if path.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise UserError(f"--out {out}: {'is' if existing == out else f'{existing} is'} a file, not a folder; choose a new folder path for --out")
+    if out.is_dir() and any(out.iterdir()):
         raise UserError(f"--out {out}: already exists and is not an empty folder; choose another --out")
     source = resolve_model(name)
     local = local_safetensors_folder(source)
@@ -360,6 +365,10 @@ def quantize_model(name: str, out: str | Path, bits: int, compute_dtype: torch.d
     bar = _progress_bar(f"quantizing to {bits}-bit") if progress else None
     try:
         return quantize_checkpoint(local, out, bits, compute_dtype, progress=bar.update_to if bar is not None else None)
+    except OSError as error:  # the temporary folder is removed already (quantize_checkpoint's finally)
+        if error.filename and Path(local).resolve() in Path(error.filename).resolve().parents:
+            raise UserError(os_error_message(error, error.filename, "reading")) from None
+        raise UserError(os_error_message(error, out, "writing the quantized model to") + " (nothing was left half-written)") from None
     finally:
         if bar is not None:
             bar.close()

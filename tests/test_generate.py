@@ -14,6 +14,7 @@ from lorasp_edge.export.pipeline import ExportSettings, export
 from lorasp_edge.generate import (
     GenerateSettings,
     TextStream,
+    context_length,
     encode_prompt,
     generate,
     pick_token,
@@ -122,6 +123,49 @@ def test_bad_input(tmp_path, exported, capsys):
         resolve_model_dir(tmp_path)
 
 
+def counting_prompt(tokenizer, at_least: int, below: int | None = None) -> tuple[str, int]:
+    """A counting prompt of at least `at_least` tokens (and fewer than `below`), and its token count."""
+    words: list[str] = []
+    while True:
+        words.append(str(len(words) % 20))
+        count = len(tokenizer(" ".join(words))["input_ids"])
+        if count >= at_least:
+            assert below is None or count < below
+            return " ".join(words), count
+
+
+@pytest.mark.parametrize("sub", ["", "hf"])
+def test_a_prompt_longer_than_the_context_is_one_line(exported, capsys, sub):
+    prompt, count = counting_prompt(AutoTokenizer.from_pretrained(exported / "hf"), 257)  # the tiny model's context: 256
+    assert main(["generate", "--model", str(exported / sub), "--prompt", prompt]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "Traceback" not in error
+    assert f"--prompt is {count} tokens, longer than the model's context of 256 tokens (max_position_embeddings in config.json)" in error
+
+
+def test_max_new_tokens_past_the_context_is_cut_with_a_note(exported, capsys):
+    prompt, count = counting_prompt(AutoTokenizer.from_pretrained(exported / "hf"), 250, below=256)
+    assert main(["generate", "--model", str(exported), "--prompt", prompt, "--max-new-tokens", "100"]) == 0
+    error = capsys.readouterr().err
+    assert f"lorasp-edge generate: note: --max-new-tokens 100 cut to {256 - count}:" in error and "Traceback" not in error
+    notes: list[str] = []
+    result = generate(GenerateSettings(model=exported / "hf", prompt=prompt, max_new_tokens=100), on_note=notes.append)
+    assert len(notes) == 1 and result.new_tokens <= 256 - count
+
+
+def test_gguf_context_is_its_context_length(tmp_path):
+    import gguf
+
+    path = tmp_path / "m.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(96)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert context_length(path, "llama.cpp") == (96, "n_ctx_train, llama.context_length in m.gguf")
+
+
 # ------------------------------------------------------------- llama.cpp and onnxruntime-genai
 
 
@@ -151,6 +195,15 @@ def test_gguf_file_and_cli_report_speed(runtime_exports, capsys):
     captured = capsys.readouterr()
     assert "tokens/s" in captured.err and "(llama.cpp," in captured.err
     assert captured.out == generate(GenerateSettings(model=gguf_file, prompt=PROMPT, max_new_tokens=8, threads=1)).text + "\n"
+
+
+def test_genai_prompt_longer_than_the_context_is_one_line(runtime_exports, capsys):
+    pytest.importorskip("onnxruntime_genai")
+    assert context_length(runtime_exports / "genai", "onnxruntime-genai") == (256, "context_length in genai_config.json")
+    prompt, count = counting_prompt(AutoTokenizer.from_pretrained(runtime_exports / "hf"), 257)
+    assert main(["generate", "--model", str(runtime_exports / "genai"), "--prompt", prompt]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"--prompt is {count} tokens, longer than the model's context of 256 tokens" in error
 
 
 def test_missing_runtime_is_one_line(runtime_exports, tmp_path, monkeypatch, capsys):

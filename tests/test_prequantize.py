@@ -167,8 +167,11 @@ def test_cli_quantize_bad_input(tmp_path, model_dir):
     no_weights = tmp_path / "no-weights"
     no_weights.mkdir()
     (no_weights / "config.json").write_text((model_dir / "config.json").read_text())
+    a_file = tmp_path / "a-file"
+    a_file.write_text("mine")
     for args, message in (
         (["--model", str(model_dir), "--bits", "4", "--out", str(taken)], "already exists"),
+        (["--model", str(model_dir), "--bits", "4", "--out", str(a_file)], f"--out {a_file}: is a file, not a folder"),
         (["--model", str(no_weights), "--bits", "4", "--out", str(tmp_path / "o1")], "safetensors"),
         (["--model", str(model_dir), "--bits", "3", "--out", str(tmp_path / "o2")], "invalid choice"),
     ):
@@ -176,6 +179,19 @@ def test_cli_quantize_bad_input(tmp_path, model_dir):
         assert done.returncode == 2, (args, done.stderr)
         assert message in done.stderr and "Traceback" not in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
+    assert a_file.read_text() == "mine"
+
+
+def test_quantized_folder_follows_the_umask(tmp_path, model_dir):
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        quantize_checkpoint(model_dir, tmp_path / "q", 8, torch.float32)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "q").stat().st_mode) == 0o755
+    assert all(stat.S_IMODE(path.stat().st_mode) == 0o644 for path in (tmp_path / "q").iterdir())
 
 
 def test_checkpoint_pages_only_for_on_the_fly_quantization():

@@ -1,12 +1,15 @@
 """lorasp-edge's training step against plain PEFT loops, side by side, on the same blocks.
 
-    python tools/bench_train.py [--steps 8] [--warmup 2] [--rounds 3] [--json out.json]
+    python tools/bench_train.py [--steps 8] [--warmup 2] [--rounds 3] [--task text|chat|both] [--json out.json]
     python tools/bench_train.py --device cuda --model-config qwen2.5-0.5b      (PEFT bf16 and QLoRA peers)
 
 Default: the bundled SmolLM2-135M-Instruct on CPU, batch 4 x 256 tokens. With --model-config, a
 random-init model of that catalog entry's shape (built from its config, no download), batch 8 x 512.
 Every method trains on the same packed blocks in the same order (lorasp_edge.train.data.PackedStream
-over one generated JSONL file), constant lr 2e-4, clip 1.0, no warmup:
+over one generated JSONL file), constant lr 2e-4, clip 1.0, no warmup. `--task`: text (default),
+plain English-like sentences, every position a target; chat, the README's task
+(tools/make_task_data.py: chat messages, loss on the assistant reply only, so most positions carry
+no target; the share is printed); both runs the two one after the other. Methods:
 - lorasp-edge: the plan the planner makes for --mem (default 8 GB) at this seq and batch, then
   build_model / build_optimizer / train_step from lorasp_edge.train (what `lorasp-edge train` runs);
 - lorasp-edge-r16: the same plan at rank 16, alpha 32;
@@ -54,6 +57,23 @@ def write_data(path: Path, examples: int = 3000) -> Path:
             text = " ".join(f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)} {rng.choice(tails)}" for _ in range(rng.randint(2, 5)))
             handle.write(json.dumps({"text": text}) + "\n")
     return path
+
+
+def write_chat_data(path: Path, examples: int = 3000) -> Path:
+    """The README's chat task (tools/make_task_data.py), its training split."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import make_task_data
+
+    train, _ = make_task_data.make_examples(examples, 0, seed=1234)
+    return make_task_data.write_jsonl(path, train)
+
+
+def target_share(data: Path, seq_len: int, batch: int, steps: int) -> float:
+    """Share of positions with a trained target in the blocks the benchmark runs."""
+    from lorasp_edge.train.loss import valid_targets
+
+    step_batches = blocks(data, seq_len, batch, steps)
+    return sum(valid_targets(b["labels"]) for b in step_batches) / sum(b["labels"][:, 1:].numel() for b in step_batches)
 
 
 def random_model(config_id: str, folder: Path) -> Path:
@@ -185,6 +205,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int)
     parser.add_argument("--mem", type=int, default=8 * 10**9, help="budget the lorasp-edge plan is made for (bytes)")
     parser.add_argument("--methods", help="comma-separated, from: " + ", ".join(METHODS))
+    parser.add_argument("--task", choices=("text", "chat", "both"), default="text", help="training data: plain text, the README's chat task, or both in turn")
     parser.add_argument("--json")
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -197,9 +218,19 @@ def main() -> None:
         return
 
     methods = (args.methods.split(",") if args.methods else list(CUDA_METHODS if args.device.startswith("cuda") else CPU_METHODS))
+    everything = {}
+    for task in (("text", "chat") if args.task == "both" else (args.task,)):
+        everything[task] = bench_task(task, methods, args, big)
+    if args.json:
+        Path(args.json).write_text(json.dumps(everything if args.task == "both" else everything[args.task], indent=2, default=str))
+
+
+def bench_task(task: str, methods: list[str], args, big: bool) -> dict:
+    """Every method on one kind of data, `args.rounds` rounds; prints the table, returns the runs."""
     results = {method: [] for method in methods}
     with tempfile.TemporaryDirectory() as folder:
-        data = write_data(Path(folder) / "train.jsonl")
+        data = (write_chat_data if task == "chat" else write_data)(Path(folder) / "train.jsonl")
+        share = target_share(data, args.seq_len, args.batch, args.steps)
         model = str(random_model(args.model_config, Path(folder) / "model")) if big else args.model
         for round_index in range(args.rounds):
             order = methods if round_index % 2 == 0 else methods[::-1]
@@ -212,7 +243,8 @@ def main() -> None:
     def median(method, key):
         return statistics.median(r[key] for r in results[method])
 
-    print(f"{args.model_config or args.model} on {args.device}, batch {args.batch} x {args.seq_len}, {args.steps} steps "
+    print(f"{task} data ({share:.1%} of positions are targets): "
+          f"{args.model_config or args.model} on {args.device}, batch {args.batch} x {args.seq_len}, {args.steps} steps "
           f"(median step after {args.warmup}), medians of {args.rounds} rounds; peak = {'CUDA allocated' if args.device.startswith('cuda') else 'RSS'}")
     peers = [m for m in ("peft-bf16", "peft-fp32", "qlora") if m in results]
     header = "| method | tokens/s | peak (GB) | final loss | " + " | ".join(f"speed / {p} | peak / {p} | loss / {p}" for p in peers) + " |"
@@ -227,8 +259,7 @@ def main() -> None:
     for method in methods:
         if "plan" in results[method][0]:
             print(f"{method} plan: {results[method][0]['plan']}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    return {"target_share": share, "runs": results}
 
 
 if __name__ == "__main__":

@@ -48,4 +48,4 @@ def export_adapter_only(settings, adapted, tokenizer, *, model_name: str, base_b
         manifest.update({**manifest_source(model_name, base_bits, adapter_dir, info, merged=False), "parameters": parameter_count})
         return manifest
 
-    return write_export(out, needed, write, started)
+    return write_export(out, needed, write, started, settings.overwrite)

@@ -9,17 +9,16 @@
 
 Every writer verifies what it wrote against the merged PyTorch model (verify.py) and raises
 `VerificationError` (exit 4) on a mismatch. Everything is written to a temporary folder beside OUT
-and renamed into place only when every format has passed, so a failure leaves nothing behind.
+and swapped into place only when every format has passed, so a failure leaves nothing behind; the
+formats of an earlier export in OUT that are not written again are kept (export/output.py).
 """
 
 from __future__ import annotations
 
 import copy
-import errno
 import hashlib
-import json
+import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -29,18 +28,17 @@ import torch
 
 from lorasp_edge.errors import UserError, VerificationError
 from lorasp_edge.export import formats as export_formats
+from lorasp_edge.export import output
 from lorasp_edge.export.context import ExportContext
 from lorasp_edge.export.gguf_file import GGUF_TYPES
 from lorasp_edge.export.onnx_graph import DEFAULT_OPSET, PROTOBUF_LIMIT_BYTES
 from lorasp_edge.export.onnx_writer import QUANT_BITS
 from lorasp_edge.export.verify import compare, held_out_ids, held_out_text, reference_logits, verification_batch
-from lorasp_edge.files import replace_dir
 
 QUANTIZATIONS = ("none", *QUANT_BITS)
 # An adapter trained on an LLM.int8 base saw int8-quantized activations, which the fp32 merge
 # cannot reproduce; a 4-bit (NF4) base's forward dequantizes the same weights the merge uses.
 MERGE_TOLERANCE = {None: 1e-3, 4: 1e-3, 8: 5e-2}
-MANIFEST_FILE = "manifest.json"
 
 
 def merge_base(base_bits: int | None, merged: bool = True) -> str:
@@ -55,7 +53,7 @@ def new_manifest(**fields) -> dict:
     import transformers
 
     return {
-        "format": "lorasp-edge-export/1",
+        "format": output.MANIFEST_FORMAT,
         **fields,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__},
         "files": {},
@@ -80,36 +78,41 @@ def manifest_source(model_name: str, base_bits: int | None, adapter_dir: Path, i
     }
 
 
-def write_export(out: Path, needed_bytes: int, write: Callable[[Path], dict], started: float) -> "ExportReport":
+def write_export(out: Path, needed_bytes: int, write: Callable[[Path], dict], started: float, overwrite: bool = False) -> "ExportReport":
     """Every export's way out: refuse when the disk lacks `needed_bytes`, let `write(tmp)` fill a
-    temporary folder beside `out` and return the manifest, add the peak memory and the seconds,
-    write manifest.json, then rename the folder into place. On any error nothing is left behind."""
+    temporary folder beside `out` and return the manifest, add the peak memory and the seconds, then
+    swap the folder into place, keeping the formats of an earlier export there that it does not
+    write again (all of them go with `overwrite`). On any error nothing is left behind, and an OS
+    error is one line naming the path."""
     from lorasp_edge.export.memory import peak_rss_bytes
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    free = _free_bytes(out.parent)
-    if free < needed_bytes:
-        raise UserError(f"no room on disk for the export in {out.parent}: needs about {needed_bytes / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        problem = output.folder_problem(out, overwrite)  # again: --out may have changed while the model loaded
+        if problem:
+            raise UserError(problem)
+        free = _free_bytes(out.parent)
+        if free < needed_bytes:
+            raise UserError(f"no room on disk for the export in {out.parent}: needs about {needed_bytes / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
+        with output.signals_held():
+            tmp = output.start(out)
         manifest = write(tmp)
         manifest["peak_rss_bytes"] = peak_rss_bytes()
         manifest["seconds"] = round(time.perf_counter() - started, 1)
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        replace_dir(tmp, out)
+        changes = output.finish(tmp, out, manifest, overwrite)
     except OSError as error:
-        if error.errno == errno.ENOSPC:
-            raise UserError(f"no room on disk while writing the export to {out.parent} (nothing was left behind)") from None
-        raise
+        raise UserError(output.error_line(error, out, tmp)) from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return ExportReport(out=out, manifest=manifest, seconds=manifest["seconds"])
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return ExportReport(out=out, manifest=manifest, seconds=manifest["seconds"], **changes)
 
 
 @dataclass
 class ExportSettings:
     adapter: Path = field(metadata={"help": "adapter folder written by `lorasp-edge train`"})
-    out: Path = field(metadata={"help": "output folder (replaced only if it holds an earlier export)"})
+    out: Path = field(metadata={"help": "output folder: new, empty, or an earlier export (its formats not written again are kept)"})
     model: str | None = field(default=None, metadata={"help": "base model; default: the one lorasp.json names"})
     format: str = field(default="both", metadata={"help": "formats to write, comma-separated: " + ", ".join([*export_formats.FORMATS, *export_formats.GROUPS])})
     quantize: str = field(default="none", metadata={"help": "also write a weight-only quantized ONNX: none, int8, int4"})
@@ -123,9 +126,15 @@ class ExportSettings:
     min_agreement: float | None = field(default=None, metadata={"help": "lowest greedy agreement with the merged model a quantized or runtime export may show (default: 0.95 for 8/16-bit, 0.70 for 4-bit)"})
     mem: str | None = field(default=None, metadata={"help": "memory budget (e.g. 8GB): refuse before any work when the export's estimate exceeds it"})
     adapter_only: bool = field(default=False, metadata={"help": "write the adapter unmerged beside its base, for runtimes that apply it (--format gguf)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace everything in --out: a non-empty folder that is not an earlier export, or the formats of one not written now"})
 
     def problems(self) -> list[str]:
         found = []
+        out_problem = output.folder_problem(Path(self.out), self.overwrite)
+        if out_problem:
+            found.append(out_problem)
+        if _within(Path(self.adapter), Path(self.out)):
+            found.append(f"--out {self.out}: holds the adapter folder {self.adapter}; choose another --out")
         unknown = [name for name in self.formats if name not in export_formats.FORMATS]
         if unknown or not self.formats:
             known = ", ".join([*export_formats.FORMATS, *export_formats.GROUPS])
@@ -172,13 +181,14 @@ class ExportSettings:
         return "hf" in self.formats
 
 
-
-
 @dataclass
 class ExportReport:
     out: Path
     manifest: dict
     seconds: float
+    replaced: list[str] = field(default_factory=list)  # entries of an earlier export in OUT written again
+    kept: list[str] = field(default_factory=list)  # entries of an earlier export not written again, kept
+    removed: list[str] = field(default_factory=list)  # what --overwrite removed from OUT
 
     @property
     def verification(self) -> dict:
@@ -199,12 +209,6 @@ def adapter_hash(adapter_dir: Path) -> str:
     return digest.hexdigest()
 
 
-
-
-
-
-
-
 def _free_bytes(folder: Path) -> int:
     return shutil.disk_usage(folder).free
 
@@ -217,30 +221,34 @@ def _estimated_bytes(parameter_count: int, settings: ExportSettings) -> int:
     return int(total * 1.05) + (64 << 20)  # tokenizer, configs, a trace scratch file's slack
 
 
-def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
-        raise UserError(f"--out {out}: folder exists and is not an earlier export; choose another or empty it")
+def _within(path: Path, folder: Path) -> bool:
+    """Whether `path` is `folder` or lies inside it (so replacing `folder` would remove it)."""
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
 
 
-# ------------------------------------------------------------------------------- verification
+def base_model_name(recorded: str, adapter_dir: Path) -> str:
+    """The base lorasp.json names, as a name that loads from the current folder. Train records the
+    base as given on its command line: a relative path (`./tiny`) is relative to where train ran,
+    which an old adapter does not record. Tried: from here; then from the run folder's parent
+    (`train --out run` writes run/adapter), where train usually ran. Aliases and hub ids pass as given."""
+    from lorasp_edge.models import BUNDLED_MODELS
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
+    path = Path(recorded).expanduser()
+    if path.exists() or recorded.lower() in BUNDLED_MODELS:
+        return recorded
+    where = adapter_dir / "lorasp.json"
+    if path.is_absolute():
+        raise UserError(f"{where}: names the base model {recorded}, which does not exist (moved?); pass --model with its folder")
+    beside = adapter_dir.resolve().parent.parent / path
+    if beside.exists():
+        return str(beside)
+    if recorded.startswith((".", "~")) or len(path.parts) > 2 or (os.sep != "/" and os.sep in recorded):
+        raise UserError(
+            f"{where}: names the base model as the relative path '{recorded}', found neither from {Path.cwd()} nor from "
+            f"{adapter_dir.resolve().parent.parent}; pass --model with the base model's folder"
+        )
+    return recorded  # a hub id (org/name) or a catalog id
 
 
 # ------------------------------------------------------------------------------------- export
@@ -259,13 +267,14 @@ def export(settings: ExportSettings, progress: Callable[[str], None] | None = No
         raise UserError("; ".join(problems))
     adapter_dir, out = Path(settings.adapter), Path(settings.out)
     info = read_adapter_info(adapter_dir)
-    model_name = settings.model or info.get("base_model")
-    if not model_name:
+    if not (settings.model or info.get("base_model")):
         raise UserError(f"{adapter_dir / 'lorasp.json'}: names no base model; pass --model")
+    model_name = settings.model or base_model_name(str(info["base_model"]), adapter_dir)
+    if Path(model_name).expanduser().exists() and _within(Path(model_name).expanduser(), out):
+        raise UserError(f"--out {out}: holds the base model folder {model_name}; choose another --out")
     base_bits = info.get("base_quant_bits")
     if base_bits not in (None, 4, 8):
         raise UserError(f"{adapter_dir / 'lorasp.json'}: base_quant_bits must be 4, 8 or null, not {base_bits!r}")
-    _check_out(out)
     _check_formats_support(settings, model_name, resolve_model)
     from lorasp_edge.export.streamed import check_export_budget, export_streamed, source_folder, streamable
 
@@ -307,7 +316,7 @@ def export(settings: ExportSettings, progress: Callable[[str], None] | None = No
         manifest["verification"]["merge"] = {**asdict(merge_check), "tolerance": merge_tolerance}
         return manifest
 
-    return write_export(out, _estimated_bytes(parameter_count, settings), write, started)
+    return write_export(out, _estimated_bytes(parameter_count, settings), write, started, settings.overwrite)
 
 
 def _check_formats_support(settings: ExportSettings, model_name: str, resolve_model) -> None:

@@ -196,7 +196,8 @@ def export_streamed(settings, source: Path, adapter_dir: Path, out: Path, info: 
         manifest.update({**manifest_source(model_name, bits, adapter_dir, info), "streamed": True})
         return manifest
 
-    return write_export(out, _estimated_bytes(sum(math.prod(shape) for shape in base_shapes.values()), settings), write, started)
+    needed = _estimated_bytes(sum(math.prod(shape) for shape in base_shapes.values()), settings)
+    return write_export(out, needed, write, started, settings.overwrite)
 
 
 def export_budget(settings) -> int:

@@ -181,6 +181,13 @@ def catalog_entry(model_id: str) -> dict:
     return _catalog()[model_id]
 
 
+def canonical_model_name(name: str) -> str:
+    """A local folder as an absolute path (so a plan, a run, its adapter and its export find it from
+    any working directory); a bundled alias, catalog id or hub id as given."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else name
+
+
 def model_info(name: str | None) -> ModelInfo:
     """A catalog id (case-insensitive; also its hub id) or a local folder with a config.json."""
     name = name or DEFAULT_MODEL
@@ -208,7 +215,7 @@ def model_info(name: str | None) -> ModelInfo:
             raise UserError(f"{config_path}: not a readable JSON file ({error})") from None
         if not isinstance(config, dict):
             raise UserError(f"{config_path}: expected a JSON object")
-        return ModelInfo(name=name, architecture=Architecture.from_config(config, source=str(config_path)), path=str(path))
+        return ModelInfo(name=canonical_model_name(name), architecture=Architecture.from_config(config, source=str(config_path)), path=str(path))
     if path.exists():
         raise UserError(f"model '{name}': not a folder (expected a Hugging Face model folder with config.json)")
     raise UserError(f"unknown model '{name}': use a local folder with config.json or one of: {', '.join(entries)}")

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from lorasp_edge.errors import AdapterError
-from lorasp_edge.files import fsync_file, replace_dir
+from lorasp_edge.files import apply_umask, fsync_file, replace_dir
 from lorasp_edge.train import masks as masklib
 from lorasp_edge.train.flat import LoRASPLinear, LoRASPStore
 
@@ -223,6 +223,7 @@ def save_adapter(peft_model, out_dir: str | Path, info: dict | None = None) -> P
         (tmp / LORASP_FILE).write_text(json.dumps(record, indent=2) + "\n")
         for path in tmp.iterdir():
             fsync_file(path)
+        apply_umask(tmp)  # mkdtemp makes it 0700: the adapter is read by other users' services too
         replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -19,24 +19,33 @@ from pathlib import Path
 import torch
 
 from lorasp_edge.errors import UserError
-from lorasp_edge.files import fsync_dir
+from lorasp_edge.files import apply_umask, fsync_dir, os_error_message
 
 FORMAT = "lorasp-edge-checkpoint/1"
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def save_checkpoint(path: str | Path, record: dict) -> None:
+    """Write `record` atomically; a full disk or a folder that cannot be written is one line
+    (UserError) and the previous checkpoint, if any, stays as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise UserError(os_error_message(error, path, "writing the checkpoint")) from None
     try:
         with os.fdopen(handle, "wb") as file:
             torch.save({"format": FORMAT, **record}, file)
             file.flush()
             os.fsync(file.fileno())
+        apply_umask(tmp)  # mkstemp makes it 0600
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            kept = "the previous checkpoint is kept as it was" if path.is_file() else "no checkpoint was written"
+            raise UserError(f"{os_error_message(error, path, 'writing the checkpoint')} ({kept})") from None
         raise
     fsync_dir(path.parent)
 

@@ -24,6 +24,10 @@ Sharding: block k of the global sequence goes to rank k % world_size, so at ever
 taken by W ranks with micro_batch B are the blocks one rank takes with micro_batch B * W. Every rank
 reads and tokenizes the whole file (same seed, same order) and discards the other ranks' blocks.
 
+Long lines. A text longer than a few blocks' worth of characters (examples.py, LongText) is
+tokenized piece by piece through a cursor (its line's offset and the next character), so one
+huge line costs a piece in memory, not the line's tokens; the cursor is part of the position.
+
 Resume: `state_dict()` is the exact position: scanner offset, the buffered unit offsets, the
 shuffle RNG, the open .txt document, the packing buffer, the block counter. `load_state_dict`
 restores it and the next batches equal those of an uninterrupted stream. Its size is bounded by
@@ -43,6 +47,7 @@ from lorasp_edge.train.examples import (
     IGNORE_INDEX,
     BadLine,
     ExampleEncoder,
+    LongText,
     NoChatTemplate,
 )
 
@@ -105,6 +110,8 @@ class PackedStream:
         self.pending: list[list[int]] = []  # [offset, line] of buffered units
         self._rng = self._epoch_rng(0)
         self.doc_open, self.doc_first, self.doc_offset, self.doc_line = False, False, 0, 0  # .txt cursor
+        self.long_offset, self.long_line, self.long_char, self.long_first = -1, 0, 0, False  # long text cursor
+        self._long: LongText | None = None  # the long text itself (read again after a resume)
         self.ids: list[int] = []
         self.mask: list[int] = []
         self.starts: list[int] = []  # 1 where a position run starts
@@ -180,7 +187,17 @@ class PackedStream:
     def _next_example(self) -> tuple[list[int], list[int], bool] | None:
         """(ids, mask, whole) of the next example in this pass, eos included; None at its end."""
         while True:
+            if self.long_offset >= 0:  # the next piece of a long text
+                if self._long is None:  # after a resume: its line is read and decoded again
+                    raw = self._read_at(self.long_offset)
+                    self._long = self.encoder.text_line(raw, self.long_first) if self.is_text else self.encoder.json_line(raw)
+                example, self.long_char = self.encoder.text_piece(self._long, self.long_char)
+                if self.long_char >= len(self._long.text):
+                    self.long_offset, self.long_char, self._long = -1, 0, None
+                self.example_line = self.long_line
+                return example
             if self.doc_open:  # .txt: the next line of the open document
+                line_offset = self.doc_offset
                 raw = self._read_at(self.doc_offset)
                 self.doc_offset, self.doc_line = self.doc_offset + len(raw), self.doc_line + 1
                 if not raw.strip():  # a blank line or EOF ends the document
@@ -190,6 +207,10 @@ class PackedStream:
                     example = self.encoder.text_line(raw, self.doc_first)
                 except BadLine as error:
                     self._bad(error, self.doc_line)
+                    continue
+                if isinstance(example, LongText):
+                    self._open_long(example, line_offset, self.doc_line, self.doc_first)
+                    self.doc_first = False
                     continue
                 self.doc_first, self.example_line = False, self.doc_line
                 return example
@@ -207,9 +228,15 @@ class PackedStream:
                 continue
             except NoChatTemplate:
                 raise DataError(f"{self.path}:{line}: chat 'messages' need a tokenizer with a chat template; this one has none") from None
+            if isinstance(example, LongText):
+                self._open_long(example, offset, line, True)
+                continue
             if example is not None:
                 self.example_line = line
                 return example
+
+    def _open_long(self, long: LongText, offset: int, line: int, first: bool) -> None:
+        self.long_offset, self.long_line, self.long_char, self.long_first, self._long = offset, line, 0, first, long
 
     def _start_epoch(self, epoch: int) -> None:
         self.epoch, self.scan_offset, self.scan_line, self.scan_done, self.pending = epoch, 0, 0, False, []
@@ -296,6 +323,8 @@ class PackedStream:
         "epoch", "scan_offset", "scan_line", "scan_done", "doc_open", "doc_first", "doc_offset", "doc_line",
         "after_whole", "block", "blocks_taken", "bad_lines", "ended",
     )
+    # Fields added after STATE_FORMAT 2 was first written: a position saved without them had none open.
+    LATER_FIELDS = {"long_offset": -1, "long_line": 0, "long_char": 0, "long_first": False}
 
     def state_dict(self) -> dict:
         """The exact position, JSON- and torch.save-able; its size is bounded by shuffle_buffer and seq_len."""
@@ -309,7 +338,7 @@ class PackedStream:
             "world_size": self.world_size,
             "shuffle_buffer": self.shuffle_buffer,
             "seed": self.seed,
-            **{key: getattr(self, key) for key in self.FIELDS},
+            **{key: getattr(self, key) for key in (*self.FIELDS, *self.LATER_FIELDS)},
             "pending": [list(unit) for unit in self.pending],
             "rng": None if rng is None else [rng[0], list(rng[1]), rng[2]],
             "ids": list(self.ids),
@@ -329,6 +358,9 @@ class PackedStream:
             raise DataError(f"{self.path} has {size} bytes, but {state['file_bytes']} when the data position was saved: the file changed")
         for key in self.FIELDS:
             setattr(self, key, state[key])
+        for key, default in self.LATER_FIELDS.items():
+            setattr(self, key, state.get(key, default))
+        self._long = None
         self.pending = [list(unit) for unit in state["pending"]]
         self._rng = self._epoch_rng(self.epoch)
         if state["rng"] is not None:

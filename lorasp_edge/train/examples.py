@@ -12,6 +12,17 @@ generation feeds; a chat template writes its own BOS, so chat lines get none add
 
 A whole example longer than seq_len loses prompt tokens from its left (after the BOS). When that
 would cut a trained token, the line is refused like a malformed one (--skip-bad-lines skips it).
+A prompt of more than `long_text_chars` characters is cut to its last `long_text_chars` before it
+is tokenized (the tokens kept are a block's worth at most; tokenizing all of a huge prompt only to
+drop it would cost memory past the plan), and the first token of the cut text is dropped (it may
+be the tail of a word).
+
+Long text. A text longer than `long_text_chars` characters (16 tokens' worth of characters per
+position of a block) is not tokenized at once: `json_line`/`text_line` return `LongText`, and the
+stream encodes it piece by piece (`text_piece`), so memory follows the block, not the line. A piece
+ends at the last whitespace before the limit when there is one in its second half, so words stay
+whole; the tokens at a cut can differ from those of one whole encoding, as at any chunk boundary.
+Text UTF-8 with a byte-order mark (as Windows editors write) reads as UTF-8.
 """
 
 from __future__ import annotations
@@ -21,8 +32,20 @@ import json
 IGNORE_INDEX = -100
 
 
+# Characters of text tokenized at once, per token of a block: a piece holds a few blocks' tokens.
+LONG_TEXT_CHARS_PER_TOKEN = 16
+
+
 class BadLine(Exception):
     """A line that cannot become an example; the message says why."""
+
+
+class LongText:
+    """A text too long to tokenize at once: the stream asks `ExampleEncoder.text_piece` for it
+    piece by piece. `eos`: the text ends an example (JSONL); `bos`: a BOS goes before it."""
+
+    def __init__(self, text: str, bos: bool, eos: bool):
+        self.text, self.bos, self.eos = text, bos, eos
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -81,6 +104,22 @@ class ExampleEncoder:
         self.tokenizer, self.seq_len = tokenizer, seq_len
         self.eos = tokenizer.eos_token_id
         self.bos = bos_to_add(tokenizer)
+        self.long_text_chars = max(4096, LONG_TEXT_CHARS_PER_TOKEN * seq_len)
+
+    def text_piece(self, long: LongText, start: int) -> tuple[tuple[list[int], list[int], bool], int]:
+        """The example of the piece of `long` from character `start`, and where the next one starts
+        (len(text) after the last piece)."""
+        text, end = long.text, min(len(long.text), start + self.long_text_chars)
+        if end < len(text):
+            cut = max(text.rfind(" ", start + self.long_text_chars // 2, end), text.rfind("\n", start + self.long_text_chars // 2, end))
+            end = cut + 1 if cut > 0 else end
+        ids = encode(self.tokenizer, text[start:end])
+        mask = [1] * len(ids)
+        if start == 0 and long.bos:
+            ids, mask = self._with_bos(ids, mask)
+        if end == len(text) and long.eos:
+            ids, mask = self._with_eos(ids, mask)
+        return (ids, mask, False), end
 
     def _with_eos(self, ids: list[int], mask: list[int]) -> tuple[list[int], list[int]]:
         return ids + [self.eos], mask + [mask[-1] if mask else 1]
@@ -88,10 +127,10 @@ class ExampleEncoder:
     def _with_bos(self, ids: list[int], mask: list[int]) -> tuple[list[int], list[int]]:
         return ([self.bos] + ids, [0] + mask) if self.bos is not None else (ids, mask)
 
-    def json_line(self, raw: bytes) -> tuple[list[int], list[int], bool] | None:
-        """The example of one JSONL line; None for a blank line."""
+    def json_line(self, raw: bytes) -> tuple[list[int], list[int], bool] | LongText | None:
+        """The example of one JSONL line; LongText for a long text; None for a blank line."""
         try:
-            line = raw.decode("utf-8")
+            line = raw.decode("utf-8-sig")
         except UnicodeDecodeError as error:
             raise BadLine(f"not UTF-8 ({error.reason} at byte {error.start})") from error
         if not line.strip():
@@ -110,22 +149,28 @@ class ExampleEncoder:
             prompt, completion = record.get("prompt"), record.get("completion")
             if not isinstance(prompt, str) or not isinstance(completion, str):
                 raise BadLine("'prompt' and 'completion' must both be strings")
-            prompt_ids, completion_ids = encode(self.tokenizer, prompt), encode(self.tokenizer, completion)
+            cut = len(prompt) > self.long_text_chars
+            prompt_ids = encode(self.tokenizer, prompt[-self.long_text_chars:])[int(cut):]
+            completion_ids = encode(self.tokenizer, completion)
             ids, mask = self._with_bos(prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids))
             return self._whole(*self._with_eos(ids, mask))
         if "text" in record:
             if not isinstance(record["text"], str):
                 raise BadLine("'text' must be a string")
+            if len(record["text"]) > self.long_text_chars:
+                return LongText(record["text"], bos=True, eos=True)
             ids = encode(self.tokenizer, record["text"])
             return (*self._with_eos(*self._with_bos(ids, [1] * len(ids))), False)
         raise BadLine(f"no 'text', 'prompt'/'completion' or 'messages' key (keys: {', '.join(sorted(record)) or 'none'})")
 
-    def text_line(self, raw: bytes, first_in_document: bool) -> tuple[list[int], list[int], bool]:
+    def text_line(self, raw: bytes, first_in_document: bool) -> tuple[list[int], list[int], bool] | LongText:
         """One non-blank .txt line, newline included (continuous; BOS before a document's first line)."""
         try:
-            text = raw.decode("utf-8")
+            text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as error:
             raise BadLine(f"not UTF-8 ({error.reason} at byte {error.start})") from error
+        if len(text) > self.long_text_chars:
+            return LongText(text, bos=first_in_document, eos=False)
         ids = encode(self.tokenizer, text)
         mask = [1] * len(ids)
         if first_in_document:

@@ -101,4 +101,4 @@ class MemoryGuard:
         message = f"peak {self.measure} {peak / 1e9:.2f} GB went over the budget of {self.budget_bytes / 1e9:.2f} GB at step {step}"
         if self.predicted_bytes:
             message += f"; the plan predicted {self.predicted_bytes / 1e9:.2f} GB ({(peak / self.predicted_bytes - 1) * 100:+.0f}%)"
-        return message + "; a checkpoint was written: plan for a smaller budget (or a smaller --seq-len/--batch) and --resume"
+        return message + "; a checkpoint was written: plan for a smaller budget (or a smaller --seq-len/--batch) and resume with --plan"

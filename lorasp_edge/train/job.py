@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,8 +24,8 @@ import torch
 
 from lorasp_edge import allocator
 from lorasp_edge.devices import default_device
-from lorasp_edge.errors import UserError
-from lorasp_edge.files import write_text_atomic
+from lorasp_edge.errors import DataError, UserError
+from lorasp_edge.files import os_error_message, output_folder_problem, write_marker, write_text_atomic
 from lorasp_edge.models import check_tokenizer_fits, load_tokenizer
 from lorasp_edge.plan.planfile import Plan
 from lorasp_edge.plan.search import plan_training
@@ -39,6 +40,7 @@ from lorasp_edge.train.data import (
 )
 from lorasp_edge.train.distributed import World
 from lorasp_edge.train.guard import MemoryGuard
+from lorasp_edge.train.preflight import canonical_model_name, check_plan
 from lorasp_edge.train.loop import (
     Trainer,
     build_model,
@@ -61,6 +63,7 @@ class TrainRequest:
     prefer: str = "speed"
     eval_data: Path | None = None
     resume: bool = False
+    overwrite: bool = field(default=False, metadata={"help": "write into a non-empty folder lorasp-edge did not write, or start over a run in it"})
     device: str | None = None
     settings: TrainSettings = field(default_factory=TrainSettings)
     given: frozenset[str] | None = field(default=None, metadata={"help": "settings fields set by the user (None: all)"})
@@ -73,6 +76,8 @@ def run_training(request: TrainRequest, progress: bool = True, note=None) -> dic
     world = World.from_env(device)
     try:
         return _train(request, world, progress, note or (lambda line: None))
+    except OSError as error:  # a full disk, a read-only or unwritable folder, a file in the way
+        raise UserError(os_error_message(error, doing="")) from None
     except torch.distributed.DistError as error:
         # A rank died or hung: every wait is bounded by the process group's timeout.
         raise UserError(f"rank {world.rank} of {world.size}: lost contact with another rank ({str(error).strip().splitlines()[0][:200]})") from None
@@ -81,17 +86,45 @@ def run_training(request: TrainRequest, progress: bool = True, note=None) -> dic
 
 
 def _check_request(request: TrainRequest) -> None:
+    """Every problem with the flags and files, at once, before anything loads or is written."""
     problems = request.settings.problems()
     for name, path in (("--data", request.data), ("--eval-data", request.eval_data), ("--plan", request.plan)):
-        if path is not None and not Path(path).is_file():
+        if path is not None and Path(path).is_dir():
+            problems.append(f"{name} {path}: is a folder, not a file")
+        elif path is not None and not Path(path).is_file():
             problems.append(f"{name} {path}: no such file")
-    checkpoint_path = Path(request.out) / ckpt.CHECKPOINT_FILE
-    if request.resume and not checkpoint_path.is_file():
-        problems.append(f"--resume: {checkpoint_path} does not exist (nothing to resume)")
-    if not request.resume and checkpoint_path.is_file():
-        problems.append(f"--out {request.out} already holds a run: pass --resume to continue it, or choose another --out")
+    out = Path(request.out)
+    checkpoint_path = out / ckpt.CHECKPOINT_FILE
+    if out.exists() and not out.is_dir():
+        problems.append(f"--out {out}: is a file, not a folder: choose a folder path")
+    elif request.resume:
+        if request.overwrite:
+            problems.append("--overwrite starts over and --resume continues: pass one of them")
+        if not checkpoint_path.is_file():
+            problems.append(f"--resume: {checkpoint_path} does not exist (nothing to resume)")
+    elif checkpoint_path.is_file() and not request.overwrite:
+        problems.append(f"--out {out} already holds a run: pass --resume to continue it, --overwrite to start over, or choose another --out")
+    elif problem := output_folder_problem(out, "train", overwrite=request.overwrite, legacy=_only_run_files):
+        problems.append(problem)
     if problems:
         raise UserError("; ".join(problems))
+
+
+# What a run writes into --out; a folder holding only these was written by a run (before folders were marked).
+RUN_FILES = frozenset({"adapter", "plan.json", "metrics.jsonl", "summary.json", "loss.png", ckpt.CHECKPOINT_FILE})
+
+
+def _only_run_files(out: Path) -> bool:
+    names = {entry.name for entry in out.iterdir() if not entry.name.startswith(".")}
+    return "plan.json" in names and names <= RUN_FILES  # a run writes plan.json first
+
+
+def resume_command(request: TrainRequest, extra: tuple[str, ...] = ()) -> str:
+    """The command that continues the run in request.out, from any working directory."""
+    parts = ["lorasp-edge", "train", "--data", str(Path(request.data).resolve()), "--out", str(Path(request.out).resolve())]
+    if request.model is not None:
+        parts += ["--model", canonical_model_name(request.model)]
+    return shlex.join([*parts, "--resume", *extra])
 
 
 def _resolve_plan(request: TrainRequest, world: World, record: dict | None) -> tuple[Plan, TrainSettings, list[str]]:
@@ -134,10 +167,15 @@ def _train(request: TrainRequest, world: World, progress: bool, note) -> dict:
     if record is not None:
         contract.check_data(record, request.data, world.rank)
     plan, settings, notes = _resolve_plan(request, world, record)
-    model_name = request.model or plan.model["name"]
+    model_name = canonical_model_name(request.model or plan.model["name"])
+    check_plan(plan, model_name, model_given=request.model is not None, source=str(request.plan or "the run's plan"))
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        write_marker(out, "train")
         ckpt.clean_stale_temps(out)
+        if record is None:  # a new run: nothing of an earlier one in this folder carries on
+            for name in (ckpt.CHECKPOINT_FILE, "metrics.jsonl", "summary.json"):
+                (out / name).unlink(missing_ok=True)
         _write_json(out / "plan.json", plan.to_dict())
 
     tokenizer = load_tokenizer(model_name)
@@ -193,12 +231,20 @@ def _train(request: TrainRequest, world: World, progress: bool, note) -> dict:
                 for line in notes:
                     note(line)
 
-    with guard:
-        summary = trainer.run()
+    try:
+        with guard:
+            summary = trainer.run()
+    except UserError as error:
+        if not (world.is_main and checkpoint_path.is_file()):
+            raise
+        # Every stop with a checkpoint says how to go on from it.
+        extra = ("--skip-bad-lines",) if isinstance(error, DataError) and not settings.skip_bad_lines else ()
+        raise type(error)(f"{error}; continue with: {resume_command(request, extra)}") from None
     summary["bad_lines"] = getattr(stream, "bad_lines", 0)
     summary["resume_notes"] = notes
+    summary.update({"planned_total_bytes": plan.memory.get("total_bytes"), "budget_bytes": plan.budget_bytes, "model": model_name})
     if summary["stopped"] in ("SIGINT", "SIGTERM"):
-        return {**summary, "out": str(out)}
+        return {**summary, "out": str(out), "resume_command": resume_command(request)}
 
     adapter_path = trainer.save_final_adapter(
         {
@@ -213,10 +259,7 @@ def _train(request: TrainRequest, world: World, progress: bool, note) -> dict:
         {
             "out": str(out),
             "adapter": str(adapter_path),
-            "model": model_name,
             "final_loss": _last_loss(out / "metrics.jsonl"),
-            "planned_total_bytes": plan.memory.get("total_bytes"),
-            "budget_bytes": plan.budget_bytes,
             "compute_dtype": plan.compute_dtype,
             "quant_bits": plan.quant_bits,
         }

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from lorasp_edge import allocator
-from lorasp_edge.errors import NonFiniteError, OverBudgetError, UserError
+from lorasp_edge.errors import DataError, NonFiniteError, OverBudgetError, UserError
 from lorasp_edge.models import load_model
 from lorasp_edge.train import checkpoint as ckpt
 from lorasp_edge.train.adapter import (
@@ -277,7 +277,10 @@ class Trainer:
                 # with several, the other ranks are inside a collective and cannot join a save).
                 before = (self.stream.state_dict(), ckpt.rng_state()) if not self.world.distributed else None
                 # micro-steps: this rank's grad_accum micro-batches (the stream may end)
-                micro_batches = [self.stream.next_batch(plan.micro_batch) for _ in range(plan.grad_accum)]
+                try:
+                    micro_batches = [self.stream.next_batch(plan.micro_batch) for _ in range(plan.grad_accum)]
+                except DataError as error:
+                    self._bad_data(error, before)
                 if self.world.any_true(any(mb is None for mb in micro_batches)):
                     stopped = "data exhausted"
                     break
@@ -373,8 +376,20 @@ class Trainer:
         return (
             f"{self.nonfinite_run} steps in a row had a {last.removeprefix('non-finite ')} that is not finite (steps {first}-{self.step}); "
             f"none reached the weights, so the checkpoint holds the weights of step {first - 1}: lower --lr "
-            f"(now {self.settings.lr:g}) or check the data, then --resume"
+            f"(now {self.settings.lr:g}; --resume takes a new --lr) or check the data"
         )
+
+    def _bad_data(self, error: DataError, before: tuple[dict, dict] | None) -> None:
+        """A bad line met mid-run: checkpoint the position before this step (the steps done are kept),
+        then stop with the line's message."""
+        if self.step == 0:
+            raise error
+        if before is not None:
+            self.save_checkpoint(data_state=before[0], rng_state=before[1])
+            kept = f"a checkpoint of step {self.step} was written"
+        else:  # several ranks: they meet the line in different steps, and a save is collective
+            kept = f"the last checkpoint (step {self._saved_step if self._saved_step is not None else 'none'}) is kept"
+        raise DataError(f"{error}; {kept}") from None
 
     def _out_of_memory(self, error: BaseException, before: tuple[dict, dict] | None) -> None:
         """Free what the failed step held, checkpoint the position before it, and stop with exit 3."""
@@ -402,7 +417,7 @@ class Trainer:
             how_far = f"; the plan predicted {planned / 1e9:.2f} GB"
         raise OverBudgetError(
             f"out of memory in step {self.step + 1} ({what}){how_far}; {saved}: plan for a smaller budget "
-            "(or a smaller --seq-len/--batch) and --resume"
+            "(or a smaller --seq-len/--batch) and resume with --plan"
         ) from None
 
     @property

@@ -11,6 +11,14 @@ fit), the loss takes the plain path: one lm_head over every position, no recompu
 
     loss = sum over valid targets of CE(lm_head(h_t), x_{t+1}) / normalizer
 
+lm_head runs only at positions with a target: the hidden states of the others are dropped before
+it (an index_select, whose backward scatters the gradient back). On prompt/completion and chat data
+most positions are prompt (the README's chat task: 15% of tokens are targets, counted by
+tools/bench_train.py), and lm_head is a large share of a small model's matmuls (SmolLM2:
+49,152 x 576), so its cost follows the targets, not the tokens. Plain text, where every position
+is a target, skips the gather. The chunking then counts targets, so a micro-batch with few targets
+takes the plain path; the planner's loss-chunk term (every position) stays an upper bound.
+
 The caller passes `normalizer` (the number of valid targets in the whole optimizer step, over
 micro-batches and data-parallel ranks), so gradient accumulation and data parallelism give the
 same gradient as one big batch.
@@ -54,6 +62,10 @@ class ChunkedCausalLMLoss(nn.Module):
         hidden = self.decoder(input_ids=input_ids, position_ids=position_ids).last_hidden_state
         hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         targets = labels[:, 1:].reshape(-1)
+        kept = targets != IGNORE_INDEX
+        if not bool(kept.all()):  # a sync point (one bool), far cheaper than lm_head at every position
+            index = kept.nonzero().squeeze(1)
+            hidden, targets = hidden.index_select(0, index), targets.index_select(0, index)
         if targets.numel() <= self.chunk_tokens:
             # The whole micro-batch's logits fit the plan's budget: one lm_head, no recompute.
             total = self._chunk_loss(hidden, targets)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 
 # LoRA-SP's peak learning rate: twice the common LoRA default of 2e-4. With half of each matrix
@@ -24,7 +25,7 @@ class TrainSettings:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay on trainable entries"})
     warmup_steps: int | None = field(default=None, metadata={"help": "linear warmup steps (default: 5% of steps, at most 100)"})
     min_lr_ratio: float = 0.1
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping over trainable entries"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm over trainable entries to this (0: no clipping, as in the HF Trainer)"})
     seed: int = field(default=0, metadata={"help": "seed for LoRA init, masks and data order"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (0: only at the end)"})
     eval_every: int = field(default=0, metadata={"help": "eval every N steps with eval data (0: only at the end)"})
@@ -36,19 +37,33 @@ class TrainSettings:
     shuffle_buffer: int = field(default=DEFAULT_SHUFFLE_BUFFER, metadata={"help": "examples the data order is shuffled within, seeded by the seed and the epoch (0: file order)"})
 
     def problems(self) -> list[str]:
+        """Every setting out of its range, one sentence each (flags as the CLI names them)."""
         found = []
-        if self.steps is not None and self.steps < 1:
-            found.append(f"--steps must be >= 1, not {self.steps}")
-        if self.epochs is not None and self.epochs <= 0:
-            found.append(f"--epochs must be > 0, not {self.epochs}")
-        if not self.lr > 0:
-            found.append(f"--lr must be > 0, not {self.lr}")
-        if self.save_every < 0:
-            found.append(f"--save-every must be >= 0, not {self.save_every}")
-        if self.max_nonfinite_steps < 0:
-            found.append(f"--max-nonfinite-steps must be >= 0, not {self.max_nonfinite_steps}")
-        if self.shuffle_buffer < 0:
-            found.append(f"--shuffle-buffer must be >= 0, not {self.shuffle_buffer}")
+
+        def need(name: str, ok: bool, expected: str) -> None:
+            if not ok:
+                found.append(f"--{name.replace('_', '-')} must be {expected}, not {getattr(self, name)}")
+
+        def finite(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        if self.steps is not None:
+            need("steps", self.steps >= 1, ">= 1")
+        if self.epochs is not None:
+            need("epochs", finite(self.epochs) and self.epochs > 0, "a finite number > 0")
+        need("lr", finite(self.lr) and self.lr > 0, "a finite number > 0")
+        need("weight_decay", finite(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0")
+        need("max_grad_norm", finite(self.max_grad_norm) and self.max_grad_norm >= 0, "a finite number > 0, or 0 for no clipping")
+        need("min_lr_ratio", finite(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "in [0, 1]")
+        if self.warmup_steps is not None:
+            need("warmup_steps", self.warmup_steps >= 0, ">= 0")
+            if self.steps is not None and self.warmup_steps > self.steps >= 1:
+                found.append(f"--warmup-steps {self.warmup_steps} is longer than the run's {self.steps} steps: the peak learning rate "
+                             "would never be reached; lower --warmup-steps or raise --steps")
+        need("seed", self.seed >= 0, ">= 0")
+        for name in ("save_every", "eval_every", "redraw_every", "max_nonfinite_steps", "shuffle_buffer"):
+            need(name, getattr(self, name) >= 0, ">= 0")
+        need("eval_blocks", self.eval_blocks >= 1, ">= 1")
         return found
 
     @classmethod

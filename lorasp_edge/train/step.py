@@ -58,7 +58,7 @@ def train_step(model, optimizer, batch, plan=None, max_grad_norm: float = 1.0, w
     """One optimizer step over `batch` (one micro-batch dict, or a list of them).
 
     `model` is a ChunkedCausalLMLoss (or DDP around one), or a PeftModel that is wrapped here.
-    Gradients are clipped over the tensors `optimizer` steps. Autocast runs in `compute_dtype`,
+    Gradients are clipped over the tensors `optimizer` steps (max_grad_norm 0: not clipped). Autocast runs in `compute_dtype`,
     else the plan's, else fp32. Every rank returns the same result, skipped or not.
     """
     world = world or World.single()
@@ -87,7 +87,10 @@ def train_step(model, optimizer, batch, plan=None, max_grad_norm: float = 1.0, w
     if scaler is not None:
         scaler.unscale_(optimizer)
     parameters = [param for group in optimizer.param_groups for param in group["params"]]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm))
+    if max_grad_norm > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm))
+    else:  # 0: no clipping; the norm is still measured for the log and the non-finite check
+        grad_norm = float(torch.nn.utils.get_total_norm([param.grad for param in parameters if param.grad is not None]))
     # check: DDP gives every rank the same gradients and the loss is all-reduced, but a sync point
     # costs little beside a step and makes the decision identical by construction.
     reason = NONFINITE_LOSS if not math.isfinite(mean_loss) else NONFINITE_GRAD if not math.isfinite(grad_norm) else None

@@ -279,7 +279,7 @@ def test_disk_full_while_writing_leaves_nothing(llama_adapter, tmp_path, monkeyp
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(onnx_writer, "export_decoder_streamed", full)
-    with pytest.raises(UserError, match="no room on disk"):
+    with pytest.raises(UserError, match="no space left on the device"):
         export(ExportSettings(adapter=llama_adapter[1], out=tmp_path / "out"))
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
 
@@ -314,7 +314,7 @@ def test_quantized_onnx_below_the_agreement_gate_exits_4(llama_adapter, tmp_path
 def test_refuses_to_overwrite_a_folder_that_is_not_an_export(llama_adapter, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match="not an earlier export"):
+    with pytest.raises(UserError, match="not empty and was not written by lorasp-edge export"):
         export(ExportSettings(adapter=llama_adapter[1], out=tmp_path / "out"))
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
 

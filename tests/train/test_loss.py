@@ -41,3 +41,28 @@ def test_plain_path_when_the_logits_fit_same_loss_and_gradient_without_recompute
     assert results[57][2] == 1
     torch.testing.assert_close(results[57][0], results[7][0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(results[57][1], results[7][1], rtol=1e-5, atol=1e-7)
+
+
+def test_lm_head_runs_only_at_targets_with_the_same_loss_and_gradients():
+    """Prompt positions are dropped before lm_head: on a batch with 85% of positions masked, lm_head
+    sees exactly the target rows, and the loss and every gradient equal transformers' loss over all
+    positions (fp32 tolerance)."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).train()
+    ids = torch.randint(0, 120, (4, 40), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, :34] = -100  # 6 of 40 positions trained: the reply after a long prompt
+    rows = []
+    model.lm_head.register_forward_hook(lambda module, inputs, output: rows.append(inputs[0].numel() // inputs[0].shape[-1]))
+    loss, _ = ChunkedCausalLMLoss(model, chunk_tokens=1024)(ids, labels, valid_targets(labels))
+    loss.backward()
+    ours = {name: param.grad.clone() for name, param in model.named_parameters()}
+    assert rows == [valid_targets(labels)] == [4 * 6]
+    model.zero_grad()
+    rows.clear()
+    expected = model(input_ids=ids, labels=labels).loss
+    expected.backward()
+    assert rows == [4 * 40]
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(ours[name], param.grad, rtol=1e-5, atol=1e-7, msg=name)

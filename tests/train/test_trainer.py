@@ -283,7 +283,8 @@ def test_too_high_learning_rate_stops_with_exit_5_and_no_adapter(tmp_path, model
     assert done.returncode == 5, done.stderr[-2000:]
     assert one_line_error(done) == (
         "lorasp-edge train: error: 3 steps in a row had a loss that is not finite (steps 2-4); none reached the weights, "
-        "so the checkpoint holds the weights of step 1: lower --lr (now 1e+30) or check the data, then --resume"
+        "so the checkpoint holds the weights of step 1: lower --lr (now 1e+30; --resume takes a new --lr) or check the data; "
+        f"continue with: lorasp-edge train --data {data_file} --out {out} --model {model_dir} --resume"
     )
     record = ckpt.load_checkpoint(out / "checkpoint.pt")
     assert record["step"] == 4 and all(torch.isfinite(t).all() for t in record["lora"].values())
