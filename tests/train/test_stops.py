@@ -181,6 +181,13 @@ def test_sigterm_writes_one_checkpoint(tmp_path, model_dir, data_file, monkeypat
     summary = run_training(request(tmp_path, model_dir, data_file, steps=10, save_every=0), progress=False)
     assert summary["stopped"] == "SIGTERM" and summary["steps"] == 3
     assert seen["saves"] == [3]
+    # The stop's summary names the plan and budget, and the command that continues the run.
+    from lorasp_edge.train.report import format_summary
+
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert summary["budget_bytes"] == plan["budget_bytes"] and summary["planned_total_bytes"] == plan["memory"]["total_bytes"]
+    assert f"budget: {plan['budget_bytes'] / 1e9:.2f} GB" in format_summary(summary)
+    assert summary["resume_command"].endswith(f"--out {(tmp_path / 'run').resolve()} --model {model_dir} --resume")
 
 
 def test_float16_compute_trains_under_a_grad_scaler(tmp_path, model_dir, data_file):
