@@ -40,7 +40,7 @@ from lorasp_edge.train.data import (
 )
 from lorasp_edge.train.distributed import World
 from lorasp_edge.train.guard import MemoryGuard
-from lorasp_edge.train.preflight import canonical_model_name, check_plan
+from lorasp_edge.train.preflight import canonical_model_name, check_plan, plan_problems
 from lorasp_edge.train.loop import (
     Trainer,
     build_model,
@@ -106,6 +106,14 @@ def _check_request(request: TrainRequest) -> None:
         problems.append(f"--out {out} already holds a run: pass --resume to continue it, --overwrite to start over, or choose another --out")
     elif problem := output_folder_problem(out, "train", overwrite=request.overwrite, legacy=_only_run_files):
         problems.append(problem)
+    if request.plan is not None and Path(request.plan).is_file() and not request.resume:
+        # The plan against the model it will train, with the flags' problems in the same line.
+        try:
+            plan = Plan.from_json(request.plan)
+            model_name = canonical_model_name(request.model or plan.model["name"])
+            problems += [f"{request.plan}: {problem}" for problem in plan_problems(plan, model_name, request.model is not None)]
+        except UserError as error:
+            problems.append(str(error))
     if problems:
         raise UserError("; ".join(problems))
 

@@ -208,9 +208,10 @@ def test_a_plan_for_another_model_is_refused_before_loading(capsys, tmp_path, mo
 
 def test_plan_fields_the_model_does_not_have_are_all_named(capsys, tmp_path, model_dir, data_file):
     plan = write_plan(tmp_path / "plan.json", model_dir, seq_len=4096, layers=[0, 1, 7], target_modules=["q_proj", "nope_proj"])
-    code, _, err = train(capsys, model_dir, data_file, tmp_path / "run", plan, "--steps", "2")
+    code, _, err = train(capsys, model_dir, data_file, tmp_path / "run", plan, "--steps", "2", "--lr", "nan")
     assert code == 2
     message = one_line(err)
+    assert "--lr must be a finite number > 0, not nan" in message  # the flags' problems in the same line
     assert "layers [7] are not in the model, which has layers 0-1" in message
     assert "target_modules ['nope_proj'] are not linear layers" in message
     assert "seq_len 4096 is longer than the model's context of 256 tokens" in message
