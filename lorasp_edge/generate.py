@@ -27,33 +27,24 @@ import numpy as np
 
 from lorasp_edge.errors import UserError
 from lorasp_edge.export.onnx_graph import ONNX_FILE, cache_keyword
-from lorasp_edge.export.onnx_runtime import OnnxDecoder
+from lorasp_edge.export.onnx_runtime import BoundDecoder, OnnxDecoder
 
 # ----------------------------------------------------------------------------- ONNX decoder
 
 
-
-
 class OnnxStepper:
-    """Batch-1 generation state over an `OnnxDecoder`: prefill once, then one token a step."""
+    """Batch-1 generation state over an `OnnxDecoder`: prefill once, then one token a step. The KV
+    cache stays in onnxruntime between steps (`BoundDecoder`: I/O binding, no numpy copies of it)."""
 
     def __init__(self, decoder: OnnxDecoder):
-        self.decoder = decoder
-        self.past: list[np.ndarray] = []
-        self.length = 0
+        self.bound = BoundDecoder(decoder)
 
     def prefill(self, token_ids: list[int]) -> np.ndarray:
-        ids = np.asarray([token_ids], dtype=np.int64)
-        self.length = len(token_ids)
-        logits, self.past = self.decoder(ids, np.ones_like(ids), np.arange(self.length)[None], self.decoder.empty_cache(1))
-        return logits[0, -1]
+        self.bound.reset()
+        return self.bound(list(token_ids))
 
     def step(self, token_id: int) -> np.ndarray:
-        self.length += 1
-        logits, self.past = self.decoder(
-            np.asarray([[token_id]]), np.ones((1, self.length), np.int64), np.asarray([[self.length - 1]]), self.past
-        )
-        return logits[0, -1]
+        return self.bound([token_id])
 
 
 class TorchStepper:

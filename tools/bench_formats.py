@@ -1,19 +1,26 @@
-"""Every export format side by side on one model: generation speed, file size, held-out
-perplexity and greedy agreement with PyTorch.
+"""Every export format side by side on one model: generation speed, time to first token, file
+size, held-out perplexity and greedy agreement with PyTorch.
 
     python tools/bench_formats.py [--model smollm2-135m] [--threads 2] [--new-tokens 128] [--repeats 5]
-                                  [--write-docs docs/export.md]
+                                  [--ttft-tokens 512] [--formats onnx,onnx-int4,...] [--write-docs docs/export.md]
 
 Formats: ONNX fp32/int8/int4 (onnxruntime), onnxruntime-genai fp32/int4 (the same graphs), GGUF
 f16/q8_0/q4_0 (llama.cpp through llama-cpp-python); a runtime that is not installed is skipped.
+`onnx-numpy`, `onnx-int8-numpy` and `onnx-int4-numpy` (not in the default list) run the same graphs
+with the KV cache passed through numpy every step, as `generate` did before it kept the cache in
+onnxruntime (`BoundDecoder`), so the two steppers are compared in one run; their greedy ids must
+be the bound stepper's (else the tool exits 1).
+
 Speed: batch 1, greedy, `--new-tokens` tokens after a chat prompt (EOS does not stop it), prefill
 included, the median of `--repeats` runs after one warm-up run, each runtime limited to
 `--threads` threads; token choice is lorasp-edge's own loop over each runtime's logits, as in
-`lorasp-edge generate`. Perplexity: the first `--eval-tokens` tokens of the Python language
-reference, windows of 512. Agreement: the share of 128 teacher-forced positions where the format's
-argmax is PyTorch fp32's greedy token (lorasp_edge.export.agreement). Prints a Markdown table and
-the ONNX int8/int4 speed over llama.cpp's q8_0/q4_0 from the same run; `--write-docs FILE` also
-puts them into FILE between the lines MARK_START and MARK_END.
+`lorasp-edge generate`. Time to first token: the median of `--repeats` prefills of the first
+`--ttft-tokens` held-out tokens (after one warm-up) up to the argmax of the last position's logits.
+Perplexity: the first `--eval-tokens` tokens of the Python language reference, windows of 512.
+Agreement: the share of 128 teacher-forced positions where the format's argmax is PyTorch fp32's
+greedy token (lorasp_edge.export.agreement). Prints a Markdown table, the ONNX int8/int4 speed
+over llama.cpp's q8_0/q4_0 and the bound ONNX stepper's over the numpy one, from the same run;
+`--write-docs FILE` also puts them into FILE between the lines MARK_START and MARK_END.
 """
 
 from __future__ import annotations
@@ -26,36 +33,75 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 PROMPT = "Explain in a few sentences why the sky is blue."
 MARK_START = "<!-- bench_formats: start -->"
 MARK_END = "<!-- bench_formats: end -->"
 # (ONNX row, llama.cpp row) pairs whose speed ratio the issue's target names
 RATIOS = (("onnx-int8", "gguf-q8_0"), ("onnx-int4", "gguf-q4_0"))
+NUMPY = "-numpy"  # suffix of the rows run by NumpyStepper
 
 
-def speed(stepper, prompt_ids: list[int], new_tokens: int, repeats: int) -> float:
-    """Median tokens/s of `repeats` greedy generations of `new_tokens` (after one warm-up run)."""
+class NumpyStepper:
+    """`generate`'s ONNX stepper before I/O binding: every step feeds the whole cache in as numpy
+    arrays and gets the grown cache back as new ones."""
+
+    def __init__(self, decoder):
+        self.decoder = decoder
+
+    def prefill(self, token_ids: list[int]):
+        ids = np.asarray([token_ids], dtype=np.int64)
+        self.length = len(token_ids)
+        logits, self.past = self.decoder(ids, np.ones_like(ids), np.arange(self.length)[None], self.decoder.empty_cache(1))
+        return logits[0, -1]
+
+    def step(self, token_id: int):
+        self.length += 1
+        logits, self.past = self.decoder(np.asarray([[token_id]]), np.ones((1, self.length), np.int64), np.asarray([[self.length - 1]]), self.past)
+        return logits[0, -1]
+
+
+def speed(stepper, prompt_ids: list[int], new_tokens: int, repeats: int) -> tuple[float, list[int]]:
+    """Median tokens/s of `repeats` greedy generations of `new_tokens` (after one warm-up run), and the ids."""
     from lorasp_edge.generate import generate_ids
 
     rates = []
     for run in range(repeats + 1):
         started = time.perf_counter()
-        count = sum(1 for _ in generate_ids(stepper, prompt_ids, new_tokens))
+        ids = list(generate_ids(stepper, prompt_ids, new_tokens))
         if run:
-            rates.append(count / (time.perf_counter() - started))
-    return statistics.median(rates)
+            rates.append(len(ids) / (time.perf_counter() - started))
+    return statistics.median(rates), ids
 
 
-def table(rows: list[tuple], header: str) -> str:
-    """The Markdown table, then the speed ratios the targets name (rows keyed by format name)."""
-    lines = [header, "", "| format | tokens/s | size MB | perplexity | greedy agreement |", "| --- | --- | --- | --- | --- |"]
-    for _key, name, rate, size, value, agreed in rows:
+def first_token_seconds(stepper, prompt_ids: list[int], repeats: int) -> float:
+    """Median seconds of `repeats` prefills of `prompt_ids` up to the first token (after one warm-up)."""
+    times = []
+    for run in range(repeats + 1):
+        started = time.perf_counter()
+        int(np.argmax(stepper.prefill(prompt_ids)))
+        if run:
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def table(rows: list[tuple], header: str, ttft_tokens: int) -> str:
+    """The Markdown table, then the speed ratios the targets name and those of the bound ONNX
+    stepper over the numpy one (rows keyed by format name)."""
+    lines = [header, "", f"| format | tokens/s | first token, {ttft_tokens}-token prompt (ms) | size MB | perplexity | greedy agreement |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for _key, name, rate, seconds, size, value, agreed in rows:
         rate = rate if isinstance(rate, str) else f"{rate:.1f}"
-        lines.append(f"| {name} | {rate} | {size / 1e6:.1f} | {value:.3f} | {agreed:.1%} |")
+        seconds = seconds if isinstance(seconds, str) else f"{1000 * seconds:.0f}"
+        lines.append(f"| {name} | {rate} | {seconds} | {size / 1e6:.1f} | {value:.3f} | {agreed:.1%} |")
     rates = {key: rate for key, _name, rate, *_ in rows if not isinstance(rate, str)}
     ratios = [f"{ours} / {theirs}: {rates[ours] / rates[theirs]:.2f}x" for ours, theirs in RATIOS if ours in rates and theirs in rates]
     if ratios:
         lines += ["", "Speed ratios in this run: " + "; ".join(ratios) + " (target: >= 1.0x)."]
+    bound = [f"{key}: {rates[key] / rates[key + NUMPY]:.2f}x" for key in rates if key + NUMPY in rates]
+    if bound:
+        lines += ["", "ONNX tokens/s, I/O-bound stepper over the numpy one: " + "; ".join(bound) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -78,6 +124,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per format (the median is reported)")
     parser.add_argument("--write-docs", type=Path, help="also write the table into this file between the markers")
     parser.add_argument("--eval-tokens", type=int, default=1024)
+    parser.add_argument("--ttft-tokens", type=int, default=512, help="prompt length for the time to first token")
     parser.add_argument("--formats", default="onnx,onnx-int8,onnx-int4,genai,genai-int4,gguf-f16,gguf-q8_0,gguf-q4_0")
     args = parser.parse_args()
 
@@ -105,23 +152,39 @@ def main() -> int:
         prompt = ids[: agreement.PROMPT_TOKENS]
         continuation = agreement.greedy_continuation(model, prompt)
         prompt_ids = encode_prompt(tokenizer, PROMPT, chat=bool(getattr(tokenizer, "chat_template", None)))
-        rows = [("pytorch", "PyTorch fp32 (reference)", "-", 4 * sum(p.numel() for p in model.parameters()), perplexity(torch_logits_fn(model), ids, window), 1.0)]
+        long_ids = ids[: args.ttft_tokens]
+        if len(long_ids) < args.ttft_tokens:
+            raise SystemExit(f"--ttft-tokens {args.ttft_tokens}: the held-out text gives {len(long_ids)} tokens (raise --eval-tokens)")
+        rows = [("pytorch", "PyTorch fp32 (reference)", "-", "-", 4 * sum(p.numel() for p in model.parameters()),
+                 perplexity(torch_logits_fn(model), ids, window), 1.0)]
+        greedy_ids = {}  # ONNX row -> its greedy ids in the speed runs
 
         onnx_dirs = {"onnx": root / "onnx"}
         onnx_dirs["onnx"].mkdir()
         export_decoder(model, onnx_dirs["onnx"])
         write_side_files(model, tokenizer, onnx_dirs["onnx"])
         for bits in ("int8", "int4"):
-            if f"onnx-{bits}" in wanted or f"genai-{bits}" in wanted:
+            if {f"onnx-{bits}", f"onnx-{bits}{NUMPY}", f"genai-{bits}"} & set(wanted):
                 onnx_dirs[f"onnx-{bits}"] = root / f"onnx-{bits}"
                 onnx_dirs[f"onnx-{bits}"].mkdir()
                 quantize_decoder(onnx_dirs["onnx"] / ONNX_FILE, onnx_dirs[f"onnx-{bits}"], {"int8": 8, "int4": 4}[bits])
                 write_side_files(model, tokenizer, onnx_dirs[f"onnx-{bits}"])
+        quality = {}  # graph folder -> (perplexity, agreement): the same numbers for either stepper
         for name in [n for n in wanted if n.startswith("onnx")]:
-            decoder = OnnxDecoder(onnx_dirs[name] / ONNX_FILE, threads=args.threads)
-            rows.append((name, f"ONNX {name[5:] or 'fp32'} (onnxruntime)", speed(OnnxStepper(decoder), prompt_ids, args.new_tokens, args.repeats),
-                         files_bytes(onnx_dirs[name]), perplexity(onnx_logits_fn(decoder), ids, window),
-                         agreement.measure(onnx_logits_fn(decoder), prompt, continuation, 0).agreement))
+            graph = name.removesuffix(NUMPY)
+            decoder = OnnxDecoder(onnx_dirs[graph] / ONNX_FILE, threads=args.threads)
+            stepper = NumpyStepper(decoder) if name.endswith(NUMPY) else OnnxStepper(decoder)
+            rate, greedy_ids[name] = speed(stepper, prompt_ids, args.new_tokens, args.repeats)
+            if graph in quality:
+                scores = quality[graph]
+            else:
+                scores = quality[graph] = (perplexity(onnx_logits_fn(decoder), ids, window),
+                                           agreement.measure(onnx_logits_fn(decoder), prompt, continuation, 0).agreement)
+            label = f"ONNX {graph[5:] or 'fp32'} (onnxruntime{', numpy cache' if name.endswith(NUMPY) else ''})"
+            rows.append((name, label, rate, first_token_seconds(stepper, long_ids, args.repeats), files_bytes(onnx_dirs[graph]), *scores))
+            del decoder, stepper
+        mismatched = [name for name in greedy_ids if name.endswith(NUMPY) and name[: -len(NUMPY)] in greedy_ids
+                      and greedy_ids[name] != greedy_ids[name[: -len(NUMPY)]]]
         if genai.available():
             for name in [n for n in wanted if n.startswith("genai")]:
                 folder = root / name
@@ -130,25 +193,29 @@ def main() -> int:
                 for item in source.iterdir():
                     os.link(item, folder / item.name)
                 (folder / genai.GENAI_CONFIG).write_text(json.dumps(genai.genai_config(model.config, model.generation_config)))
-                runtime = genai.GenaiModel(folder, threads=args.threads, max_length=len(prompt_ids) + args.new_tokens)
+                runtime = genai.GenaiModel(folder, threads=args.threads, max_length=max(len(prompt_ids) + args.new_tokens, len(long_ids) + 1))
                 probe = genai.GenaiModel(folder, threads=args.threads, max_length=window + 2)
-                rows.append((name, f"genai {name[6:] or 'fp32'} (onnxruntime-genai)", speed(runtime, prompt_ids, args.new_tokens, args.repeats),
-                             files_bytes(folder), perplexity(probe.logits, ids, window),
+                rows.append((name, f"genai {name[6:] or 'fp32'} (onnxruntime-genai)", speed(runtime, prompt_ids, args.new_tokens, args.repeats)[0],
+                             first_token_seconds(runtime, long_ids, args.repeats), files_bytes(folder), perplexity(probe.logits, ids, window),
                              agreement.measure(probe.logits, prompt, continuation, 0).agreement))
         if llamacpp.available():
             for name in [n for n in wanted if n.startswith("gguf")]:
                 type_name = name[5:]
                 path = write_gguf_file(model, tokenizer, root / f"{name}.gguf", type_name)
-                runtime = llamacpp.LlamaCppModel(path, context=max(window + 1, len(prompt) + len(continuation)), threads=args.threads)
-                rows.append((name, f"GGUF {type_name} (llama.cpp)", speed(runtime, prompt_ids, args.new_tokens, args.repeats), path.stat().st_size,
+                runtime = llamacpp.LlamaCppModel(path, context=max(window + 1, len(prompt) + len(continuation), len(long_ids)), threads=args.threads)
+                rows.append((name, f"GGUF {type_name} (llama.cpp)", speed(runtime, prompt_ids, args.new_tokens, args.repeats)[0],
+                             first_token_seconds(runtime, long_ids, args.repeats), path.stat().st_size,
                              perplexity(runtime.logits, ids, window), agreement.measure(runtime.logits, prompt, continuation, 0).agreement))
 
     load = os.getloadavg()[0]
     header = (f"{args.model}: {args.new_tokens} new tokens, batch 1, {args.threads} threads, median of {args.repeats} runs; "
               f"perplexity on {len(ids)} held-out tokens; agreement over {len(continuation)} tokens; "
               f"load average {load:.1f} on {os.cpu_count()} CPUs when it ended.")
-    text = table(rows, header)
+    text = table(rows, header, args.ttft_tokens)
     print(text, end="")
+    if mismatched:
+        print(f"greedy ids of the numpy stepper differ from the bound one's: {', '.join(mismatched)}")
+        return 1
     if args.write_docs is not None:
         write_into(args.write_docs, text)
     return 0
