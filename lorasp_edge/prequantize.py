@@ -306,7 +306,7 @@ def fingerprint(source: Path, bits: int, compute_dtype: torch.dtype) -> str:
 
 def cached_quantized(source: str | Path, bits: int, compute_dtype: torch.dtype, progress: bool = True) -> Path:
     """The pre-quantized copy of `source` in the cache, written on first use (one tensor at a time)."""
-    from lorasp_edge.models import cache_root
+    from lorasp_edge.sources import cache_root
 
     source = Path(source)
     key = fingerprint(source, bits, compute_dtype)
@@ -345,7 +345,7 @@ def _progress_bar(description: str):
 def quantize_model(name: str, out: str | Path, bits: int, compute_dtype: torch.dtype | None = None, progress: bool = True) -> QuantizeReport:
     """`lorasp-edge quantize`: the model named as the trainer names it, written pre-quantized into `out`."""
     from lorasp_edge.devices import bf16_supported, default_device
-    from lorasp_edge.models import local_safetensors_folder, resolve_model
+    from lorasp_edge.sources import local_safetensors_folder, resolve_model
 
     from lorasp_edge.files import os_error_message
 

@@ -30,7 +30,9 @@ PROMPT = "Write a short story about a robot who learns to paint."
 def small_adapter(out_dir: Path) -> Path:
     from transformers import AutoTokenizer
 
-    from lorasp_edge.models import load_model, resolve_model
+    from lorasp_edge.models import load_model
+
+    from lorasp_edge.sources import resolve_model
     from lorasp_edge.train.adapter import (
         LoRASPConfig,
         apply_lorasp,

@@ -64,7 +64,7 @@ def make_checkpoint(model_id: str, out: Path, shard_bytes: int, layers: int | No
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lorasp_edge.models import resolve_model
+    from lorasp_edge.sources import resolve_model
     from lorasp_edge.plan.catalog import catalog_entry
 
     entry = catalog_entry(model_id)

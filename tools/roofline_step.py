@@ -158,7 +158,7 @@ def main() -> None:
     print("\n| matmul | shapes | calls | GFLOP | ms | GFLOP/s |\n|---|---|---:|---:|---:|---:|")
     for row in rows[:12]:
         print(f"| {row['op']} | {' x '.join(str(list(s)) for s in row['shapes'])} | {row['calls']} | {row['gflops']:.2f} | {row['ms']:.1f} | {row['gflop_per_s']:.1f} |")
-    print(f"\n| top non-matmul op | ms per step | share of step |\n|---|---:|---:|")
+    print("\n| top non-matmul op | ms per step | share of step |\n|---|---:|---:|")
     for event in others[: args.top]:
         ms = event.self_cpu_time_total / 1e3
         print(f"| {event.key} | {ms:.1f} | {ms / (step * 1e3):.1%} |")

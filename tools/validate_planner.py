@@ -146,7 +146,7 @@ def grid(quick: bool, defaults: bool = True) -> list[dict]:
 
 
 def tiny_model_dir(name: str) -> Path:
-    from lorasp_edge.models import cache_root
+    from lorasp_edge.sources import cache_root
 
     return cache_root() / "validate" / name
 

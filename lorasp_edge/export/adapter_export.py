@@ -16,6 +16,7 @@ from pathlib import Path
 
 from lorasp_edge.export import formats as export_formats
 from lorasp_edge.export.context import ExportContext
+from lorasp_edge.export.manifest import manifest_source, new_manifest, write_export
 from lorasp_edge.export.verify import (
     held_out_ids,
     held_out_text,
@@ -27,7 +28,6 @@ from lorasp_edge.export.verify import (
 def export_adapter_only(settings, adapted, tokenizer, *, model_name: str, base_bits: int | None, info: dict, started: float, say):
     """Write and verify every `settings.formats` in its adapter form under `settings.out` (atomically)."""
 
-    from lorasp_edge.export.pipeline import manifest_source, new_manifest, write_export
 
     adapter_dir, out = Path(settings.adapter), Path(settings.out)
     parameter_count = sum(p.numel() for p in adapted.get_base_model().parameters())

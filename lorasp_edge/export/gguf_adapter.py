@@ -39,6 +39,7 @@ from lorasp_edge.export.gguf_file import (
     unsupported_reason,
     write_gguf_file,
 )
+from lorasp_edge.export.manifest import MERGE_TOLERANCE
 from lorasp_edge.export.merge import dequantized_weight
 from lorasp_edge.export.ollama import modelfile
 from lorasp_edge.train.adapter import ADAPTER_NAME, lora_layers
@@ -197,7 +198,6 @@ def _float_reference_for_int8(context: ExportContext, base, record: dict) -> Exp
     then becomes the reference. Other bases are returned unchanged."""
     from peft.utils.integrations import get_bnb_param_type
 
-    from lorasp_edge.export.pipeline import MERGE_TOLERANCE
     from lorasp_edge.export.verify import compare, reference_logits
     from lorasp_edge.train.adapter import load_adapter
 

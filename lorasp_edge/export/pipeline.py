@@ -16,9 +16,7 @@ formats of an earlier export in OUT that are not written again are kept (export/
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -30,83 +28,20 @@ from lorasp_edge.errors import UserError, VerificationError
 from lorasp_edge.export import formats as export_formats
 from lorasp_edge.export import output
 from lorasp_edge.export.context import ExportContext
+from lorasp_edge.export.manifest import (
+    MERGE_TOLERANCE,
+    ExportReport,
+    estimated_bytes,
+    manifest_source,
+    new_manifest,
+    write_export,
+)
 from lorasp_edge.export.gguf_file import GGUF_TYPES
 from lorasp_edge.export.onnx_graph import DEFAULT_OPSET, PROTOBUF_LIMIT_BYTES
 from lorasp_edge.export.onnx_writer import QUANT_BITS
 from lorasp_edge.export.verify import compare, held_out_ids, held_out_text, reference_logits, verification_batch
 
 QUANTIZATIONS = ("none", *QUANT_BITS)
-# An adapter trained on an LLM.int8 base saw int8-quantized activations, which the fp32 merge
-# cannot reproduce; a 4-bit (NF4) base's forward dequantizes the same weights the merge uses.
-MERGE_TOLERANCE = {None: 1e-3, 4: 1e-3, 8: 5e-2}
-
-
-def merge_base(base_bits: int | None, merged: bool = True) -> str:
-    """The manifest's statement of which base weights the exported files hold."""
-    base = f"the dequantized {base_bits}-bit base the adapter was trained against" if base_bits else "the base as trained (unquantized)"
-    return f"{base} plus the adapter's delta (alpha/r) B A, merged in fp32" if merged else f"{base}, unmerged; the adapter is applied by the runtime"
-
-
-def new_manifest(**fields) -> dict:
-    """An export manifest before any format is written: format tag, library versions, empty records."""
-    import onnxruntime
-    import transformers
-
-    return {
-        "format": output.MANIFEST_FORMAT,
-        **fields,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__},
-        "files": {},
-        "verification": {},
-        "perplexity": {},
-    }
-
-
-def manifest_source(model_name: str, base_bits: int | None, adapter_dir: Path, info: dict, merged: bool = True) -> dict:
-    """The manifest's record of what was exported: the base, the merge base and the adapter."""
-    return {
-        "base_model": model_name,
-        "base_quant_bits": base_bits,
-        "merge_base": merge_base(base_bits, merged),
-        "adapter": {
-            "path": str(adapter_dir.resolve()),
-            "sha256": adapter_hash(adapter_dir),
-            "trained_on": info.get("base_model"),
-            **{key: info.get(key) for key in ("rank", "alpha", "ratio", "seed", "target_modules", "compute_dtype", "steps")},
-        },
-        "plan": info.get("plan"),
-    }
-
-
-def write_export(out: Path, needed_bytes: int, write: Callable[[Path], dict], started: float, overwrite: bool = False) -> "ExportReport":
-    """Every export's way out: refuse when the disk lacks `needed_bytes`, let `write(tmp)` fill a
-    temporary folder beside `out` and return the manifest, add the peak memory and the seconds, then
-    swap the folder into place, keeping the formats of an earlier export there that it does not
-    write again (all of them go with `overwrite`). On any error nothing is left behind, and an OS
-    error is one line naming the path."""
-    from lorasp_edge.export.memory import peak_rss_bytes
-
-    tmp = None
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        problem = output.folder_problem(out, overwrite)  # again: --out may have changed while the model loaded
-        if problem:
-            raise UserError(problem)
-        free = _free_bytes(out.parent)
-        if free < needed_bytes:
-            raise UserError(f"no room on disk for the export in {out.parent}: needs about {needed_bytes / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
-        with output.signals_held():
-            tmp = output.start(out)
-        manifest = write(tmp)
-        manifest["peak_rss_bytes"] = peak_rss_bytes()
-        manifest["seconds"] = round(time.perf_counter() - started, 1)
-        changes = output.finish(tmp, out, manifest, overwrite)
-    except OSError as error:
-        raise UserError(output.error_line(error, out, tmp)) from None
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return ExportReport(out=out, manifest=manifest, seconds=manifest["seconds"], **changes)
 
 
 @dataclass
@@ -181,44 +116,7 @@ class ExportSettings:
         return "hf" in self.formats
 
 
-@dataclass
-class ExportReport:
-    out: Path
-    manifest: dict
-    seconds: float
-    replaced: list[str] = field(default_factory=list)  # entries of an earlier export in OUT written again
-    kept: list[str] = field(default_factory=list)  # entries of an earlier export not written again, kept
-    removed: list[str] = field(default_factory=list)  # what --overwrite removed from OUT
-
-    @property
-    def verification(self) -> dict:
-        return self.manifest["verification"]
-
-
 # ------------------------------------------------------------------------------------ helpers
-
-
-def adapter_hash(adapter_dir: Path) -> str:
-    """sha256 over the adapter's files (name and bytes, in name order)."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in Path(adapter_dir).iterdir() if p.is_file()):
-        digest.update(path.name.encode() + b"\0")
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def _free_bytes(folder: Path) -> int:
-    return shutil.disk_usage(folder).free
-
-
-def _estimated_bytes(parameter_count: int, settings: ExportSettings) -> int:
-    fp32 = 4 * parameter_count
-    total = (fp32 if settings.wants_hf else 0) + (fp32 if settings.wants_onnx else 0)
-    if settings.quantize != "none":
-        total += parameter_count * (1.2 if settings.quantize == "int8" else 0.8)
-    return int(total * 1.05) + (64 << 20)  # tokenizer, configs, a trace scratch file's slack
 
 
 def _within(path: Path, folder: Path) -> bool:
@@ -232,7 +130,7 @@ def base_model_name(recorded: str, adapter_dir: Path) -> str:
     base as given on its command line: a relative path (`./tiny`) is relative to where train ran,
     which an old adapter does not record. Tried: from here; then from the run folder's parent
     (`train --out run` writes run/adapter), where train usually ran. Aliases and hub ids pass as given."""
-    from lorasp_edge.models import BUNDLED_MODELS
+    from lorasp_edge.sources import BUNDLED_MODELS
 
     path = Path(recorded).expanduser()
     if path.exists() or recorded.lower() in BUNDLED_MODELS:
@@ -257,7 +155,8 @@ def base_model_name(recorded: str, adapter_dir: Path) -> str:
 def export(settings: ExportSettings, progress: Callable[[str], None] | None = None) -> ExportReport:
     """Merge, export, verify and write everything under `settings.out` (atomically)."""
     from lorasp_edge.export.merge import merged_model
-    from lorasp_edge.models import load_model, load_tokenizer, resolve_model
+    from lorasp_edge.models import load_model, load_tokenizer
+    from lorasp_edge.sources import resolve_model
     from lorasp_edge.train.adapter import load_adapter, read_adapter_info
 
     say = progress or (lambda message: None)
@@ -316,7 +215,7 @@ def export(settings: ExportSettings, progress: Callable[[str], None] | None = No
         manifest["verification"]["merge"] = {**asdict(merge_check), "tolerance": merge_tolerance}
         return manifest
 
-    return write_export(out, _estimated_bytes(parameter_count, settings), write, started, settings.overwrite)
+    return write_export(out, estimated_bytes(parameter_count, settings), write, started, settings.overwrite)
 
 
 def _check_formats_support(settings: ExportSettings, model_name: str, resolve_model) -> None:

@@ -26,6 +26,7 @@ from lorasp_edge.export import formats as export_formats
 from lorasp_edge.export.context import ExportContext
 from lorasp_edge.export.hf import write_portable_config
 from lorasp_edge.export.layered import FolderWeights, LayerStreamed
+from lorasp_edge.export.manifest import MERGE_TOLERANCE, estimated_bytes, manifest_source, new_manifest, write_export
 from lorasp_edge.export.stream import (
     BaseWeights,
     LoraDelta,
@@ -113,7 +114,6 @@ def write_streamed(settings, tmp: Path, source: Path, adapter_dir: Path, info: d
     """Every requested format under `tmp`; returns the manifest's measured part (verification included).
     The fp32 ONNX graph is verified in `session_slices` onnxruntime sessions over consecutive layers."""
     from lorasp_edge.export.onnx_graph import files_bytes
-    from lorasp_edge.export.pipeline import MERGE_TOLERANCE, new_manifest
 
     manifest = new_manifest()
     folder = tmp / MERGED_DIR
@@ -164,7 +164,7 @@ def write_streamed(settings, tmp: Path, source: Path, adapter_dir: Path, info: d
 
 def source_folder(model_name: str, bits: int | None) -> Path | None:
     """The base as a local safetensors folder the streamed merge reads, or None."""
-    from lorasp_edge.models import local_safetensors_folder, resolve_model
+    from lorasp_edge.sources import local_safetensors_folder, resolve_model
     from lorasp_edge.prequantize import prequantized_bits
 
     folder = local_safetensors_folder(resolve_model(model_name))
@@ -182,7 +182,6 @@ def export_streamed(settings, source: Path, adapter_dir: Path, out: Path, info: 
     """The streamed export, written to a temporary folder beside `out` and renamed into place.
     `estimate`: the one `check_export_budget` made (--mem), else made here against the available memory."""
     from lorasp_edge.export.memory import estimate_streamed, release_large_frees
-    from lorasp_edge.export.pipeline import _estimated_bytes, manifest_source, write_export
     from lorasp_edge.models import load_tokenizer
 
     release_large_frees()
@@ -196,7 +195,7 @@ def export_streamed(settings, source: Path, adapter_dir: Path, out: Path, info: 
         manifest.update({**manifest_source(model_name, bits, adapter_dir, info), "streamed": True})
         return manifest
 
-    needed = _estimated_bytes(sum(math.prod(shape) for shape in base_shapes.values()), settings)
+    needed = estimated_bytes(sum(math.prod(shape) for shape in base_shapes.values()), settings)
     return write_export(out, needed, write, started, settings.overwrite)
 
 
@@ -234,7 +233,7 @@ def check_export_budget(settings, model_name: str, source: Path | None, bits: in
         from transformers import AutoConfig
 
         from lorasp_edge.export.stream import meta_model
-        from lorasp_edge.models import resolve_model
+        from lorasp_edge.sources import resolve_model
 
         model = meta_model(AutoConfig.from_pretrained(resolve_model(model_name)))
         estimate = estimate_in_memory({name: tuple(p.shape) for name, p in model.named_parameters()})

@@ -27,6 +27,7 @@ from lorasp_edge.devices import default_device
 from lorasp_edge.errors import DataError, UserError
 from lorasp_edge.files import os_error_message, output_folder_problem, write_marker, write_text_atomic
 from lorasp_edge.models import check_tokenizer_fits, load_tokenizer
+from lorasp_edge.plan.catalog import canonical_model_name
 from lorasp_edge.plan.planfile import Plan
 from lorasp_edge.plan.search import plan_training
 from lorasp_edge.train import checkpoint as ckpt
@@ -40,7 +41,7 @@ from lorasp_edge.train.data import (
 )
 from lorasp_edge.train.distributed import World
 from lorasp_edge.train.guard import MemoryGuard
-from lorasp_edge.train.preflight import canonical_model_name, check_plan, plan_problems
+from lorasp_edge.train.preflight import check_plan, plan_problems
 from lorasp_edge.train.loop import (
     Trainer,
     build_model,

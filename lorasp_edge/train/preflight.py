@@ -16,7 +16,7 @@ All problems are reported at once, in one line (UserError, exit 2).
 from __future__ import annotations
 
 from lorasp_edge.errors import UserError
-from lorasp_edge.plan.catalog import Architecture, canonical_model_name, model_info  # noqa: F401 (canonical_model_name: the run's name for its model)
+from lorasp_edge.plan.catalog import Architecture, model_info
 from lorasp_edge.plan.planfile import Plan
 
 
@@ -28,7 +28,7 @@ def model_architecture(name: str) -> Architecture:
     except UserError as unknown:
         from transformers import AutoConfig
 
-        from lorasp_edge.models import resolve_model
+        from lorasp_edge.sources import resolve_model
 
         try:
             config = AutoConfig.from_pretrained(resolve_model(name)).get_text_config(decoder=True)

@@ -24,7 +24,7 @@ from transformers import (
 from lorasp_edge.cli import main
 from lorasp_edge.errors import AdapterError, UserError, VerificationError
 from lorasp_edge.export import agreement, onnx_writer
-from lorasp_edge.export import pipeline as exporter
+from lorasp_edge.export import manifest as export_manifest
 from lorasp_edge.export.hf import write_portable_config
 from lorasp_edge.export.onnx_graph import (
     ONNX_DATA_FILE,
@@ -90,7 +90,7 @@ def test_manifest_records_what_was_verified(llama_export):
     manifest = json.loads((report.out / "manifest.json").read_text())
     assert manifest == report.manifest
     assert manifest["base_model"].endswith("base") and manifest["base_quant_bits"] is None
-    assert len(manifest["adapter"]["sha256"]) == 64 and manifest["adapter"]["sha256"] == exporter.adapter_hash(adapter)
+    assert len(manifest["adapter"]["sha256"]) == 64 and manifest["adapter"]["sha256"] == export_manifest.adapter_hash(adapter)
     assert manifest["plan"] == {"rank": 4}
     checks = manifest["verification"]
     assert checks["merge"]["relative_diff"] < 1e-5
@@ -268,7 +268,7 @@ def test_unsupported_architecture(tmp_path):
 
 
 def test_no_room_on_disk_before_writing(llama_adapter, tmp_path, monkeypatch):
-    monkeypatch.setattr(exporter, "_free_bytes", lambda folder: 1000)
+    monkeypatch.setattr(export_manifest, "free_bytes", lambda folder: 1000)
     with pytest.raises(UserError, match="no room on disk"):
         export(ExportSettings(adapter=llama_adapter[1], out=tmp_path / "out"))
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
@@ -362,6 +362,6 @@ def test_smollm2_export_with_a_trained_adapter_agrees_with_pytorch(tmp_path):
 
 
 def exporter_model_dir():
-    from lorasp_edge.models import resolve_model
+    from lorasp_edge.sources import resolve_model
 
     return resolve_model("smollm2-135m")

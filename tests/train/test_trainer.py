@@ -165,7 +165,7 @@ def test_mapped_allocations_return_freed_memory_at_once():
 
 
 def test_catalog_ids_resolve_to_their_hub_model():
-    from lorasp_edge.models import resolve_model
+    from lorasp_edge.sources import resolve_model
 
     assert resolve_model("qwen2.5-0.5b") == "Qwen/Qwen2.5-0.5B"
 
