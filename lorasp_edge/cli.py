@@ -230,20 +230,6 @@ def _add_export(subparsers) -> None:
     parser.set_defaults(run=_run_export)
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the export is, so that its cleanup runs as it does for Ctrl-C."""
-
-    received = False  # set first: an import interrupted by it re-raises it as ImportError
-
-
-def _on_sigterm(signum, frame):
-    import signal
-
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM does not cut the cleanup short
-    _Terminated.received = True
-    raise _Terminated
-
-
 def _run_export(args) -> int:
     import signal
     import threading
@@ -255,12 +241,19 @@ def _run_export(args) -> int:
     options = {name: getattr(args, name) for name in ("format", "quantize", "block_size", "gguf_type", "opset", "mem", "min_agreement") if getattr(args, name) is not None}
     settings = ExportSettings(adapter=args.adapter, out=args.out, model=args.model, eval_text=args.eval_text, adapter_only=args.adapter_only,
                               overwrite=args.overwrite, **options)
+    terminated = []  # set before the raise: an import interrupted by it surfaces as ImportError
+
+    def on_sigterm(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM does not cut the cleanup short
+        terminated.append(signum)
+        raise KeyboardInterrupt  # unwinds like Ctrl-C, so the export's cleanup runs
+
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
     try:
         report = export(settings, progress=lambda message: print(message, file=sys.stderr, flush=True))
     except BaseException:
-        if not _Terminated.received:
+        if not terminated:
             raise
         print(f"lorasp-edge export: stopped by SIGTERM; nothing half-written was left in or beside {args.out}", file=sys.stderr)
         return 143

@@ -100,3 +100,21 @@ def train_adapter(base_dir, adapter_dir, quant_bits=None, steps=5, seed=1):
 def leftovers(folder):
     """Anything an export left beside its target (temp folders start with a dot)."""
     return sorted(path.name for path in folder.iterdir() if path.name.startswith("."))
+
+
+def export_a_different_model(monkeypatch):
+    """Make every ONNX export trace a graph whose final norm is 1.5x the merged model's, so its
+    verification against PyTorch fails."""
+    from types import SimpleNamespace
+
+    from lorasp_edge.export import onnx_writer
+
+    real_export = onnx_writer.export_decoder_streamed
+
+    def export(config, weights, *args, **kwargs):
+        def read(key):
+            return weights.read(key) * (1.5 if key == "model.norm.weight" else 1.0)
+
+        return real_export(config, SimpleNamespace(keys=weights.keys, read=read), *args, **kwargs)
+
+    monkeypatch.setattr(onnx_writer, "export_decoder_streamed", export)

@@ -2,12 +2,12 @@
 
 `OnnxDecoder` is one forward per call over numpy arrays (verification compares whole logit
 tensors). `BoundDecoder` is what token-by-token generation runs on the same session: with
-onnxruntime's I/O binding the KV cache stays in onnxruntime's memory, on the session's device, and
-each forward's `present.*` OrtValues are bound as the next forward's `past_key_values.*` inputs, so
-a step moves only its token ids in and one row of logits out. Under a GPU execution provider
-`session.run` would copy the whole cache to the host and back every step; on CPU onnxruntime
-already wraps contiguous numpy inputs and returns outputs as views of its own buffers, so there the
-two run at the same speed (tools/bench_formats.py's `-numpy` rows).
+onnxruntime's I/O binding the KV cache stays in onnxruntime's memory, and each forward's
+`present.*` OrtValues are bound as the next forward's `past_key_values.*` inputs, so a step moves
+only its token ids in and one row of logits out. Under a GPU execution provider (not used yet:
+sessions here are CPU) `session.run` would copy the whole cache to the host and back every step;
+on CPU onnxruntime already wraps contiguous numpy inputs and returns outputs as views of its own
+buffers, so there the two run at the same speed (tools/bench_formats.py's `-numpy` rows).
 """
 
 from __future__ import annotations
@@ -36,18 +36,6 @@ def open_session(path: str | Path, threads: int | None = None, prepack: bool = T
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph types
         raise UserError(f"{path}: onnxruntime cannot load it ({str(error).splitlines()[0]})") from None
-
-
-# execution providers whose tensors live on a device other than the host, and that device's OrtDevice name
-PROVIDER_DEVICES = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda", "ROCMExecutionProvider": "cuda",
-                    "DmlExecutionProvider": "dml", "CANNExecutionProvider": "cann"}
-
-
-def session_device(session) -> tuple[str, int]:
-    """(OrtDevice type, device id) where the session's first execution provider keeps its tensors."""
-    provider = session.get_providers()[0]
-    options = session.get_provider_options().get(provider, {})
-    return PROVIDER_DEVICES.get(provider, "cpu"), int(options.get("device_id", 0) or 0)
 
 
 class DecoderRuntime:
@@ -98,13 +86,13 @@ class OnnxDecoder(DecoderRuntime):
 
 class BoundDecoder:
     """Batch-1 forwards over an `OnnxDecoder`'s session through I/O binding, the KV cache kept
-    between calls as onnxruntime OrtValues on the session's device. Logits are bound on the host:
-    on CPU `OrtValue.numpy()` views them without a copy and only the last position's row is copied
-    out (the graph computes logits at every position it is fed)."""
+    between calls as onnxruntime OrtValues. `open_session` makes CPU sessions only, so everything is
+    bound on the host (a GPU provider would bind the cache on its device). `OrtValue.numpy()` views
+    the logits without a copy and only the last position's row is copied out (the graph computes
+    logits at every position it is fed)."""
 
     def __init__(self, decoder: OnnxDecoder):
         self.session = decoder.session
-        self.device = session_device(self.session)
         self.past_names, self.present_names = decoder.input_names[3:], decoder.output_names[1:]
         self.empty = np.zeros((1, decoder.kv_heads, 0, decoder.head_dim), np.float32)
         self.binding = self.session.io_binding()
@@ -126,7 +114,7 @@ class BoundDecoder:
         binding.clear_binding_outputs()  # fresh outputs: last step's present.* are this step's inputs
         binding.bind_output("logits", "cpu")
         for name in self.present_names:
-            binding.bind_output(name, *self.device)
+            binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
         logits, *present = binding.get_outputs()
         for name, value in zip(self.past_names, present):

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +42,7 @@ from lorasp_edge.train.data import (
 )
 from lorasp_edge.train.distributed import World
 from lorasp_edge.train.guard import MemoryGuard
-from lorasp_edge.train.preflight import check_plan, plan_problems
+from lorasp_edge.train.preflight import plan_problems
 from lorasp_edge.train.loop import (
     Trainer,
     build_model,
@@ -176,15 +177,17 @@ def _train(request: TrainRequest, world: World, progress: bool, note) -> dict:
     if record is not None:
         contract.check_data(record, request.data, world.rank)
     plan, settings, notes = _resolve_plan(request, world, record)
+    # A --plan was checked against the model in _check_request; one planned here is the model's, and
+    # a resumed run's base is checked by fingerprint once it is loaded.
     model_name = canonical_model_name(request.model or plan.model["name"])
-    check_plan(plan, model_name, model_given=request.model is not None, source=str(request.plan or "the run's plan"))
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_marker(out, "train")
         ckpt.clean_stale_temps(out)
         if record is None:  # a new run: nothing of an earlier one in this folder carries on
-            for name in (ckpt.CHECKPOINT_FILE, "metrics.jsonl", "summary.json"):
+            for name in (ckpt.CHECKPOINT_FILE, "metrics.jsonl", "summary.json", "loss.png"):
                 (out / name).unlink(missing_ok=True)
+            shutil.rmtree(out / "adapter", ignore_errors=True)
         _write_json(out / "plan.json", plan.to_dict())
 
     tokenizer = load_tokenizer(model_name)

@@ -10,7 +10,7 @@ that model):
     modules     every target module is a linear layer of the model's family
     seq_len     within the model's context (max_position_embeddings)
 
-All problems are reported at once, in one line (UserError, exit 2).
+The trainer reports these with the flags' problems, all at once in one line (UserError, exit 2).
 """
 
 from __future__ import annotations
@@ -63,9 +63,3 @@ def plan_problems(plan: Plan, model_name: str, model_given: bool) -> list[str]:
     if arch.max_positions and plan.seq_len > arch.max_positions:
         problems.append(f"the plan's seq_len {plan.seq_len} is longer than the model's context of {arch.max_positions} tokens")
     return problems
-
-
-def check_plan(plan: Plan, model_name: str, model_given: bool, source: str = "plan") -> None:
-    problems = plan_problems(plan, model_name, model_given)
-    if problems:
-        raise UserError(f"{source}: " + "; ".join(problems))

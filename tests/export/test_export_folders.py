@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny import leftovers, make_model_dir, train_adapter
+from tiny import export_a_different_model, leftovers, make_model_dir, train_adapter
 
 from lorasp_edge.cli import main
-from lorasp_edge.export import onnx_writer, output
+from lorasp_edge.export import output
 from lorasp_edge.files import OWNER_MARKER
 
 
@@ -139,19 +139,9 @@ def test_an_export_from_before_the_marker_is_ours(run, hf_export, tmp_path, caps
 
 
 def test_failed_reexport_exits_4_and_keeps_the_earlier_export(run, hf_export, tmp_path, monkeypatch, capsys):
-    from types import SimpleNamespace
-
     out = copy_of(hf_export, tmp_path)
     before = snapshot(out)
-    real_export = onnx_writer.export_decoder_streamed
-
-    def export_a_different_model(config, weights, *args, **kwargs):
-        def read(key):  # the graph gets a final norm 1.5x the merged model's
-            return weights.read(key) * (1.5 if key == "model.norm.weight" else 1.0)
-
-        return real_export(config, SimpleNamespace(keys=weights.keys, read=read), *args, **kwargs)
-
-    monkeypatch.setattr(onnx_writer, "export_decoder_streamed", export_a_different_model)
+    export_a_different_model(monkeypatch)
     code, _, err = export_cli(capsys, run[1], out, "--format", "onnx")
     assert code == 4 and "ONNX logits differ from PyTorch" in err.splitlines()[-1]
     assert snapshot(out) == before and not leftovers(tmp_path)

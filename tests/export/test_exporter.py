@@ -2,13 +2,12 @@
 
 import errno
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import onnx
 import pytest
 import torch
-from tiny import leftovers, make_model_dir, train_adapter
+from tiny import export_a_different_model, leftovers, make_model_dir, train_adapter
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -285,15 +284,7 @@ def test_disk_full_while_writing_leaves_nothing(llama_adapter, tmp_path, monkeyp
 
 
 def test_verification_failure_exits_4_and_removes_files(llama_adapter, tmp_path, monkeypatch, capsys):
-    real_export = onnx_writer.export_decoder_streamed
-
-    def export_a_different_model(config, weights, *args, **kwargs):
-        def read(key):  # the graph gets a final norm 1.5x the merged model's
-            return weights.read(key) * (1.5 if key == "model.norm.weight" else 1.0)
-
-        return real_export(config, SimpleNamespace(keys=weights.keys, read=read), *args, **kwargs)
-
-    monkeypatch.setattr(onnx_writer, "export_decoder_streamed", export_a_different_model)
+    export_a_different_model(monkeypatch)
     code = main(["export", "--adapter", str(llama_adapter[1]), "--out", str(tmp_path / "out"), "--format", "onnx"])
     error = capsys.readouterr().err
     assert code == VerificationError.exit_code == 4

@@ -114,6 +114,12 @@ def test_overwrite_starts_a_finished_run_over(capsys, tmp_path, model_dir, data_
     assert code == 0, err
     assert ckpt.load_checkpoint(out / ckpt.CHECKPOINT_FILE)["step"] == 2
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    # Started over and stopped before any step: nothing of the earlier run is left to pass for this one's.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    code, _, err = train(capsys, model_dir, bad, out, plan, "--steps", "2", "--overwrite")
+    assert code == 2 and f"{bad}:1" in one_line(err)
+    assert sorted(path.name for path in out.iterdir()) == [".lorasp-edge", "plan.json"]
 
 
 def test_results_follow_the_umask(capsys, tmp_path, model_dir, data_file, plan):
