@@ -20,12 +20,18 @@ from pathlib import Path
 
 from lorasp_edge.errors import UserError
 from lorasp_edge.export.formats import FORMATS
-from lorasp_edge.plan.search import PREFERENCES
+from lorasp_edge.plan.search import DEFAULT_INIT, INITS, PREFERENCES
 
 PREFER_HELP = (
     "what spare memory goes to: speed (default: rank at most 16, where the quality evidence stops, then no "
     "checkpointing and larger micro-batches), quality (rank up to 64 first), memory (the smallest peak at the best "
     "coverage: lowest bits, checkpointing, micro-batch 1)"
+)
+
+LORA_INIT_HELP = (
+    f"LoRA-SP's start (default {DEFAULT_INIT}): offset gives B random values, so the frozen half of B carries "
+    "information too, and subtracts their product B0 A0 so the model starts as the base (the adapter holds "
+    "twice the rank, as many entries trained; docs/results.md); zeros is LoRA's B = 0"
 )
 
 
@@ -61,6 +67,7 @@ def _add_plan(subparsers) -> None:
     parser.add_argument("--world-size", type=int, default=1, help="data-parallel ranks; memory is planned per rank (default 1)")
     parser.add_argument("--headroom", type=float, default=0.10, help="share of the budget kept free (default 0.10)")
     parser.add_argument("--prefer", choices=PREFERENCES, default="speed", help=PREFER_HELP)
+    parser.add_argument("--lora-init", choices=INITS, default=None, help=LORA_INIT_HELP)
     parser.add_argument("--out", type=Path, default=Path("plan.json"), help="plan file to write (default plan.json)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of the table")
     parser.add_argument("--list-profiles", action="store_true", help="list the bundled device profiles and exit")
@@ -83,6 +90,7 @@ def _run_plan(args) -> int:
         world_size=args.world_size,
         headroom=args.headroom,
         prefer=args.prefer,
+        init=args.lora_init,
     )
     try:
         plan.to_json(args.out)

@@ -74,7 +74,7 @@ def write_text_jsonl(path: Path, lines: int = 400) -> Path:
     return path
 
 
-def train_adapter(base_dir, adapter_dir, quant_bits=None, steps=5, seed=1):
+def train_adapter(base_dir, adapter_dir, quant_bits=None, steps=5, seed=1, init="zeros"):
     """A few optimizer steps, so B != 0 and the merge changes the weights; saved like `train` does."""
     from transformers import AutoTokenizer
 
@@ -83,7 +83,7 @@ def train_adapter(base_dir, adapter_dir, quant_bits=None, steps=5, seed=1):
     from lorasp_edge.train.optim import LoRASPAdamW
 
     model = load_model(str(base_dir), quant_bits=quant_bits, device="cpu")
-    peft_model = apply_lorasp(model, LoRASPConfig(rank=4, alpha=8, seed=seed))
+    peft_model = apply_lorasp(model, LoRASPConfig(rank=4, alpha=8, seed=seed, init=init))
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     batch = tokenizer(corpus(4)[:4], return_tensors="pt", padding=True).input_ids
     optimizer = LoRASPAdamW(trainable_parameters(peft_model), lr=1e-2)

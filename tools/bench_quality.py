@@ -2,6 +2,13 @@
 
     python tools/bench_quality.py --write-docs --json build/quality.json   # the full run: about 40 min on 2 cores
     python tools/bench_quality.py --quick          # a smoke run: 1 seed, 8 steps, 25 held-out prompts (checks the tool)
+    python tools/bench_quality.py --task text --methods lora,plan-default --seeds 0,1,2   # plain text, perplexity
+
+Two tasks (`--task`):
+    chat  tools/make_task_data.py: five instruction families, exact match and held-out loss (below)
+    text  tools/make_text_data.py: continued pre-training on real English (the pydoc topics of the
+          Python reference, held out by document); held-out loss and perplexity over every held-out
+          block. Its defaults follow a plain PEFT script: 40 steps x 4 x 256 tokens, LoRA lr 2e-4.
 
 The plot goes to docs/results.png with --write-docs, else to build/quality.png (--plot overrides).
 
@@ -40,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -54,6 +62,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # make_task_data: a sibling script, not a package
 import make_task_data as task
+import make_text_data as text_task
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,6 +90,13 @@ EVAL_LOSS_BLOCKS = 32  # held-out loss over the split's first 32 packed blocks (
 
 QUICK = {"steps": 8, "seeds": (0,), "heldout": 25}
 
+# Per task: steps, blocks a step, the adapter lr (LoRA-SP methods scale it by their lr_scale).
+TASKS = {
+    "chat": {"steps": STEPS, "batch": BATCH, "lr": LORA_LR},
+    "text": {"steps": 40, "batch": 4, "lr": 2e-4},
+}
+TEXT_EVAL_BLOCKS = 1000  # every held-out block (the split holds about 65)
+
 
 @dataclass(frozen=True)
 class Method:
@@ -89,6 +105,8 @@ class Method:
     rank: int = 0
     quant_bits: int | None = None
     lr_scale: float = 1.0
+    init: str = "zeros"  # LoRA-SP's B start (LoRASPConfig.init)
+    plan_default: bool = False  # rank and init as `lorasp-edge plan` picks them by default (--prefer speed)
 
 
 METHODS = {
@@ -99,12 +117,18 @@ METHODS = {
     "full": Method("full fine-tuning", "full"),
     "lorasp-2xlr": Method(f"LoRA-SP r{RANK}, 2x lr", "lorasp", RANK, lr_scale=2.0),
     "lorasp-r32": Method(f"LoRA-SP r{2 * RANK}, ratio 0.5", "lorasp", 2 * RANK),
+    "offset": Method(f"LoRA-SP r{RANK}, offset init", "lorasp", RANK, init="offset"),
+    "offset-2xlr": Method(f"LoRA-SP r{RANK}, offset init, 2x lr", "lorasp", RANK, lr_scale=2.0, init="offset"),
+    "offset-r32-2xlr": Method(f"LoRA-SP r{2 * RANK}, offset init, 2x lr", "lorasp", 2 * RANK, lr_scale=2.0, init="offset"),
+    # What a user gets: the rank and start the planner picks for this model, the trainer's lr ratio.
+    "plan-default": Method("LoRA-SP, the plan's default (rank, init), 2x lr", "lorasp", 0, lr_scale=2.0, plan_default=True),
 }
 DEFAULT_METHODS = ("lorasp", "lora", "lora-half", "lorasp-4bit", "full", "lorasp-2xlr")
 # The untuned model, scored once; its NF4 form too when a method trains on an NF4 base.
 BASE_MODELS = {"base": None, "base-nf4": 4}
 
 RESULTS_START, RESULTS_END = "<!-- results:start -->", "<!-- results:end -->"
+TEXT_START, TEXT_END = "<!-- text-results:start -->", "<!-- text-results:end -->"
 
 
 def method_lr(method: Method, lora_lr: float, full_lr: float) -> float:
@@ -114,25 +138,49 @@ def method_lr(method: Method, lora_lr: float, full_lr: float) -> float:
 # ------------------------------------------------------------------------ one run (child process)
 
 
-def build(method: Method, seed: int, lr: float):
-    """(model, optimizer, trainable entry count) for one method."""
+def compute_dtype_here():
+    """The dtype `lorasp-edge plan` computes in on this machine: bf16 where the CPU has native bf16
+    matmuls (AVX512-BF16, AMX), else fp32 (emulated bf16 is slower than fp32)."""
+    import torch
+
+    from lorasp_edge.plan.search import local_device
+
+    return torch.bfloat16 if local_device().bf16 else torch.float32
+
+
+def plan_default(task_name: str) -> dict:
+    """Rank, init, targets and layers of the default plan for this model at the task's batch."""
+    from lorasp_edge.plan.search import plan_training
+
+    plan = plan_training("smollm2-135m", 3 * 10**9, seq_len=SEQ_LEN, batch=TASKS[task_name]["batch"])
+    return {"rank": plan.rank, "init": plan.init, "target_modules": list(plan.target_modules), "layers": list(plan.layers)}
+
+
+def build(method: Method, seed: int, lr: float, task_name: str = "chat"):
+    """(model, optimizer, trainable entry count, what was built) for one method."""
     import torch
 
     from lorasp_edge.models import load_model
     from lorasp_edge.train.adapter import LoRASPConfig, apply_lorasp, count_parameters
     from lorasp_edge.train.loop import build_optimizer
 
-    compute_dtype = torch.bfloat16
+    compute_dtype = compute_dtype_here()
     # Full fine-tuning keeps fp32 master weights: bf16 holds 8 significant bits, so an AdamW step of
     # about lr = 5e-5 would round away on every weight of magnitude 2^-6 or more.
     weight_dtype = torch.float32 if method.kind == "full" else compute_dtype
     model = load_model("smollm2-135m", quant_bits=method.quant_bits, compute_dtype=weight_dtype, device="cpu")
     model.config.use_cache = False
-    alpha = ALPHA_PER_RANK * method.rank
+    built = {"rank": method.rank, "init": method.init, "target_modules": "all-linear", "layers": None}
+    if method.plan_default:
+        built = plan_default(task_name)
+        if len(built["layers"]) == model.config.num_hidden_layers:
+            built["layers"] = None
+    alpha = ALPHA_PER_RANK * built["rank"]
     if method.kind == "lorasp":
-        model = apply_lorasp(model, LoRASPConfig(rank=method.rank, alpha=alpha, ratio=0.5, seed=seed, target_modules="all-linear"))
+        config = LoRASPConfig(rank=built["rank"], alpha=alpha, ratio=0.5, seed=seed, target_modules=built["target_modules"], layers=built["layers"], init=built["init"])
+        model = apply_lorasp(model, config)
         optimizer = build_optimizer(model, lr=lr, weight_decay=0.0)
-        return model, optimizer, count_parameters(model)["trainable"]
+        return model, optimizer, count_parameters(model)["trainable"], built
     if method.kind == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -143,14 +191,14 @@ def build(method: Method, seed: int, lr: float):
             model = get_peft_model(model, config)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
-    return model, optimizer, sum(p.numel() for p in parameters)
+    return model, optimizer, sum(p.numel() for p in parameters), built
 
 
-def training_batches(path: Path, tokenizer, steps: int) -> list[dict]:
+def training_batches(path: Path, tokenizer, steps: int, batch: int = BATCH) -> list[dict]:
     from lorasp_edge.train.data import PackedStream
 
     stream = PackedStream(path, tokenizer, SEQ_LEN)  # cycles through the file if the steps outrun it
-    batches = [stream.next_batch(BATCH) for _ in range(steps)]
+    batches = [stream.next_batch(batch) for _ in range(steps)]
     stream.close()
     return batches
 
@@ -163,7 +211,8 @@ def generate_replies(model, tokenizer, prompts: list[str]) -> list[str]:
     replies = []
     for start in range(0, len(prompts), GEN_BATCH):
         encoded = tokenizer(prompts[start : start + GEN_BATCH], return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        dtype = compute_dtype_here()
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
             output = model.generate(
                 **encoded, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, use_cache=True,
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -195,7 +244,7 @@ def score_heldout(model, tokenizer, heldout_path: Path) -> dict:
     }
 
 
-def run_child(method_name: str, seed: int, steps: int, train_path: Path, heldout_path: Path, lora_lr: float, full_lr: float) -> dict:
+def run_child(method_name: str, seed: int, steps: int, train_path: Path, heldout_path: Path, lora_lr: float, full_lr: float, task_name: str = "chat") -> dict:
     import torch
 
     from lorasp_edge.models import load_model, load_tokenizer
@@ -207,9 +256,11 @@ def run_child(method_name: str, seed: int, steps: int, train_path: Path, heldout
 
     torch.manual_seed(seed)
     tokenizer = load_tokenizer("smollm2-135m")
-    compute_dtype = torch.bfloat16
-    result: dict = {"method": method_name, "seed": seed}
-    heldout = eval_batches(heldout_path, tokenizer, SEQ_LEN, EVAL_BATCH, max_blocks=EVAL_LOSS_BLOCKS)
+    compute_dtype = compute_dtype_here()
+    result: dict = {"method": method_name, "seed": seed, "task": task_name, "compute_dtype": str(compute_dtype).removeprefix("torch.")}
+    eval_blocks = TEXT_EVAL_BLOCKS if task_name == "text" else EVAL_LOSS_BLOCKS
+    heldout = eval_batches(heldout_path, tokenizer, SEQ_LEN, EVAL_BATCH, max_blocks=eval_blocks)
+    result["heldout_tokens"] = sum(int((b["labels"] != -100).sum()) for b in heldout)
 
     if method_name in BASE_MODELS:
         model = load_model("smollm2-135m", quant_bits=BASE_MODELS[method_name], compute_dtype=compute_dtype, device="cpu")
@@ -220,8 +271,10 @@ def run_child(method_name: str, seed: int, steps: int, train_path: Path, heldout
     else:
         method = METHODS[method_name]
         lr = method_lr(method, lora_lr, full_lr)
-        batches = training_batches(train_path, tokenizer, steps)
-        model, optimizer, trainable = build(method, seed, lr)
+        batch_size = TASKS[task_name]["batch"]
+        batches = training_batches(train_path, tokenizer, steps, batch_size)
+        model, optimizer, trainable, built = build(method, seed, lr, task_name)
+        result["built"] = built
         loss_module = ChunkedCausalLMLoss(model).train()
         warmup = min(100, max(1, steps // 20))  # as lorasp_edge.job sets it
         scheduler = build_scheduler(optimizer, steps, warmup, MIN_LR_RATIO)
@@ -237,7 +290,7 @@ def run_child(method_name: str, seed: int, steps: int, train_path: Path, heldout
         result.update(
             lr=lr,
             steps=steps,
-            tokens=steps * SEQ_LEN * BATCH,
+            tokens=steps * SEQ_LEN * batch_size,
             trainable=trainable,
             optimizer_state_bytes=state_bytes(optimizer),
             train_seconds=round(sum(step_seconds), 2),
@@ -251,13 +304,27 @@ def run_child(method_name: str, seed: int, steps: int, train_path: Path, heldout
         result["peak_rss_train_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     result["heldout_loss"] = evaluate(loss_module, heldout, compute_dtype)
+    result["perplexity"] = math.exp(result["heldout_loss"])
     model.eval()
-    result.update(score_heldout(model, tokenizer, heldout_path))
+    if task_name == "chat":
+        result.update(score_heldout(model, tokenizer, heldout_path))
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return result
 
 
 # --------------------------------------------------------------------------- the grid (parent)
+
+
+def prepare_text(data_dir: Path, seeds) -> tuple[Path, dict[int, Path]]:
+    """The plain-text corpus (rewritten each run), the held-out documents, one document order per seed."""
+    paths = text_task.write_text(data_dir)
+    documents = task.read_jsonl(paths["train"])
+    orders = {}
+    for seed in seeds:
+        shuffled = list(documents)
+        random.Random(seed).shuffle(shuffled)
+        orders[seed] = task.write_jsonl(data_dir / f"train-order{seed}.jsonl", shuffled)
+    return paths["heldout"], orders
 
 
 def prepare_data(data_dir: Path, seeds, heldout: int) -> tuple[Path, dict[int, Path]]:
@@ -277,11 +344,16 @@ def prepare_data(data_dir: Path, seeds, heldout: int) -> tuple[Path, dict[int, P
     return heldout_path, orders
 
 
+def score_line(result: dict) -> str:
+    scores = f"held-out loss {result['heldout_loss']:.4f} (perplexity {result['perplexity']:.3f})"
+    return (f"exact match {100 * result['exact_match']:5.1f}%  " if "exact_match" in result else "") + scores
+
+
 def launch(args, method: str, seed: int, train_path: Path | None, heldout_path: Path) -> dict:
     command = [
         sys.executable, __file__, "--child", method, "--child-seed", str(seed), "--steps", str(args.steps),
         "--child-train", str(train_path or ""), "--child-heldout", str(heldout_path),
-        "--lr", str(args.lr), "--full-lr", str(args.full_lr),
+        "--lr", str(args.lr), "--full-lr", str(args.full_lr), "--task", args.task,
     ]
     if args.threads:
         command += ["--threads", str(args.threads)]
@@ -300,34 +372,73 @@ def spread(values: list[float]) -> tuple[float, float]:
 
 
 def summarize(runs: list[dict]) -> dict:
-    keys = ("exact_match", "answer_found", "heldout_loss", "peak_rss_train_bytes", "train_seconds", "optimizer_state_bytes", "trainable")
-    summary = {key: spread([run[key] for run in runs]) for key in keys}
-    families = runs[0]["family_exact_match"]
-    summary["family_exact_match"] = {family: spread([run["family_exact_match"][family] for run in runs]) for family in families}
+    keys = ("exact_match", "answer_found", "heldout_loss", "perplexity", "peak_rss_train_bytes", "train_seconds", "optimizer_state_bytes", "trainable")
+    summary = {key: spread([run[key] for run in runs]) for key in keys if key in runs[0]}
+    if "family_exact_match" in runs[0]:
+        families = runs[0]["family_exact_match"]
+        summary["family_exact_match"] = {family: spread([run["family_exact_match"][family] for run in runs]) for family in families}
     summary["tokens_per_s"] = spread([run["tokens"] / run["train_seconds"] for run in runs])
+    summary["seeds"] = [run["seed"] for run in runs]
     return summary
+
+
+def standard_error(spread_: tuple[float, float], n: int) -> float:
+    return spread_[1] / math.sqrt(n) if n > 1 else float("nan")
+
+
+def paired(runs_a: list[dict], runs_b: list[dict], key: str) -> tuple[float, float, int]:
+    """Mean and standard error of a - b over the seeds both ran (same seed: same data order and A init)."""
+    b_by_seed = {run["seed"]: run[key] for run in runs_b}
+    gaps = [run[key] - b_by_seed[run["seed"]] for run in runs_a if run["seed"] in b_by_seed]
+    if not gaps:
+        return float("nan"), float("nan"), 0
+    mean, sd = spread(gaps)
+    return mean, sd / math.sqrt(len(gaps)) if len(gaps) > 1 else float("nan"), len(gaps)
 
 
 def _pm(mean: float, sd: float, scale: float, digits: int, seeds: int) -> str:
     return f"{mean * scale:.{digits}f}" + (f" ± {sd * scale:.{digits}f}" if seeds > 1 else "")
 
 
-BASE_LABELS = {"base": "untuned base (bf16)", "base-nf4": "untuned base (NF4)"}
+BASE_LABELS = {"base": "untuned base", "base-nf4": "untuned base (NF4)"}
 
 
-def results_table(bases: dict[str, dict], summaries: dict[str, dict], seeds: int) -> str:
+def _se(summary: dict, key: str, scale: float, digits: int) -> str:
+    n = len(summary["seeds"])
+    return f"{standard_error(summary[key], n) * scale:.{digits}f}" if n > 1 else "-"
+
+
+def results_table(bases: dict[str, dict], summaries: dict[str, dict]) -> str:
     lines = [
-        "| method | trainable params | optimizer state (MB) | peak RSS, load + train (GB) | train time (s) | tokens/s | held-out loss | exact match (%) | answer found (%) |",
+        "| method | seeds | trainable params | optimizer state (MB) | peak RSS, load + train (GB) | tokens/s | held-out loss | SE | exact match (%) | SE | answer found (%) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, base in bases.items():
+        lines.append(f"| {BASE_LABELS[name]} | - | 0 | 0 | - | - | {base['heldout_loss']:.3f} | - | {100 * base['exact_match']:.1f} | - | {100 * base['answer_found']:.1f} |")
+    for name, s in summaries.items():
+        n = len(s["seeds"])
+        lines.append(
+            f"| {METHODS[name].label} | {n} | {s['trainable'][0] / 1e6:.3f} M | {s['optimizer_state_bytes'][0] / 1e6:.1f} "
+            f"| {_pm(*s['peak_rss_train_bytes'], 1e-9, 2, n)} | {_pm(*s['tokens_per_s'], 1, 0, n)} "
+            f"| {_pm(*s['heldout_loss'], 1, 3, n)} | {_se(s, 'heldout_loss', 1, 3)} "
+            f"| {_pm(*s['exact_match'], 100, 1, n)} | {_se(s, 'exact_match', 100, 1)} | {_pm(*s['answer_found'], 100, 1, n)} |"
+        )
+    return "\n".join(lines)
+
+
+def text_table(bases: dict[str, dict], summaries: dict[str, dict]) -> str:
+    lines = [
+        "| method | seeds | trainable params | optimizer state (MB) | peak RSS, load + train (GB) | tokens/s | held-out loss | SE | perplexity |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, base in bases.items():
-        lines.append(f"| {BASE_LABELS[name]} | 0 | 0 | - | - | - | {base['heldout_loss']:.3f} | {100 * base['exact_match']:.1f} | {100 * base['answer_found']:.1f} |")
+        lines.append(f"| {BASE_LABELS[name]} | - | 0 | 0 | - | - | {base['heldout_loss']:.4f} | - | {base['perplexity']:.3f} |")
     for name, s in summaries.items():
+        n = len(s["seeds"])
         lines.append(
-            f"| {METHODS[name].label} | {s['trainable'][0] / 1e6:.3f} M | {s['optimizer_state_bytes'][0] / 1e6:.1f} "
-            f"| {_pm(*s['peak_rss_train_bytes'], 1e-9, 2, seeds)} | {_pm(*s['train_seconds'], 1, 0, seeds)} "
-            f"| {_pm(*s['tokens_per_s'], 1, 0, seeds)} | {_pm(*s['heldout_loss'], 1, 3, seeds)} "
-            f"| {_pm(*s['exact_match'], 100, 1, seeds)} | {_pm(*s['answer_found'], 100, 1, seeds)} |"
+            f"| {METHODS[name].label} | {n} | {s['trainable'][0] / 1e6:.3f} M | {s['optimizer_state_bytes'][0] / 1e6:.1f} "
+            f"| {_pm(*s['peak_rss_train_bytes'], 1e-9, 2, n)} | {_pm(*s['tokens_per_s'], 1, 0, n)} "
+            f"| {_pm(*s['heldout_loss'], 1, 4, n)} | {_se(s, 'heldout_loss', 1, 4)} | {_pm(*s['perplexity'], 1, 3, n)} |"
         )
     return "\n".join(lines)
 
@@ -338,58 +449,95 @@ def family_table(bases: dict[str, dict], summaries: dict[str, dict], seeds: int)
     for name, base in bases.items():
         lines.append(f"| {BASE_LABELS[name]} | " + " | ".join(f"{100 * base['family_exact_match'][f]:.0f}" for f in families) + " |")
     for name, s in summaries.items():
-        lines.append(f"| {METHODS[name].label} | " + " | ".join(_pm(*s["family_exact_match"][f], 100, 0, seeds) for f in families) + " |")
+        lines.append(f"| {METHODS[name].label} | " + " | ".join(_pm(*s["family_exact_match"][f], 100, 0, len(s["seeds"])) for f in families) + " |")
     return "\n".join(lines)
 
 
-def target_checks(bases: dict[str, dict], summaries: dict[str, dict]) -> list[str]:
-    """The issue's targets, stated against the measured means (points = percentage points)."""
+def default_method(record: dict) -> str | None:
+    """The method that trains as the default plan does: 'plan-default' when it ran, else the LoRA-SP
+    method with the plan's rank and init at the trainer's lr ratio (2x) on a float base."""
+    runs = {name for name, results in record["runs"].items() if results}
+    if "plan-default" in runs:
+        return "plan-default"
+    chosen = plan_default(record["settings"].get("task", "chat"))
+    for name in runs:
+        m = METHODS[name]
+        if m.kind == "lorasp" and m.lr_scale == 2.0 and m.quant_bits is None and m.rank == chosen["rank"] and m.init == chosen["init"]:
+            return name
+    return None
+
+
+def target_checks(record: dict) -> list[str]:
+    """Issue targets against the means (points = percentage points of exact match; SE = standard
+    error of a mean over seeds; paired = the same seeds' differences, which share data order and A)."""
+    runs = {name: results for name, results in record["runs"].items() if results}
+    summaries = {name: summarize(results) for name, results in runs.items()}
+    text = record["settings"].get("task", "chat") == "text"
+    default = default_method(record)
     checks = []
 
-    def em(name):
-        return 100 * summaries[name]["exact_match"][0]
+    def gap(a: str, b: str, key: str, scale: float, unit: str, digits: int = 1) -> str:
+        mean, se, n = paired(runs[a], runs[b], key)
+        return f"{scale * mean:+.{digits}f}{unit} (paired over {n} seeds, SE {scale * se:.{digits}f})"
 
-    if "lorasp" in summaries and "lora" in summaries:
-        gap = em("lorasp") - em("lora")
-        checks.append(f"LoRA-SP vs LoRA r{RANK}, exact match (target: within 2 points): {gap:+.1f} points, {'met' if gap >= -2 else 'missed'}")
-        ratio = summaries["lorasp"]["optimizer_state_bytes"][0] / summaries["lora"]["optimizer_state_bytes"][0]
-        checks.append(f"LoRA-SP optimizer state / LoRA r{RANK}'s (target: 0.5): {ratio:.3f}, {'met' if abs(ratio - 0.5) < 0.01 else 'missed'}")
-    if "lorasp" in summaries and "lora-half" in summaries:
-        gap = em("lorasp") - em("lora-half")
-        checks.append(f"LoRA-SP vs LoRA r{RANK // 2}, exact match (target: at least equal): {gap:+.1f} points, {'met' if gap >= 0 else 'missed'}")
-    if "lorasp-2xlr" in summaries and "lora" in summaries:
-        gap = em("lorasp-2xlr") - em("lora")
-        checks.append(f"LoRA-SP at 2x lr vs LoRA r{RANK} at 1x, exact match (does a higher lr close the gap?): {gap:+.1f} points")
-    tuned = [name for name in ("lorasp", "lora") if name in summaries]
-    if tuned:
-        floor = min(em(name) for name in tuned)
+    variants = [name for name in runs if METHODS[name].kind == "lorasp" and METHODS[name].lr_scale == 2.0 and METHODS[name].rank == RANK and METHODS[name].quant_bits is None]
+    if not text and "lora-half" in runs and variants:
+        best = max(variants, key=lambda name: summaries[name]["exact_match"][0])
+        diff = 100 * (summaries[best]["exact_match"][0] - summaries["lora-half"]["exact_match"][0])
         checks.append(
-            f"untuned base {100 * bases['base']['exact_match']:.1f}% vs the lower of {' and '.join(tuned)} {floor:.1f}% "
-            f"(target: clearly below): {floor - 100 * bases['base']['exact_match']:+.1f} points"
+            f"method: best LoRA-SP r{RANK} at 2x lr ({METHODS[best].label}) vs PEFT LoRA r{RANK // 2}, exact match "
+            f"(target: >= +2 points): {diff:+.1f} points, {'met' if diff >= 2 else 'missed'}; {gap(best, 'lora-half', 'exact_match', 100, ' points')}"
+        )
+    if default and "lora" in runs:
+        label = METHODS[default].label
+        if not text:
+            diff = 100 * (summaries[default]["exact_match"][0] - summaries["lora"]["exact_match"][0])
+            checks.append(
+                f"product: the default plan's run ({label}) vs PEFT LoRA r{RANK}, exact match (target: within 1 point): "
+                f"{diff:+.1f} points, {'met' if diff >= -1 else 'missed'}; {gap(default, 'lora', 'exact_match', 100, ' points')}"
+            )
+        ratio = summaries[default]["heldout_loss"][0] / summaries["lora"]["heldout_loss"][0] - 1
+        checks.append(
+            f"product: held-out loss of the default vs PEFT LoRA r{RANK} (target: at most +1%): {100 * ratio:+.2f}%, "
+            f"{'met' if ratio <= 0.01 else 'missed'}; {gap(default, 'lora', 'heldout_loss', 1, ' nats', 4)}"
+        )
+        if text:
+            ratio = summaries[default]["perplexity"][0] / summaries["lora"]["perplexity"][0] - 1
+            checks.append(
+                f"text: held-out perplexity of the default vs PEFT LoRA r{RANK} at the same tokens (target: within 1%): "
+                f"{summaries[default]['perplexity'][0]:.3f} vs {summaries['lora']['perplexity'][0]:.3f}, {100 * ratio:+.2f}%, {'met' if ratio <= 0.01 else 'missed'}"
+            )
+    if default and "lorasp-2xlr" in runs and default != "lorasp-2xlr":
+        speed = summaries[default]["tokens_per_s"][0] / summaries["lorasp-2xlr"]["tokens_per_s"][0] - 1
+        peak = summaries[default]["peak_rss_train_bytes"][0] / summaries["lorasp-2xlr"]["peak_rss_train_bytes"][0] - 1
+        checks.append(
+            f"cost of the default against the zero-start LoRA-SP (target: no worse than 5%): tokens/s {100 * speed:+.1f}%, "
+            f"peak RSS {100 * peak:+.1f}%, {'met' if speed >= -0.05 and peak <= 0.05 else 'missed'}"
         )
     return checks
 
 
-def comparisons(summaries: dict[str, dict], reference: str = "lorasp") -> list[str]:
-    """Where `reference` wins and loses against each other method, by how much (means; the seed
-    spread of exact match in brackets, reference first)."""
-    if reference not in summaries:
-        return []
+def comparisons(record: dict) -> list[str]:
+    """The default against each other method: paired differences (same seeds), speed and memory."""
+    runs = {name: results for name, results in record["runs"].items() if results}
+    reference = default_method(record) or next(iter(runs))
+    summaries = {name: summarize(results) for name, results in runs.items()}
     ref = summaries[reference]
+    text = record["settings"].get("task", "chat") == "text"
     lines = []
     for name, other in summaries.items():
         if name == reference:
             continue
-        em_gap = 100 * (ref["exact_match"][0] - other["exact_match"][0])
-        lines.append(
-            f"{METHODS[reference].label} vs {METHODS[name].label}: exact match {em_gap:+.1f} points "
-            f"(sd {100 * ref['exact_match'][1]:.1f} / {100 * other['exact_match'][1]:.1f}), "
-            f"held-out loss {ref['heldout_loss'][0] - other['heldout_loss'][0]:+.3f}, "
-            f"optimizer state x{ref['optimizer_state_bytes'][0] / max(other['optimizer_state_bytes'][0], 1):.2f}, "
-            f"peak RSS {(ref['peak_rss_train_bytes'][0] - other['peak_rss_train_bytes'][0]) / 1e6:+.0f} MB "
-            f"({100 * (ref['peak_rss_train_bytes'][0] / other['peak_rss_train_bytes'][0] - 1):+.1f}%), "
-            f"train time {100 * (ref['train_seconds'][0] / other['train_seconds'][0] - 1):+.1f}%"
-        )
+        parts = []
+        if not text:
+            mean, se, n = paired(runs[reference], runs[name], "exact_match")
+            parts.append(f"exact match {100 * mean:+.1f} points (paired SE {100 * se:.1f}, {n} seeds)")
+        mean, se, n = paired(runs[reference], runs[name], "heldout_loss")
+        parts.append(f"held-out loss {mean:+.4f} (paired SE {se:.4f})")
+        parts.append(f"tokens/s {100 * (ref['tokens_per_s'][0] / other['tokens_per_s'][0] - 1):+.1f}%")
+        parts.append(f"peak RSS {100 * (ref['peak_rss_train_bytes'][0] / other['peak_rss_train_bytes'][0] - 1):+.1f}%")
+        parts.append(f"optimizer state x{ref['optimizer_state_bytes'][0] / max(other['optimizer_state_bytes'][0], 1):.2f}")
+        lines.append(f"{METHODS[reference].label} vs {METHODS[name].label}: " + ", ".join(parts))
     return lines
 
 
@@ -451,60 +599,68 @@ def machine() -> str:
 
 def busy_note(runs: dict[str, list[dict]]) -> str:
     """CPU seconds per wall second of the training loops: near the thread count on a quiet machine."""
-    ratios = [run["train_cpu_seconds"] / run["train_seconds"] for results in runs.values() for run in results]
+    ratios = [run["train_cpu_seconds"] / run["train_seconds"] for results in runs.values() for run in results] or [0.0]
     return f"training loops used {min(ratios):.2f}-{max(ratios):.2f} CPU seconds per wall second"
 
 
-def results_section(args, bases: dict[str, dict], runs: dict[str, list[dict]], summaries: dict[str, dict], total_seconds: float, plot_path: Path) -> str:
-    seeds = len(args.seeds)
-    adapter_lrs = sorted({method_lr(METHODS[name], args.lr, args.full_lr) for name in summaries if METHODS[name].kind != "full"})
+def results_section(args, record: dict, plot_path: Path | None) -> str:
+    runs = {name: results for name, results in record["runs"].items() if results}
+    bases = record["bases"]
+    summaries = {name: summarize(results) for name, results in runs.items()}
+    settings_ = record["settings"]
+    text = settings_.get("task", "chat") == "text"
+    seeds = sorted({run["seed"] for results in runs.values() for run in results})
+    batch = settings_.get("batch", BATCH)
+    adapter_lrs = sorted({method_lr(METHODS[name], settings_["lr"], settings_["full_lr"]) for name in summaries if METHODS[name].kind != "full"})
+    dtypes = sorted({run.get("compute_dtype", "bfloat16") for results in runs.values() for run in results})
     settings = (
-        f"{args.steps} optimizer steps x {SEQ_LEN * BATCH} tokens ({BATCH} x {SEQ_LEN}) per run; seeds {', '.join(map(str, args.seeds))}; "
-        f"{args.heldout} held-out prompts; adapter lr {', '.join(f'{lr:g}' for lr in adapter_lrs)}"
-        + (f", full fine-tuning lr {args.full_lr:g}" if "full" in summaries else "")
-        + f"; rank {RANK}, alpha {ALPHA_PER_RANK:g} x rank"
+        f"{settings_['steps']} optimizer steps x {SEQ_LEN * batch} tokens ({batch} x {SEQ_LEN}) per run; seeds {', '.join(map(str, seeds))}; "
+        + ("every held-out block" if text else f"{settings_['heldout']} held-out prompts")
+        + f"; adapter lr {', '.join(f'{lr:g}' for lr in adapter_lrs)}"
+        + (f", full fine-tuning lr {settings_['full_lr']:g}" if "full" in summaries else "")
+        + f"; rank {RANK}, alpha {ALPHA_PER_RANK:g} x rank; compute dtype {', '.join(dtypes)}"
     )
     command = ("python tools/bench_quality.py " + " ".join(sys.argv[1:])).strip()
-    relative_plot = os.path.relpath(plot_path, ROOT / "docs")
+    start, end = (TEXT_START, TEXT_END) if text else (RESULTS_START, RESULTS_END)
     parts = [
-        RESULTS_START,
+        start,
         (
-            f"_Filled in by `{command}` on {time.strftime('%Y-%m-%d')}; the whole grid took {total_seconds / 60:.1f} min "
+            f"_Filled in by `{command}` on {time.strftime('%Y-%m-%d')}; the grid took {record['total_seconds'] / 60:.1f} min "
             f"({busy_note(runs)})._"
         ),
         "",
-        f"Machine: {machine()}.",
+        f"Machine: {record['machine']}.",
         "",
         f"Settings: {settings}.",
         "",
-        f"Mean ± sample standard deviation over {seeds} seed(s).",
+        "Mean ± sample standard deviation over the seeds; SE: standard error of the mean (sd / sqrt(seeds)).",
         "",
-        results_table(bases, summaries, seeds),
+        text_table(bases, summaries) if text else results_table(bases, summaries),
         "",
-        "Exact match by task family (%):",
-        "",
-        family_table(bases, summaries, seeds),
-        "",
+    ]
+    if not text:
+        parts += ["Exact match by task family (%):", "", family_table(bases, summaries, len(seeds)), ""]
+    parts += [
         "Targets, against the means above:",
         "",
-        *[f"- {line}" for line in target_checks(bases, summaries)],
+        *[f"- {line}" for line in target_checks(record)],
         "",
-        "LoRA-SP against each other method (differences of means):",
+        "The default against each other method (paired differences over shared seeds):",
         "",
-        *[f"- {line}" for line in comparisons(summaries)],
-        "",
-        f"![held-out exact match and peak memory per method]({relative_plot})",
-        RESULTS_END,
+        *[f"- {line}" for line in comparisons(record)],
     ]
+    if plot_path is not None:
+        parts += ["", f"![held-out exact match and peak memory per method]({os.path.relpath(plot_path, ROOT / 'docs')})"]
+    parts.append(end)
     return "\n".join(parts)
 
 
-def write_docs(path: Path, section: str) -> None:
+def write_docs(path: Path, section: str, start: str, end: str) -> None:
     text = path.read_text()
-    if RESULTS_START not in text or RESULTS_END not in text:
-        raise SystemExit(f"{path}: no '{RESULTS_START}' ... '{RESULTS_END}' section to fill")
-    head, rest = text.split(RESULTS_START, 1)
-    tail = rest.split(RESULTS_END, 1)[1]
+    if start not in text or end not in text:
+        raise SystemExit(f"{path}: no '{start}' ... '{end}' section to fill")
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
     path.write_text(head + section + tail)
 
 
@@ -514,15 +670,16 @@ def main() -> None:
     parser.add_argument("--seeds", default=None, help=f"comma-separated (default: {','.join(map(str, SEEDS))})")
     parser.add_argument("--steps", type=int, default=None, help=f"optimizer steps per run (default: {STEPS})")
     parser.add_argument("--heldout", type=int, default=None, help=f"held-out prompts scored (default: {HELDOUT})")
-    parser.add_argument("--lr", type=float, default=LORA_LR, help="peak lr of the adapter methods")
+    parser.add_argument("--task", choices=sorted(TASKS), default="chat", help="chat: the instruction task (exact match); text: plain text (perplexity)")
+    parser.add_argument("--lr", type=float, default=None, help=f"peak lr of LoRA (LoRA-SP methods scale it; default: chat {TASKS['chat']['lr']:g}, text {TASKS['text']['lr']:g})")
     parser.add_argument("--full-lr", type=float, default=FULL_LR, help="peak lr of full fine-tuning")
     parser.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK} unless given")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
-    parser.add_argument("--data-dir", type=Path, default=ROOT / "data" / "task")
-    parser.add_argument("--json", type=Path, help="write every run's raw result here")
+    parser.add_argument("--data-dir", type=Path, default=None, help="where the task's files go (default: data/task or data/text)")
+    parser.add_argument("--json", type=Path, help="every run's raw result, written after each run; an existing file of the same settings is continued (runs it holds are skipped)")
     parser.add_argument("--plot", type=Path, help="PNG path (default: docs/results.png with --write-docs, else build/quality.png)")
     parser.add_argument("--write-docs", action="store_true", help="fill the results section of docs/results.md")
-    parser.add_argument("--replot", type=Path, metavar="JSON", help="only redraw the plot from a --json file of an earlier run")
+    parser.add_argument("--from-json", type=Path, metavar="JSON", help="only report (tables, plot, --write-docs) from a --json file of an earlier grid")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-seed", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--child-train", help=argparse.SUPPRESS)
@@ -533,18 +690,18 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
     if args.child:
-        result = run_child(args.child, args.child_seed, args.steps, Path(args.child_train), Path(args.child_heldout), args.lr, args.full_lr)
+        result = run_child(args.child, args.child_seed, args.steps, Path(args.child_train), Path(args.child_heldout), args.lr, args.full_lr, args.task)
         print("RESULT " + json.dumps(result))
         return
 
-    if args.replot:
-        record = json.loads(args.replot.read_text())
-        summaries = {name: summarize(results) for name, results in record["runs"].items()}
-        path = plot(record["bases"], summaries, len(record["settings"]["seeds"]), args.plot or ROOT / "build" / "quality.png")
-        print(f"plot: {path}")
+    if args.from_json:
+        record = json.loads(args.from_json.read_text())
+        args.task = record["settings"].get("task", "chat")
+        report(args, record)
         return
 
-    defaults = QUICK if args.quick else {"steps": STEPS, "seeds": SEEDS, "heldout": HELDOUT}
+    defaults = QUICK if args.quick else {"steps": TASKS[args.task]["steps"], "seeds": SEEDS, "heldout": HELDOUT}
+    args.lr = args.lr if args.lr is not None else TASKS[args.task]["lr"]
     args.steps = args.steps or defaults["steps"]
     args.heldout = args.heldout or defaults["heldout"]
     args.seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(defaults["seeds"])
@@ -553,45 +710,75 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
 
+    saved = json.loads(args.json.read_text()) if args.json and args.json.exists() else None
+    if saved is not None:
+        if saved["settings"].get("task", "chat") != args.task or saved["settings"]["steps"] != args.steps or saved["settings"]["lr"] != args.lr:
+            raise SystemExit(f"{args.json}: holds a grid of other settings ({saved['settings']}); choose another --json")
+        saved["seconds_before"] = saved.get("total_seconds", 0.0)
     started = time.perf_counter()
-    heldout_path, orders = prepare_data(args.data_dir, args.seeds, args.heldout)
+    if args.task == "text":
+        heldout_path, orders = prepare_text(args.data_dir or ROOT / "data" / "text", args.seeds)
+    else:
+        heldout_path, orders = prepare_data(args.data_dir or ROOT / "data" / "task", args.seeds, args.heldout)
     base_names = ["base"] + (["base-nf4"] if any(METHODS[name].quant_bits == 4 for name in methods) else [])
-    bases = {}
+    record = saved if saved is not None else {"bases": {}, "runs": {}, "total_seconds": 0.0}
+    record.update(
+        settings={"task": args.task, "steps": args.steps, "heldout": args.heldout, "lr": args.lr, "full_lr": args.full_lr,
+                  "seq_len": SEQ_LEN, "batch": TASKS[args.task]["batch"], "rank": RANK},
+        machine=machine(),
+    )
+    record["methods"] = {**record.get("methods", {}), **{name: asdict(METHODS[name]) for name in methods}}
+    runs = record["runs"]
     for name in base_names:
-        bases[name] = launch(args, name, 0, None, heldout_path)
-        print(f"{BASE_LABELS[name]}: exact match {100 * bases[name]['exact_match']:.1f}%, held-out loss {bases[name]['heldout_loss']:.3f}", file=sys.stderr)
-    runs: dict[str, list[dict]] = {name: [] for name in methods}
+        if name not in record["bases"]:
+            record["bases"][name] = launch(args, name, 0, None, heldout_path)
+            save(args, record, started)
+        print(f"{BASE_LABELS[name]}: {score_line(record['bases'][name])}", file=sys.stderr)
     for seed in args.seeds:
         for name in methods:
+            if any(run["seed"] == seed for run in runs.get(name, [])):
+                continue  # already in --json (an earlier, interrupted or shorter run of the grid)
             result = launch(args, name, seed, orders[seed], heldout_path)
-            runs[name].append(result)
+            runs.setdefault(name, []).append(result)
+            save(args, record, started)
             print(
-                f"{name:12s} seed {seed}: exact match {100 * result['exact_match']:5.1f}%  held-out loss {result['heldout_loss']:.3f}  "
+                f"{name:12s} seed {seed}: {score_line(result)}  "
                 f"train {result['train_seconds']:6.1f} s ({result['median_step_seconds']:.2f} s/step, {result['train_cpu_seconds']:.0f} CPU s)  "
                 f"peak {result['peak_rss_train_bytes'] / 1e9:.2f} GB  process {result['process_seconds']:.0f} s",
                 file=sys.stderr,
             )
-    total_seconds = time.perf_counter() - started
-    summaries = {name: summarize(results) for name, results in runs.items()}
+    save(args, record, started)
+    report(args, record)
 
-    seeds = len(args.seeds)
-    print(results_table(bases, summaries, seeds), family_table(bases, summaries, seeds), sep="\n\n")
-    print("", *target_checks(bases, summaries), "", *comparisons(summaries), sep="\n")
-    print(f"\ntotal {total_seconds / 60:.1f} min; {busy_note(runs)}")
-    plot_path = plot(bases, summaries, seeds, args.plot or ROOT / ("docs/results.png" if args.write_docs else "build/quality.png"))
+
+def save(args, record: dict, started: float) -> None:
+    """The grid so far, after every run: an interrupted grid continues with the same --json."""
+    record["total_seconds"] = record.get("seconds_before", 0.0) + time.perf_counter() - started
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        record = {
-            "settings": {"steps": args.steps, "seeds": args.seeds, "heldout": args.heldout, "lr": args.lr, "full_lr": args.full_lr, "seq_len": SEQ_LEN, "batch": BATCH, "rank": RANK},
-            "methods": {name: asdict(METHODS[name]) for name in methods},
-            "machine": machine(),
-            "total_seconds": total_seconds,
-            "bases": bases,
-            "runs": runs,
-        }
-        args.json.write_text(json.dumps(record, indent=2))
+        tmp = args.json.with_name(f".{args.json.name}.tmp")
+        tmp.write_text(json.dumps(record, indent=2))
+        tmp.replace(args.json)
+
+
+def report(args, record: dict) -> None:
+    runs = {name: results for name, results in record["runs"].items() if results}
+    bases = record["bases"]
+    summaries = {name: summarize(results) for name, results in runs.items()}
+    seeds = max(len(results) for results in runs.values())
+    text = record["settings"]["task"] == "text"
+    print(text_table(bases, summaries) if text else results_table(bases, summaries), sep="\n\n")
+    if not text:
+        print("", family_table(bases, summaries, seeds), sep="\n")
+    print("", *target_checks(record), "", *comparisons(record), sep="\n")
+    print(f"\ntotal {record['total_seconds'] / 60:.1f} min; {busy_note(runs)}")
+    if text:
+        if args.write_docs:
+            write_docs(ROOT / "docs" / "results.md", results_section(args, record, None), TEXT_START, TEXT_END)
+        return
+    plot_path = plot(bases, summaries, seeds, args.plot or ROOT / ("docs/results.png" if args.write_docs else "build/quality.png"))
     if args.write_docs:
-        write_docs(ROOT / "docs" / "results.md", results_section(args, bases, runs, summaries, total_seconds, plot_path))
+        write_docs(ROOT / "docs" / "results.md", results_section(args, record, plot_path), RESULTS_START, RESULTS_END)
 
 
 if __name__ == "__main__":

@@ -243,7 +243,7 @@ def forced_memory(planned: dict) -> dict:
     arch = model_info(planned["model"]["name"]).architecture
     setting = Candidate(planned["quant_bits"], planned["compute_dtype"], planned["rank"], tuple(planned["target_modules"]), len(planned["layers"]),
                         planned["gradient_checkpointing"], planned["micro_batch"], planned["seq_len"], planned["loss_chunk_tokens"],
-                        grad_accum=planned["grad_accum"], host_allocator=planned["host_allocator"])
+                        grad_accum=planned["grad_accum"], host_allocator=planned["host_allocator"], init=planned.get("init", "zeros"))
     return estimate(arch, setting, "cpu")
 
 

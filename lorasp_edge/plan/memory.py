@@ -100,6 +100,12 @@ class Candidate:
     # so transformers masks attention block-diagonally (the common case; False: one sequence a block).
     packed: bool = True
     host_allocator: str = "heap"  # lorasp_edge.allocator: glibc's heap, or a mapping per allocation of 1 MiB or more
+    init: str = "zeros"  # LoRASPConfig.init: "offset" holds [B, -B0] [A; A0], twice the rank
+
+    @property
+    def held_rank(self) -> int:
+        """The rank of the matrices the adapter holds (lorasp_edge.train.adapter.LoRASPConfig.peft_rank)."""
+        return 2 * self.rank if self.init == "offset" else self.rank
 
 
 # ----------------------------------------------------------------------------- frozen weights
@@ -176,11 +182,12 @@ def adapted_linears(arch: Architecture, target_modules: tuple[str, ...]) -> list
 def lora_entries(arch: Architecture, setting: Candidate) -> tuple[int, int]:
     """(all LoRA entries, trainable entries): A is r x d_in, B is d_out x r (Hu et al. 2021,
     arXiv 2106.09685, Sec. 4.1); LoRA-SP freezes round(ratio * numel) of each matrix
-    (Wu et al. 2024, arXiv 2403.08822; lorasp_edge.train.masks.frozen_count)."""
+    (Wu et al. 2024, arXiv 2403.08822; lorasp_edge.train.masks.frozen_count). The offset init
+    holds twice the rank, the offset half frozen whole: as many trainable entries, twice the total."""
     total = trainable = 0
     for linear in adapted_linears(arch, setting.target_modules):
         for numel in (setting.rank * linear.d_in, linear.d_out * setting.rank):
-            total += numel
+            total += numel * setting.held_rank // setting.rank
             trainable += numel - int(round(setting.ratio * numel))
     return total * setting.adapted_layers, trainable * setting.adapted_layers
 
@@ -240,7 +247,7 @@ def linear_input_bytes(arch: Architecture, setting: Candidate, tokens: int) -> i
         kept += tokens * width * c if shared_kept else 0
         if mixed:
             kept += len(adapted) * tokens * width * c
-        kept += len(adapted) * tokens * setting.rank * c
+        kept += len(adapted) * tokens * setting.held_rank * c
     return kept
 
 

@@ -41,6 +41,8 @@ class Plan:
     loss_chunk_tokens: int = 1024
     host_allocator: str = field(default="heap", metadata={"help": "heap: the C library's default; mmap: every allocation of 1 MiB or more mapped on its own (lorasp_edge.allocator)"})
     quality: dict = field(default_factory=dict, metadata={"help": "the proxy the search maximized"})
+    # A plan file without the field was planned for LoRA's zero start (what its memory figures count).
+    init: str = field(default="zeros", metadata={"help": "B's start: zeros (LoRA's) or offset (lorasp_edge.train.adapter.LoRASPConfig.init)"})
 
     def __post_init__(self):
         if self.alpha is None:
@@ -118,6 +120,7 @@ def _plan_problems(data: dict) -> list[str]:
         "loss_chunk_tokens": (is_int, "a positive integer"),
         "quality": (lambda v: isinstance(v, dict), "an object"),
         "host_allocator": (lambda v: v in ("heap", "mmap"), "heap or mmap"),
+        "init": (lambda v: v in ("zeros", "offset"), "zeros or offset"),
     }
     problems = []
     for name, (check, expected) in checks.items():

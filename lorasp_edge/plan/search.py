@@ -63,6 +63,11 @@ PREFERENCES = ("speed", "quality", "memory")
 SPEED_MAX_RANK = 16
 
 
+# LoRA-SP's start (lorasp_edge.train.adapter.LoRASPConfig.init) for new plans.
+INITS = ("offset", "zeros")
+DEFAULT_INIT = "zeros"
+
+
 def quality_key(coverage_share: float, bits: int, rank: int) -> tuple:
     """What the search maximizes (module docstring): coverage, a 16-bit base over a quantized one, rank."""
     return (round(coverage_share, 6), bits == 16, rank)
@@ -145,9 +150,10 @@ def plan_training(
     headroom: float = DEFAULT_HEADROOM,
     device: Device | None = None,
     prefer: str = "speed",
+    init: str | None = None,
 ) -> Plan:
     """The highest-quality setting that fits `budget_bytes` (or the profile's budget) with headroom,
-    spending spare memory as `prefer` says (PREFERENCES).
+    spending spare memory as `prefer` says (PREFERENCES); `init` is LoRA-SP's start (default DEFAULT_INIT).
 
     Raises UserError for bad input and NoFitError (exit code 2) when nothing fits.
     """
@@ -164,6 +170,9 @@ def plan_training(
     _check_request(arch, budget_bytes, seq_len, batch, world_size, headroom)
     if prefer not in PREFERENCES:
         raise UserError(f"--prefer must be one of {', '.join(PREFERENCES)}, not {prefer!r}")
+    init = DEFAULT_INIT if init is None else init
+    if init not in INITS:
+        raise UserError(f"--lora-init must be one of {', '.join(INITS)}, not {init!r}")
     if batch % world_size:
         raise UserError(f"--batch {batch} must be a multiple of the world size {world_size}")
 
@@ -175,7 +184,7 @@ def plan_training(
 
     def setting(bits, targets, layers, rank, checkpointing, micro_batch, chunk):
         return memory.Candidate(bits, compute_dtype, rank, targets, layers, checkpointing, micro_batch, seq_len, chunk, world_size=world_size,
-                              grad_accum=per_rank_batch // micro_batch, host_allocator=host_allocator)
+                              grad_accum=per_rank_batch // micro_batch, host_allocator=host_allocator, init=init)
 
     def total(s: memory.Candidate) -> int:
         return memory.estimate(arch, s, device.kind, device.unified_memory)["total_bytes"]
@@ -294,6 +303,7 @@ def _make_plan(info: ModelInfo, arch, s: memory.Candidate, budget_bytes, headroo
         gradient_checkpointing=s.gradient_checkpointing,
         loss_chunk_tokens=s.loss_chunk_tokens,
         host_allocator=s.host_allocator,
+        init=s.init,
         memory=parts,
         quality={"coverage": key[0], "quant_bits": s.quant_bits, "rank": s.rank, "prefer": prefer},
     )
@@ -359,6 +369,7 @@ def format_plan(plan: Plan) -> str:
         "setting",
         f"  base         {base}, compute {plan.compute_dtype}",
         f"  LoRA-SP      rank {plan.rank}, alpha {plan.alpha:g}, ratio {plan.ratio:g} frozen, dropout {plan.dropout:g}",
+        "  start        " + ("offset: B random (its frozen half too), B0 A0 subtracted; held as a rank-%d LoRA" % (2 * plan.rank) if plan.init == "offset" else "zeros: B = 0 (LoRA's)"),
         f"  targets      {', '.join(plan.target_modules)}",
         f"  layers       {layers}",
         f"  batch        {plan.micro_batch} micro x {plan.grad_accum} accum x {plan.world_size} rank(s) = {plan.effective_batch} x {plan.seq_len} tokens",

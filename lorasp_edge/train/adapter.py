@@ -45,6 +45,7 @@ PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 FORMAT = "lorasp-edge/1"
 STORE_NAME = "lorasp_store"  # on the PeftModel; has no "lora_" in it, so PEFT never saves it
+INITS = ("zeros", "offset")
 
 
 class MaskGeneratorWarning(UserWarning):
@@ -61,6 +62,17 @@ class LoRASPConfig:
     target_modules: list[str] | str = "all-linear"
     layers: list[int] | None = field(default=None, metadata={"help": "decoder layers adapted; None = all"})
     redraw_every: int = field(default=0, metadata={"help": "redraw masks every K optimizer steps; 0 = fixed"})
+    init: str = field(default="zeros", metadata={"help": "B's start: zeros (LoRA's), or offset (random, B0 A0 subtracted)"})
+
+    @property
+    def peft_rank(self) -> int:
+        """The rank PEFT holds: an offset adapter carries [B, -B0] [A; A0], twice the trained rank."""
+        return 2 * self.rank if self.init == "offset" else self.rank
+
+    @property
+    def peft_alpha(self) -> float:
+        """PEFT scales by lora_alpha / r: alpha scaled with the held rank keeps alpha / rank."""
+        return self.alpha * self.peft_rank / self.rank
 
     def problems(self) -> list[str]:
         found = []
@@ -72,6 +84,8 @@ class LoRASPConfig:
             found.append(f"dropout must be in [0, 1), not {self.dropout}")
         if self.redraw_every < 0:
             found.append(f"redraw_every must be >= 0, not {self.redraw_every}")
+        if self.init not in INITS:
+            found.append(f"init must be one of {', '.join(INITS)}, not {self.init!r}")
         return found
 
 
@@ -90,8 +104,8 @@ def apply_lorasp(model: nn.Module, config: LoRASPConfig):
     if problems:
         raise ValueError("; ".join(problems))
     lora_config = LoraConfig(
-        r=config.rank,
-        lora_alpha=config.alpha,
+        r=config.peft_rank,
+        lora_alpha=config.peft_alpha,
         lora_dropout=config.dropout,
         target_modules=config.target_modules,
         layers_to_transform=list(config.layers) if config.layers is not None else None,
@@ -103,6 +117,8 @@ def apply_lorasp(model: nn.Module, config: LoRASPConfig):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         peft_model = get_peft_model(model, lora_config)
+    if config.init == "offset":
+        _offset_init(peft_model, config)
     masks = {(name, part): ~_draw(config, name, part, linear.weight.shape, 0) for name, part, linear in lora_matrices(peft_model)}
     _build_store(peft_model, masks, requires_grad=True)
     peft_model.lorasp_config = config
@@ -142,7 +158,38 @@ def lora_matrices(peft_model) -> list[tuple[str, str, nn.Linear]]:
 
 
 def _draw(config: LoRASPConfig, name: str, part: str, shape, draw: int) -> torch.Tensor:
-    return masklib.draw_frozen_mask(shape, config.ratio, config.seed, name, part, draw)
+    """The frozen mask of one held matrix. With the offset init the held A is [A; A0] and the held B
+    [B, -B0]: the random mask covers A and B, the offset rows of A and columns of B are all frozen."""
+    if config.init != "offset":
+        return masklib.draw_frozen_mask(shape, config.ratio, config.seed, name, part, draw)
+    rows, cols = shape
+    if part == "A":
+        live = masklib.draw_frozen_mask((rows // 2, cols), config.ratio, config.seed, name, part, draw)
+        return torch.cat([live, torch.ones_like(live)], dim=0)
+    live = masklib.draw_frozen_mask((rows, cols // 2), config.ratio, config.seed, name, part, draw)
+    return torch.cat([live, torch.ones_like(live)], dim=1)
+
+
+@torch.no_grad()
+def _offset_init(peft_model, config: LoRASPConfig) -> None:
+    """B starts random, so the frozen half of B carries information too; the product B0 A0 of the
+    starting values is subtracted, so the model starts exactly as the base.
+
+    PEFT's held A (2r x d_in) and B (d_out x 2r) become [A0; A0] and [B0, -B0]: y = W0 x + s (B A - B0 A0),
+    and B A - B0 A0 is zero at the start. A0 is PEFT's Kaiming-uniform draw; B0 is drawn from the same
+    distribution as A0's entries (uniform, bound 1 / sqrt(d_in)), so an A step and a B step move
+    the product by comparable amounts under Adam. Each B0 has its own generator (the mask seeds'
+    scheme, part "B0"), so it depends on the run seed and the layer name only.
+    """
+    for name, layer in lora_layers(peft_model).items():
+        lora_a, lora_b = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
+        rank = config.rank
+        lora_a[rank:].copy_(lora_a[:rank])
+        bound = 1.0 / lora_a.shape[1] ** 0.5
+        generator = torch.Generator(device="cpu").manual_seed(masklib.mask_seed(config.seed, name, "B0"))
+        start = (torch.rand((lora_b.shape[0], rank), generator=generator, dtype=torch.float32) * 2 - 1) * bound
+        lora_b[:, :rank].copy_(start)
+        lora_b[:, rank:].copy_(-start)
 
 
 def _build_store(peft_model, trainable: dict[tuple[str, str], torch.Tensor], requires_grad: bool) -> None:
@@ -264,8 +311,15 @@ def read_adapter_info(adapter_dir: str | Path) -> dict:
             raise AdapterError(f"{adapter_dir / LORASP_FILE}: field '{key}' is missing or not a number")
     if info.get("base_quant_bits") not in (None, 4, 8):
         raise AdapterError(f"{adapter_dir / LORASP_FILE}: base_quant_bits must be 4, 8 or null, not {info.get('base_quant_bits')!r}")
-    if peft_config.get("r") != info["rank"]:
-        raise AdapterError(f"{adapter_dir / PEFT_CONFIG_FILE}: rank r={peft_config.get('r')} disagrees with lorasp.json rank={info['rank']}")
+    init = info.get("init", "zeros")
+    if init not in INITS:
+        raise AdapterError(f"{adapter_dir / LORASP_FILE}: field 'init' must be one of {', '.join(INITS)}, not {init!r}")
+    held = info["rank"] * (2 if init == "offset" else 1)
+    if peft_config.get("r") != held:
+        raise AdapterError(
+            f"{adapter_dir / PEFT_CONFIG_FILE}: rank r={peft_config.get('r')} disagrees with lorasp.json rank={info['rank']}"
+            + (" (an offset adapter holds twice its rank)" if init == "offset" else "")
+        )
     info["peft_config"] = peft_config
     return info
 
@@ -346,7 +400,7 @@ def load_adapter(base_model: nn.Module, adapter_dir: str | Path, trainable: bool
 def _check_against_base(base_model: nn.Module, weights: dict[str, torch.Tensor], info: dict, path: Path) -> None:
     """Every adapter tensor must name a layer of this base with matching shapes."""
     modules = dict(base_model.named_modules())
-    rank = info["rank"]
+    rank = info["peft_config"]["r"]
     fan_in_fan_out = bool(info["peft_config"].get("fan_in_fan_out", False))
     for key, tensor in weights.items():
         prefix = "base_model.model."

@@ -97,6 +97,7 @@ def build_model(plan, model_name: str, device: torch.device | str | None = None,
         target_modules=list(plan.target_modules),
         layers=layers,
         redraw_every=redraw_every,
+        init=plan.init,
     )
     peft_model = apply_lorasp(model, config)
     # from_pretrained returns an eval-mode model, and transformers checkpoints layers only in

@@ -31,7 +31,7 @@ FIXED = {
     "shuffle_buffer": "set the data order the position is in",
 }
 # Plan fields that shape the adapter or the data position; the rest may change on resume.
-PLAN_FIXED = ("rank", "alpha", "ratio", "dropout", "target_modules", "layers", "seq_len", "world_size")
+PLAN_FIXED = ("rank", "alpha", "ratio", "init", "dropout", "target_modules", "layers", "seq_len", "world_size")
 SCHEDULE = ("steps", "epochs")
 
 

@@ -1,0 +1,184 @@
+"""LoRA-SP's offset start: B random (its frozen half carries information), B0 A0 subtracted.
+
+Held as a PEFT rank-2r LoRA [B, -B0] [A; A0]: the model starts as the base, the offset half never
+moves, the trainable count equals the zero start's, and PEFT and the merge read it unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from test_adapter import tiny_gpt2, tiny_llama, tokens, train
+
+from lorasp_edge.errors import AdapterError
+from lorasp_edge.export.merge import merged_model
+from lorasp_edge.plan import memory
+from lorasp_edge.plan.catalog import model_info
+from lorasp_edge.train.adapter import (
+    LoRASPConfig,
+    apply_lorasp,
+    count_parameters,
+    load_adapter,
+    lora_matrices,
+    read_adapter_info,
+    redraw_masks,
+    save_adapter,
+)
+
+RANK = 4
+
+
+def offset(seed=3, **changes):
+    return LoRASPConfig(**{"rank": RANK, "alpha": 2.0 * RANK, "seed": seed, "init": "offset", **changes})
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_offset_start_is_the_base_and_b_is_random(make):
+    base = make()
+    x = tokens()
+    expected = base(x).logits
+    model = apply_lorasp(copy.deepcopy(base), offset())
+    # [B0, -B0] [A0; A0] cancels term by term: fp32 rounding of the sum only.
+    torch.testing.assert_close(model(x).logits, expected, rtol=0, atol=1e-5)
+    for name, part, linear in lora_matrices(model):
+        weight = linear.weight.detach()
+        if part == "A":
+            assert weight.shape[0] == 2 * RANK and torch.equal(weight[:RANK], weight[RANK:]), name
+        else:
+            assert weight.shape[1] == 2 * RANK and torch.equal(weight[:, :RANK], -weight[:, RANK:]), name
+            live = weight[:, :RANK]
+            frozen_live = ~linear.lorasp_trainable[:, :RANK]
+            assert (live[frozen_live] != 0).all(), f"{name}: a frozen B entry is zero"
+
+
+def test_offset_masks_freeze_the_offset_half_and_train_as_many_entries():
+    zeros = apply_lorasp(tiny_llama(), LoRASPConfig(rank=RANK, alpha=2.0 * RANK, seed=3))
+    model = apply_lorasp(tiny_llama(), offset())
+    assert count_parameters(model)["trainable"] == count_parameters(zeros)["trainable"]
+    assert count_parameters(model)["lora"] == 2 * count_parameters(zeros)["lora"]
+    for (name, part, linear), (_, _, plain) in zip(lora_matrices(model), lora_matrices(zeros)):
+        trainable = linear.lorasp_trainable
+        if part == "A":
+            live, held = trainable[:RANK], trainable[RANK:]
+        else:
+            live, held = trainable[:, :RANK], trainable[:, RANK:]
+        assert not held.any(), f"{name}.{part}: an offset entry is trainable"
+        # The live half's mask is the zero start's mask: the same draw for the same seed and name.
+        assert torch.equal(live, plain.lorasp_trainable), f"{name}.{part}"
+
+
+def test_offset_training_keeps_every_frozen_entry_bit_identical():
+    model = apply_lorasp(tiny_llama(), offset())
+    initial = {(n, p): linear.weight.detach().clone() for n, p, linear in lora_matrices(model)}
+    train(model, steps=20, weight_decay=0.1)
+    for name, part, linear in lora_matrices(model):
+        trainable = linear.lorasp_trainable
+        before, after = initial[(name, part)], linear.weight.detach()
+        assert torch.equal(after[~trainable], before[~trainable]), f"{name}.{part}: a frozen entry moved"
+        assert (after[trainable] != before[trainable]).all(), f"{name}.{part}: a trainable entry did not move"
+
+
+def test_a_learns_from_the_first_step():
+    """With B = 0, A's gradient is zero at step one; the offset start gives it one at once."""
+    for init, moves in (("zeros", False), ("offset", True)):
+        model = apply_lorasp(tiny_llama(), LoRASPConfig(rank=RANK, alpha=8.0, seed=3, init=init))
+        x = tokens()
+        model(x, labels=x).loss.backward()
+        store = model.lorasp_store
+        grads = [store.values.grad[store.value_range(slot)].abs().sum() > 0 for slot, (_, part, _) in enumerate(lora_matrices(model)) if part == "A"]
+        assert all(grads) if moves else not any(grads), init
+
+
+def test_offset_adapter_saves_loads_and_peft_reads_it(tmp_path):
+    from peft import PeftModel
+
+    model = apply_lorasp(tiny_llama(), offset(seed=9))
+    train(model, steps=5)
+    model.eval()
+    save_adapter(model, tmp_path / "adapter", {"base_model": "tiny"})
+    info = read_adapter_info(tmp_path / "adapter")
+    assert (info["rank"], info["init"], info["peft_config"]["r"], info["peft_config"]["lora_alpha"]) == (RANK, "offset", 2 * RANK, 4.0 * RANK)
+    loaded = load_adapter(tiny_llama(), tmp_path / "adapter")
+    x = tokens()
+    ours = model(x).logits
+    assert torch.equal(loaded(x).logits, ours)
+    for (name, part, a), (_, _, b) in zip(lora_matrices(model), lora_matrices(loaded)):
+        assert torch.equal(a.lorasp_trainable, b.lorasp_trainable), f"{name}.{part}"
+    # Plain PEFT, without lorasp-edge: the offset is part of the adapter it applies.
+    peft = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "adapter")).eval()
+    torch.testing.assert_close(peft(x).logits, ours, rtol=0, atol=1e-5)
+    torch.testing.assert_close(merged_model(model)(x).logits, ours, rtol=0, atol=1e-5)
+
+
+def test_offset_rank_disagreement_is_refused(tmp_path):
+    model = apply_lorasp(tiny_llama(), offset())
+    save_adapter(model, tmp_path / "adapter", {"base_model": "tiny"})
+    record = json.loads((tmp_path / "adapter" / "lorasp.json").read_text())
+    record["init"] = "zeros"
+    (tmp_path / "adapter" / "lorasp.json").write_text(json.dumps(record))
+    with pytest.raises(AdapterError, match="rank r=8 disagrees with lorasp.json rank=4"):
+        read_adapter_info(tmp_path / "adapter")
+    record["init"] = "sideways"
+    (tmp_path / "adapter" / "lorasp.json").write_text(json.dumps(record))
+    with pytest.raises(AdapterError, match="field 'init' must be one of zeros, offset"):
+        read_adapter_info(tmp_path / "adapter")
+
+
+def test_redraw_keeps_the_offset_frozen_and_the_output():
+    model = apply_lorasp(tiny_llama(), offset(redraw_every=2))
+    train(model, steps=3)
+    model.eval()
+    x = tokens()
+    before = model(x).logits
+    redraw_masks(model, 1)
+    torch.testing.assert_close(model(x).logits, before, rtol=0, atol=0)
+    for _, part, linear in lora_matrices(model):
+        held = linear.lorasp_trainable[RANK:] if part == "A" else linear.lorasp_trainable[:, RANK:]
+        assert not held.any()
+
+
+def test_bad_init_is_refused():
+    with pytest.raises(ValueError, match="init must be one of zeros, offset, not 'random'"):
+        apply_lorasp(tiny_llama(), LoRASPConfig(rank=RANK, init="random"))
+
+
+def test_planner_counts_the_held_offset():
+    arch = model_info("smollm2-135m").architecture
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    zeros = memory.Candidate(16, "float32", 16, targets, arch.num_layers, False, 4, 256, 1024)
+    held = memory.Candidate(16, "float32", 16, targets, arch.num_layers, False, 4, 256, 1024, init="offset")
+    total_zeros, trainable_zeros = memory.lora_entries(arch, zeros)
+    total_held, trainable_held = memory.lora_entries(arch, held)
+    # SmolLM2-135M, rank 16 on all 7 linears of 30 layers: 4,884,480 entries (docs/results.md), half trained.
+    assert (total_zeros, trainable_zeros) == (4_884_480, 2_442_240)
+    assert (total_held, trainable_held) == (2 * 4_884_480, 2_442_240)
+    assert memory.lora_state_bytes(arch, held)["optimizer_state"] == memory.lora_state_bytes(arch, zeros)["optimizer_state"]
+
+
+# ------------------------------------------------------------------------- through the CLI
+
+
+def test_offset_plan_trains_through_the_cli_and_resumes_bit_identical(capsys, tmp_path, model_dir, data_file):
+    """A run stopped by a bad line and resumed equals one run straight through (both skip the line)."""
+    from test_reliability import train as cli_train
+    from test_trainer import write_plan
+
+    plan = write_plan(tmp_path / "plan.json", model_dir, init="offset")
+    data = tmp_path / "bad.jsonl"
+    lines = data_file.read_text().splitlines()[:200]
+    lines[50] = "{not json"
+    data.write_text("\n".join(lines) + "\n")
+    flags = ("--steps", "12", "--shuffle-buffer", "0", "--lr", "5e-3")
+    code, _, err = cli_train(capsys, model_dir, data, tmp_path / "straight", plan, *flags, "--skip-bad-lines")
+    assert code == 0, err
+    code, _, err = cli_train(capsys, model_dir, data, tmp_path / "stopped", plan, *flags)
+    assert code == 2 and "a checkpoint of step" in err
+    code, _, err = cli_train(capsys, model_dir, data, tmp_path / "stopped", plan, *flags, "--resume", "--skip-bad-lines")
+    assert code == 0, err
+    for name in ("adapter_model.safetensors", "lorasp_masks.safetensors"):
+        assert (tmp_path / "stopped" / "adapter" / name).read_bytes() == (tmp_path / "straight" / "adapter" / name).read_bytes(), name
+    info = read_adapter_info(tmp_path / "straight" / "adapter")
+    assert (info["init"], info["rank"], info["peft_config"]["r"]) == ("offset", 8, 16)
