@@ -15,6 +15,8 @@ no target; the share is printed); both runs the two one after the other. Methods
 - lorasp-edge-r16: the same plan at rank 16, alpha 32;
 - lorasp-edge-r16-compile: that, with every decoder layer compiled (`train --compile`); its first
   step's time, which holds the compile, is printed as first_step_s;
+- lorasp-edge-zeros, lorasp-edge-offset: the default plan with LoRA-SP's start set (`plan --lora-init`):
+  what the offset start (a held rank of 2r) costs in speed and memory;
 - peft-bf16: PEFT LoraConfig(r=16, lora_alpha=32, target_modules="all-linear") on the base loaded in
   bf16, torch AdamW (fused=True on CUDA, torch's default on CPU), model(input_ids, labels).loss;
 - peft-fp32: the same on an fp32 base (a first PEFT script); qlora: the same on an NF4 base (CUDA).
@@ -39,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-METHODS = ("lorasp-edge", "lorasp-edge-r16", "lorasp-edge-r16-compile", "peft-bf16", "peft-fp32", "qlora")
+METHODS = ("lorasp-edge", "lorasp-edge-r16", "lorasp-edge-r16-compile", "lorasp-edge-zeros", "lorasp-edge-offset", "peft-bf16", "peft-fp32", "qlora")
 CPU_METHODS = ("lorasp-edge", "lorasp-edge-r16", "peft-bf16", "peft-fp32")
 CUDA_METHODS = ("lorasp-edge", "lorasp-edge-r16", "peft-bf16", "qlora")
 LR = 2e-4
@@ -116,7 +118,8 @@ def run_lorasp(method: str, model: str, device, seq_len: int, batch: int, mem: i
     from lorasp_edge.train.loop import build_model, build_optimizer
     from lorasp_edge.train.step import train_step
 
-    plan = plan_training(model=model, budget_bytes=mem, seq_len=seq_len, batch=batch)
+    init = {"lorasp-edge-zeros": "zeros", "lorasp-edge-offset": "offset"}.get(method)
+    plan = plan_training(model=model, budget_bytes=mem, seq_len=seq_len, batch=batch, init=init)
     if method.startswith("lorasp-edge-r16"):
         plan = dataclasses.replace(plan, rank=16, alpha=32.0)
     peft_model = build_model(plan, model, device=device, compile_layers=method.endswith("-compile"))
@@ -132,7 +135,7 @@ def run_lorasp(method: str, model: str, device, seq_len: int, batch: int, mem: i
         sync(device)
         times.append(time.perf_counter() - started)
         losses.append(result["loss"])
-    keys = ("quant_bits", "compute_dtype", "rank", "micro_batch", "grad_accum", "gradient_checkpointing", "loss_chunk_tokens")
+    keys = ("quant_bits", "compute_dtype", "rank", "init", "micro_batch", "grad_accum", "gradient_checkpointing", "loss_chunk_tokens")
     return {"times": times, "losses": losses, "plan": {key: getattr(plan, key) for key in keys}}
 
 

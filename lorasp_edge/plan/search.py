@@ -63,9 +63,11 @@ PREFERENCES = ("speed", "quality", "memory")
 SPEED_MAX_RANK = 16
 
 
-# LoRA-SP's start (lorasp_edge.train.adapter.LoRASPConfig.init) for new plans.
+# LoRA-SP's start (lorasp_edge.train.adapter.LoRASPConfig.init) for new plans: the offset start,
+# on the evidence of tools/bench_quality.py on both the chat task and plain text (docs/results.md,
+# "The offset start against the zero start"). `plan --lora-init zeros` gives LoRA's B = 0.
 INITS = ("offset", "zeros")
-DEFAULT_INIT = "zeros"
+DEFAULT_INIT = "offset"
 
 
 def quality_key(coverage_share: float, bits: int, rank: int) -> tuple:

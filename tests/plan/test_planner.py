@@ -245,7 +245,8 @@ def test_at_one_quality_the_faster_setting_wins():
     # llama-3.1-8b, bf16 CPU, seq 512, --prefer quality: rank 64 on every layer fits at 4 bits from
     # 14 GB (with checkpointing) and at 18 GB without it; at 18 GB the 8-bit base fits too, but only
     # with checkpointing, so the faster 4-bit setting stays. 16 bits (a tier above) fit from 19 GB.
-    plans = {gb: plan_training("llama-3.1-8b", budget_bytes=gb * 10**9, seq_len=512, device=CPU_BF16, prefer="quality") for gb in (14, 18, 20)}
+    # (The zero start: the offset start holds twice the rank, which moves these budgets.)
+    plans = {gb: plan_training("llama-3.1-8b", budget_bytes=gb * 10**9, seq_len=512, device=CPU_BF16, prefer="quality", init="zeros") for gb in (14, 18, 20)}
     got = [(p.quant_bits, p.rank, p.micro_batch, p.gradient_checkpointing) for p in plans.values()]
     assert got == [(4, 64, 4, True), (4, 64, 1, False), (16, 16, 1, True)]
     assert all(p.quality["coverage"] == 1.0 for p in plans.values())
@@ -257,8 +258,9 @@ def test_at_one_quality_the_faster_setting_wins():
 @pytest.mark.parametrize("device, prefer, rank", [(CPU_BF16, "speed", 16), (CPU_FP32, "speed", 16), (CPU_BF16, "quality", 64), (CPU_FP32, "quality", 64)])
 def test_8b_on_a_16gb_cpu_plans_a_4bit_base(device, prefer, rank):
     # issue 17: an 8B model on a 16 GB laptop. The 8-bit base (weights 6.98 GB against NF4's
-    # 3.60 GB) fits only at a lower rank, so the 4-bit base on every linear layer wins.
-    plan = plan_training("llama-3.1-8b", budget_bytes=16 * 10**9, seq_len=512, device=device, prefer=prefer)
+    # 3.60 GB) fits only at a lower rank, so the 4-bit base on every linear layer wins (the zero start;
+    # test_offset_start_at_16gb covers the default).
+    plan = plan_training("llama-3.1-8b", budget_bytes=16 * 10**9, seq_len=512, device=device, prefer=prefer, init="zeros")
     assert (plan.quant_bits, plan.rank, len(plan.layers), plan.quality["coverage"]) == (4, rank, 32, 1.0)
     assert plan.memory["weights_linear"] == 3_600_647_040
     assert plan.memory["total_bytes"] <= 0.9 * 16 * 10**9
@@ -268,6 +270,19 @@ def test_8b_on_a_16gb_cpu_plans_a_4bit_base(device, prefer, rank):
     eight = memory.Candidate(8, plan.compute_dtype, rank, tuple(plan.target_modules), 32, plan.gradient_checkpointing, plan.micro_batch, 512,
                              plan.loss_chunk_tokens, grad_accum=plan.grad_accum, host_allocator=plan.host_allocator)
     assert memory.estimate(model_info("llama-3.1-8b").architecture, eight)["total_bytes"] > 0.9 * 16 * 10**9
+
+
+def test_offset_start_at_16gb_keeps_the_4bit_base_and_every_layer():
+    # The offset start (the default) holds rank 2r: at --prefer quality the 8B plan steps down from
+    # rank 64 to 32 to fit 16 GB; under speed it keeps rank 16. Trainable entries follow the rank.
+    for prefer, rank in (("speed", 16), ("quality", 32)):
+        plan = plan_training("llama-3.1-8b", budget_bytes=16 * 10**9, seq_len=512, device=CPU_FP32, prefer=prefer)
+        assert (plan.init, plan.quant_bits, plan.rank, len(plan.layers)) == ("offset", 4, rank, 32)
+        assert plan.memory["total_bytes"] <= 0.9 * 16 * 10**9
+        zeros = plan_training("llama-3.1-8b", budget_bytes=16 * 10**9, seq_len=512, device=CPU_FP32, prefer=prefer, init="zeros")
+        if zeros.rank == plan.rank:
+            assert plan.memory["lora_weights"] > zeros.memory["lora_weights"]
+            assert plan.memory["optimizer_state"] == zeros.memory["optimizer_state"]
 
 
 def test_tight_budget_turns_on_checkpointing_and_small_micro_batches():
