@@ -620,12 +620,12 @@ def results_section(args, record: dict, plot_path: Path | None) -> str:
         + (f", full fine-tuning lr {settings_['full_lr']:g}" if "full" in summaries else "")
         + f"; rank {RANK}, alpha {ALPHA_PER_RANK:g} x rank; compute dtype {', '.join(dtypes)}"
     )
-    command = ("python tools/bench_quality.py " + " ".join(sys.argv[1:])).strip()
+    command = record.get("command") or ("python tools/bench_quality.py " + " ".join(sys.argv[1:])).strip()
     start, end = (TEXT_START, TEXT_END) if text else (RESULTS_START, RESULTS_END)
     parts = [
         start,
         (
-            f"_Filled in by `{command}` on {time.strftime('%Y-%m-%d')}; the grid took {record['total_seconds'] / 60:.1f} min "
+            f"_Filled in from the grid `{command}` on {time.strftime('%Y-%m-%d')}; the grid took {record['total_seconds'] / 60:.1f} min "
             f"({busy_note(runs)})._"
         ),
         "",
@@ -727,6 +727,7 @@ def main() -> None:
                   "seq_len": SEQ_LEN, "batch": TASKS[args.task]["batch"], "rank": RANK},
         machine=machine(),
     )
+    record.setdefault("command", ("python tools/bench_quality.py " + " ".join(sys.argv[1:])).strip())
     record["methods"] = {**record.get("methods", {}), **{name: asdict(METHODS[name]) for name in methods}}
     runs = record["runs"]
     for name in base_names:
