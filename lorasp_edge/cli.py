@@ -20,7 +20,8 @@ from pathlib import Path
 
 from lorasp_edge.errors import UserError
 from lorasp_edge.export.formats import FORMATS
-from lorasp_edge.plan.search import DEFAULT_INIT, INITS, PREFERENCES
+from lorasp_edge.plan.memory import INITS
+from lorasp_edge.plan.search import DEFAULT_INIT, PREFERENCES
 
 PREFER_HELP = (
     "what spare memory goes to: speed (default: rank at most 16, where the quality evidence stops, then no "

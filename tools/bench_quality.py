@@ -149,11 +149,13 @@ def compute_dtype_here():
 
 
 def plan_default(task_name: str) -> dict:
-    """Rank, init, targets and layers of the default plan for this model at the task's batch."""
+    """Rank, init, targets and layers (None: every layer) of the default plan for this model, 3 GB,
+    at the task's batch."""
     from lorasp_edge.plan.search import plan_training
 
     plan = plan_training("smollm2-135m", 3 * 10**9, seq_len=SEQ_LEN, batch=TASKS[task_name]["batch"])
-    return {"rank": plan.rank, "init": plan.init, "target_modules": list(plan.target_modules), "layers": list(plan.layers)}
+    every_layer = len(plan.layers) == plan.model["num_layers"]
+    return {"rank": plan.rank, "init": plan.init, "target_modules": list(plan.target_modules), "layers": None if every_layer else list(plan.layers)}
 
 
 def build(method: Method, seed: int, lr: float, task_name: str = "chat"):
@@ -173,8 +175,6 @@ def build(method: Method, seed: int, lr: float, task_name: str = "chat"):
     built = {"rank": method.rank, "init": method.init, "target_modules": "all-linear", "layers": None}
     if method.plan_default:
         built = plan_default(task_name)
-        if len(built["layers"]) == model.config.num_hidden_layers:
-            built["layers"] = None
     alpha = ALPHA_PER_RANK * built["rank"]
     if method.kind == "lorasp":
         config = LoRASPConfig(rank=built["rank"], alpha=alpha, ratio=0.5, seed=seed, target_modules=built["target_modules"], layers=built["layers"], init=built["init"])
@@ -318,13 +318,17 @@ def run_child(method_name: str, seed: int, steps: int, train_path: Path, heldout
 def prepare_text(data_dir: Path, seeds) -> tuple[Path, dict[int, Path]]:
     """The plain-text corpus (rewritten each run), the held-out documents, one document order per seed."""
     paths = text_task.write_text(data_dir)
-    documents = task.read_jsonl(paths["train"])
+    return paths["heldout"], write_orders(data_dir, task.read_jsonl(paths["train"]), seeds)
+
+
+def write_orders(data_dir: Path, records: list[dict], seeds) -> dict[int, Path]:
+    """One training file per seed: the records shuffled with that seed."""
     orders = {}
     for seed in seeds:
-        shuffled = list(documents)
+        shuffled = list(records)
         random.Random(seed).shuffle(shuffled)
         orders[seed] = task.write_jsonl(data_dir / f"train-order{seed}.jsonl", shuffled)
-    return paths["heldout"], orders
+    return orders
 
 
 def prepare_data(data_dir: Path, seeds, heldout: int) -> tuple[Path, dict[int, Path]]:
@@ -335,13 +339,7 @@ def prepare_data(data_dir: Path, seeds, heldout: int) -> tuple[Path, dict[int, P
     if heldout > len(heldout_examples):
         raise SystemExit(f"--heldout {heldout}: {data_dir / 'heldout.jsonl'} holds only {len(heldout_examples)} examples")
     heldout_path = task.write_jsonl(data_dir / f"heldout-first{heldout}.jsonl", heldout_examples[:heldout])
-    train_examples = task.read_jsonl(data_dir / "train.jsonl")
-    orders = {}
-    for seed in seeds:
-        shuffled = list(train_examples)
-        random.Random(seed).shuffle(shuffled)
-        orders[seed] = task.write_jsonl(data_dir / f"train-order{seed}.jsonl", shuffled)
-    return heldout_path, orders
+    return heldout_path, write_orders(data_dir, task.read_jsonl(data_dir / "train.jsonl"), seeds)
 
 
 def score_line(result: dict) -> str:
@@ -408,37 +406,28 @@ def _se(summary: dict, key: str, scale: float, digits: int) -> str:
     return f"{standard_error(summary[key], n) * scale:.{digits}f}" if n > 1 else "-"
 
 
-def results_table(bases: dict[str, dict], summaries: dict[str, dict]) -> str:
+def results_table(bases: dict[str, dict], summaries: dict[str, dict], text: bool = False) -> str:
+    """One row per untuned base and method: resources, held-out loss with its SE, then the task's
+    scores (text: perplexity; chat: exact match with its SE, answer found)."""
+    digits = 4 if text else 3
+    scores = "perplexity" if text else "exact match (%) | SE | answer found (%)"
     lines = [
-        "| method | seeds | trainable params | optimizer state (MB) | peak RSS, load + train (GB) | tokens/s | held-out loss | SE | exact match (%) | SE | answer found (%) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| method | seeds | trainable params | optimizer state (MB) | peak RSS, load + train (GB) | tokens/s | held-out loss | SE | {scores} |",
+        "|---" * (9 if text else 11) + "|",
     ]
     for name, base in bases.items():
-        lines.append(f"| {BASE_LABELS[name]} | - | 0 | 0 | - | - | {base['heldout_loss']:.3f} | - | {100 * base['exact_match']:.1f} | - | {100 * base['answer_found']:.1f} |")
+        tail = f"{base['perplexity']:.3f}" if text else f"{100 * base['exact_match']:.1f} | - | {100 * base['answer_found']:.1f}"
+        lines.append(f"| {BASE_LABELS[name]} | - | 0 | 0 | - | - | {base['heldout_loss']:.{digits}f} | - | {tail} |")
     for name, s in summaries.items():
         n = len(s["seeds"])
+        if text:
+            tail = _pm(*s["perplexity"], 1, 3, n)
+        else:
+            tail = f"{_pm(*s['exact_match'], 100, 1, n)} | {_se(s, 'exact_match', 100, 1)} | {_pm(*s['answer_found'], 100, 1, n)}"
         lines.append(
             f"| {METHODS[name].label} | {n} | {s['trainable'][0] / 1e6:.3f} M | {s['optimizer_state_bytes'][0] / 1e6:.1f} "
             f"| {_pm(*s['peak_rss_train_bytes'], 1e-9, 2, n)} | {_pm(*s['tokens_per_s'], 1, 0, n)} "
-            f"| {_pm(*s['heldout_loss'], 1, 3, n)} | {_se(s, 'heldout_loss', 1, 3)} "
-            f"| {_pm(*s['exact_match'], 100, 1, n)} | {_se(s, 'exact_match', 100, 1)} | {_pm(*s['answer_found'], 100, 1, n)} |"
-        )
-    return "\n".join(lines)
-
-
-def text_table(bases: dict[str, dict], summaries: dict[str, dict]) -> str:
-    lines = [
-        "| method | seeds | trainable params | optimizer state (MB) | peak RSS, load + train (GB) | tokens/s | held-out loss | SE | perplexity |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, base in bases.items():
-        lines.append(f"| {BASE_LABELS[name]} | - | 0 | 0 | - | - | {base['heldout_loss']:.4f} | - | {base['perplexity']:.3f} |")
-    for name, s in summaries.items():
-        n = len(s["seeds"])
-        lines.append(
-            f"| {METHODS[name].label} | {n} | {s['trainable'][0] / 1e6:.3f} M | {s['optimizer_state_bytes'][0] / 1e6:.1f} "
-            f"| {_pm(*s['peak_rss_train_bytes'], 1e-9, 2, n)} | {_pm(*s['tokens_per_s'], 1, 0, n)} "
-            f"| {_pm(*s['heldout_loss'], 1, 4, n)} | {_se(s, 'heldout_loss', 1, 4)} | {_pm(*s['perplexity'], 1, 3, n)} |"
+            f"| {_pm(*s['heldout_loss'], 1, digits, n)} | {_se(s, 'heldout_loss', 1, digits)} | {tail} |"
         )
     return "\n".join(lines)
 
@@ -455,11 +444,18 @@ def family_table(bases: dict[str, dict], summaries: dict[str, dict], seeds: int)
 
 def default_method(record: dict) -> str | None:
     """The method that trains as the default plan does: 'plan-default' when it ran, else the LoRA-SP
-    method with the plan's rank and init at the trainer's lr ratio (2x) on a float base."""
+    method with the plan's rank and init at the trainer's lr ratio (2x) on a float base, when the plan
+    adapts what every such method adapts (every linear layer of every decoder layer); else None."""
+    from lorasp_edge.plan.catalog import model_info
+    from lorasp_edge.plan.search import target_choices
+
     runs = {name for name, results in record["runs"].items() if results}
     if "plan-default" in runs:
         return "plan-default"
     chosen = plan_default(record["settings"].get("task", "chat"))
+    every_linear = set(target_choices(model_info("smollm2-135m").architecture)[0])
+    if chosen["layers"] is not None or set(chosen["target_modules"]) != every_linear:
+        return None
     for name in runs:
         m = METHODS[name]
         if m.kind == "lorasp" and m.lr_scale == 2.0 and m.quant_bits is None and m.rank == chosen["rank"] and m.init == chosen["init"]:
@@ -640,7 +636,7 @@ def results_section(args, record: dict, plot_path: Path | None) -> str:
         "",
         "Mean ± sample standard deviation over the seeds; SE: standard error of the mean (sd / sqrt(seeds)).",
         "",
-        text_table(bases, summaries) if text else results_table(bases, summaries),
+        results_table(bases, summaries, text),
         "",
     ]
     if not text:
@@ -773,7 +769,7 @@ def report(args, record: dict) -> None:
     summaries = {name: summarize(results) for name, results in runs.items()}
     seeds = max(len(results) for results in runs.values())
     text = record["settings"]["task"] == "text"
-    print(text_table(bases, summaries) if text else results_table(bases, summaries), sep="\n\n")
+    print(results_table(bases, summaries, text))
     if not text:
         print("", family_table(bases, summaries, seeds), sep="\n")
     print("", *target_checks(record), "", *comparisons(record), sep="\n")

@@ -157,9 +157,12 @@ def make_examples(train: int, heldout: int, seed: int) -> tuple[list[dict], list
 
 
 def write_jsonl(path: Path, examples: list[dict]) -> Path:
+    """One JSON object a line, written to a temp file and renamed (never a half-written file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as handle:
         handle.writelines(json.dumps(record) + "\n" for record in examples)
+    tmp.replace(path)
     return path
 
 

@@ -26,6 +26,8 @@ import json
 import platform
 from pathlib import Path
 
+from make_task_data import write_jsonl  # a sibling script (tools/ is on the path when either runs)
+
 
 def documents() -> list[tuple[str, str]]:
     """(topic, text) for every pydoc topic, sorted by topic."""
@@ -39,15 +41,6 @@ def split(every: int = 4) -> tuple[list[dict], list[dict]]:
     for index, (name, text) in enumerate(documents()):
         (heldout if index % every == every - 1 else train).append({"topic": name, "text": text})
     return train, heldout
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        handle.writelines(json.dumps(record) + "\n" for record in records)
-    tmp.replace(path)
-    return path
 
 
 def write_text(out: str | Path, every: int = 4) -> dict[str, Path]:

@@ -100,12 +100,21 @@ class Candidate:
     # so transformers masks attention block-diagonally (the common case; False: one sequence a block).
     packed: bool = True
     host_allocator: str = "heap"  # lorasp_edge.allocator: glibc's heap, or a mapping per allocation of 1 MiB or more
-    init: str = "zeros"  # LoRASPConfig.init: "offset" holds [B, -B0] [A; A0], twice the rank
+    init: str = "zeros"  # LoRA-SP's start, one of INITS
 
     @property
     def held_rank(self) -> int:
-        """The rank of the matrices the adapter holds (lorasp_edge.train.adapter.LoRASPConfig.peft_rank)."""
-        return 2 * self.rank if self.init == "offset" else self.rank
+        return held_rank(self.rank, self.init)
+
+
+# LoRA-SP's start (lorasp_edge.train.adapter.LoRASPConfig.init): zeros is LoRA's B = 0; offset starts B
+# random and holds [B, -B0] [A; A0], a PEFT LoRA of twice the trained rank with the offset half frozen.
+INITS = ("zeros", "offset")
+
+
+def held_rank(rank: int, init: str) -> int:
+    """The rank of the matrices an adapter of this rank and start holds (and PEFT's `r`)."""
+    return 2 * rank if init == "offset" else rank
 
 
 # ----------------------------------------------------------------------------- frozen weights
@@ -187,7 +196,7 @@ def lora_entries(arch: Architecture, setting: Candidate) -> tuple[int, int]:
     total = trainable = 0
     for linear in adapted_linears(arch, setting.target_modules):
         for numel in (setting.rank * linear.d_in, linear.d_out * setting.rank):
-            total += numel * setting.held_rank // setting.rank
+            total += numel // setting.rank * setting.held_rank
             trainable += numel - int(round(setting.ratio * numel))
     return total * setting.adapted_layers, trainable * setting.adapted_layers
 

@@ -120,7 +120,7 @@ def _plan_problems(data: dict) -> list[str]:
         "loss_chunk_tokens": (is_int, "a positive integer"),
         "quality": (lambda v: isinstance(v, dict), "an object"),
         "host_allocator": (lambda v: v in ("heap", "mmap"), "heap or mmap"),
-        "init": (lambda v: v in ("zeros", "offset"), "zeros or offset"),
+        "init": (lambda v: v in memory.INITS, " or ".join(memory.INITS)),
     }
     problems = []
     for name, (check, expected) in checks.items():

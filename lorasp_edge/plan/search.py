@@ -69,7 +69,6 @@ SPEED_MAX_RANK = 16
 # LoRA-SP's start (lorasp_edge.train.adapter.LoRASPConfig.init) for new plans: the offset start,
 # on the evidence of tools/bench_quality.py on both the chat task and plain text (docs/results.md,
 # "The offset start against the zero start"). `plan --lora-init zeros` gives LoRA's B = 0.
-INITS = ("offset", "zeros")
 DEFAULT_INIT = "offset"
 
 
@@ -176,8 +175,8 @@ def plan_training(
     if prefer not in PREFERENCES:
         raise UserError(f"--prefer must be one of {', '.join(PREFERENCES)}, not {prefer!r}")
     init = DEFAULT_INIT if init is None else init
-    if init not in INITS:
-        raise UserError(f"--lora-init must be one of {', '.join(INITS)}, not {init!r}")
+    if init not in memory.INITS:
+        raise UserError(f"--lora-init must be one of {', '.join(memory.INITS)}, not {init!r}")
     if batch % world_size:
         raise UserError(f"--batch {batch} must be a multiple of the world size {world_size}")
 
@@ -374,7 +373,7 @@ def format_plan(plan: Plan) -> str:
         "setting",
         f"  base         {base}, compute {plan.compute_dtype}",
         f"  LoRA-SP      rank {plan.rank}, alpha {plan.alpha:g}, ratio {plan.ratio:g} frozen, dropout {plan.dropout:g}",
-        "  start        " + ("offset: B random (its frozen half too), B0 A0 subtracted; held as a rank-%d LoRA" % (2 * plan.rank) if plan.init == "offset" else "zeros: B = 0 (LoRA's)"),
+        "  start        " + ("offset: B random (its frozen half too), B0 A0 subtracted; held as a rank-%d LoRA" % memory.held_rank(plan.rank, plan.init) if plan.init == "offset" else "zeros: B = 0 (LoRA's)"),
         f"  targets      {', '.join(plan.target_modules)}",
         f"  layers       {layers}",
         f"  batch        {plan.micro_batch} micro x {plan.grad_accum} accum x {plan.world_size} rank(s) = {plan.effective_batch} x {plan.seq_len} tokens",

@@ -5,6 +5,9 @@ For every adapted linear layer with frozen base weight W0 (d_out x d_in):
     y = W0 x + (alpha / r) * B (A x)          A: r x d_in (Kaiming-uniform), B: d_out x r (zeros)
     trainable(A) = ~M_A,  trainable(B) = ~M_B  (masks: lorasp_edge.train.masks)
 
+With the offset start (`LoRASPConfig.init = "offset"`, `_offset_init`) B starts random too and the
+layer computes W0 x + (alpha / r) (B A - B0 A0), held as PEFT's rank-2r [B, -B0] [A; A0].
+
 PEFT does the injection (float, bitsandbytes 8-bit and 4-bit bases, GPT-2's Conv1D), the forward
 and the on-disk format. LoRA-SP then moves every LoRA matrix into one `LoRASPStore`
 (lorasp_edge.train.flat): the frozen entries in a buffer, the trainable entries in ONE flat
@@ -35,6 +38,7 @@ from torch import nn
 
 from lorasp_edge.errors import AdapterError
 from lorasp_edge.files import apply_umask, fsync_file, replace_dir
+from lorasp_edge.plan.memory import INITS, held_rank
 from lorasp_edge.train import masks as masklib
 from lorasp_edge.train.flat import LoRASPLinear, LoRASPStore
 
@@ -45,7 +49,6 @@ PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 FORMAT = "lorasp-edge/1"
 STORE_NAME = "lorasp_store"  # on the PeftModel; has no "lora_" in it, so PEFT never saves it
-INITS = ("zeros", "offset")
 
 
 class MaskGeneratorWarning(UserWarning):
@@ -67,7 +70,7 @@ class LoRASPConfig:
     @property
     def peft_rank(self) -> int:
         """The rank PEFT holds: an offset adapter carries [B, -B0] [A; A0], twice the trained rank."""
-        return 2 * self.rank if self.init == "offset" else self.rank
+        return held_rank(self.rank, self.init)
 
     @property
     def peft_alpha(self) -> float:
@@ -314,8 +317,7 @@ def read_adapter_info(adapter_dir: str | Path) -> dict:
     init = info.get("init", "zeros")
     if init not in INITS:
         raise AdapterError(f"{adapter_dir / LORASP_FILE}: field 'init' must be one of {', '.join(INITS)}, not {init!r}")
-    held = info["rank"] * (2 if init == "offset" else 1)
-    if peft_config.get("r") != held:
+    if peft_config.get("r") != held_rank(info["rank"], init):
         raise AdapterError(
             f"{adapter_dir / PEFT_CONFIG_FILE}: rank r={peft_config.get('r')} disagrees with lorasp.json rank={info['rank']}"
             + (" (an offset adapter holds twice its rank)" if init == "offset" else "")

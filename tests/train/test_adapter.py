@@ -71,9 +71,11 @@ def test_fresh_adapter_gives_base_output_exactly(make):
     assert torch.equal(adapted(x).logits, expected)
 
 
+@pytest.mark.parametrize("init", ["zeros", "offset"])
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
-def test_frozen_entries_bit_identical_trainable_entries_move(make):
-    model = apply_lorasp(make(), LoRASPConfig(rank=4, alpha=8, seed=3))
+def test_frozen_entries_bit_identical_trainable_entries_move(make, init):
+    # offset: the offset half of A and B (frozen whole) is among the frozen entries checked
+    model = apply_lorasp(make(), LoRASPConfig(rank=4, alpha=8, seed=3, init=init))
     initial = {(name, part): linear.weight.detach().clone() for name, part, linear in lora_matrices(model)}
     train(model, steps=30, weight_decay=0.1)
     for name, part, linear in lora_matrices(model):
