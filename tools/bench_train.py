@@ -113,13 +113,15 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def run_lorasp(method: str, model: str, device, seq_len: int, batch: int, mem: int, data: list[dict]) -> dict:
-    from lorasp_edge.plan.search import plan_training
+def run_lorasp(method: str, model: str, device, seq_len: int, batch: int, mem: int, data: list[dict], plan_dtype: str = "auto") -> dict:
+    from lorasp_edge.plan.search import local_device, plan_training
     from lorasp_edge.train.loop import build_model, build_optimizer
     from lorasp_edge.train.step import train_step
 
     init = {"lorasp-edge-zeros": "zeros", "lorasp-edge-offset": "offset"}.get(method)
-    plan = plan_training(model=model, budget_bytes=mem, seq_len=seq_len, batch=batch, init=init)
+    # float32: plan as for a CPU without native bf16 (what an AVX2-only laptop's plan computes in).
+    planned_on = dataclasses.replace(local_device(), bf16=False) if plan_dtype == "float32" else None
+    plan = plan_training(model=model, budget_bytes=mem, seq_len=seq_len, batch=batch, init=init, device=planned_on)
     if method.startswith("lorasp-edge-r16"):
         plan = dataclasses.replace(plan, rank=16, alpha=32.0)
     peft_model = build_model(plan, model, device=device, compile_layers=method.endswith("-compile"))
@@ -173,7 +175,7 @@ def child(args) -> None:
     device = torch.device(args.device)
     data = blocks(args.data, args.seq_len, args.batch, args.steps)
     if args.child.startswith("lorasp-edge"):
-        result = run_lorasp(args.child, args.model, device, args.seq_len, args.batch, args.mem, data)
+        result = run_lorasp(args.child, args.model, device, args.seq_len, args.batch, args.mem, data, args.plan_dtype)
     else:
         result = run_peft(args.child, args.model, device, data)
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
@@ -184,7 +186,8 @@ def child(args) -> None:
 
 def measure(method: str, args, data: Path, model: str) -> dict:
     command = [sys.executable, __file__, "--child", method, "--data", str(data), "--model", model, "--device", args.device,
-               "--steps", str(args.steps), "--seq-len", str(args.seq_len), "--batch", str(args.batch), "--mem", str(args.mem)]
+               "--steps", str(args.steps), "--seq-len", str(args.seq_len), "--batch", str(args.batch), "--mem", str(args.mem),
+               "--plan-dtype", args.plan_dtype]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"{method} failed:\n{done.stderr[-3000:]}")
@@ -209,6 +212,8 @@ def main() -> None:
     parser.add_argument("--mem", type=int, default=8 * 10**9, help="budget the lorasp-edge plan is made for (bytes)")
     parser.add_argument("--methods", help="comma-separated, from: " + ", ".join(METHODS))
     parser.add_argument("--task", choices=("text", "chat", "both"), default="text", help="training data: plain text, the README's chat task, or both in turn")
+    parser.add_argument("--plan-dtype", choices=("auto", "float32"), default="auto",
+                        help="auto: the plan this machine gets; float32: the plan of a CPU without native bf16 (fp32 base and compute)")
     parser.add_argument("--json")
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)

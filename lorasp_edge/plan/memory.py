@@ -106,6 +106,13 @@ class Candidate:
     def held_rank(self) -> int:
         return held_rank(self.rank, self.init)
 
+    @property
+    def matmul_rank(self) -> int:
+        """The rank the LoRA matmuls run at: on a float32 base the offset is folded into the base
+        weights and the held rank-2r form exists on disk only (lorasp_edge.train.adapter._fold_offset)."""
+        folded = self.init == "offset" and self.quant_bits == 16 and self.compute_dtype == "float32"
+        return self.rank if folded else self.held_rank
+
 
 # LoRA-SP's start (lorasp_edge.train.adapter.LoRASPConfig.init): zeros is LoRA's B = 0; offset starts B
 # random and holds [B, -B0] [A; A0], a PEFT LoRA of twice the trained rank with the offset half frozen.
@@ -256,7 +263,7 @@ def linear_input_bytes(arch: Architecture, setting: Candidate, tokens: int) -> i
         kept += tokens * width * c if shared_kept else 0
         if mixed:
             kept += len(adapted) * tokens * width * c
-        kept += len(adapted) * tokens * setting.held_rank * c
+        kept += len(adapted) * tokens * setting.matmul_rank * c
     return kept
 
 

@@ -373,7 +373,7 @@ def format_plan(plan: Plan) -> str:
         "setting",
         f"  base         {base}, compute {plan.compute_dtype}",
         f"  LoRA-SP      rank {plan.rank}, alpha {plan.alpha:g}, ratio {plan.ratio:g} frozen, dropout {plan.dropout:g}",
-        "  start        " + ("offset: B random (its frozen half too), B0 A0 subtracted; held as a rank-%d LoRA" % memory.held_rank(plan.rank, plan.init) if plan.init == "offset" else "zeros: B = 0 (LoRA's)"),
+        "  start        " + _start_line(plan),
         f"  targets      {', '.join(plan.target_modules)}",
         f"  layers       {layers}",
         f"  batch        {plan.micro_batch} micro x {plan.grad_accum} accum x {plan.world_size} rank(s) = {plan.effective_batch} x {plan.seq_len} tokens",
@@ -395,3 +395,12 @@ def format_plan(plan: Plan) -> str:
     spare = plan.budget_bytes - total
     lines.append(f"  {'headroom left':32s}{spare:>16,d}{spare / plan.budget_bytes:>10.1%}")
     return "\n".join(lines)
+
+
+def _start_line(plan) -> str:
+    if plan.init != "offset":
+        return "zeros: B = 0 (LoRA's)"
+    held = memory.held_rank(plan.rank, plan.init)
+    if plan.quant_bits == 16 and plan.compute_dtype == "float32":
+        return f"offset: B random (its frozen half too), B0 A0 folded into the float32 base; trains at rank {plan.rank}, saved as a rank-{held} LoRA"
+    return f"offset: B random (its frozen half too), B0 A0 subtracted; held as a rank-{held} LoRA"

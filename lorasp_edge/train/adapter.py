@@ -5,8 +5,12 @@ For every adapted linear layer with frozen base weight W0 (d_out x d_in):
     y = W0 x + (alpha / r) * B (A x)          A: r x d_in (Kaiming-uniform), B: d_out x r (zeros)
     trainable(A) = ~M_A,  trainable(B) = ~M_B  (masks: lorasp_edge.train.masks)
 
-With the offset start (`LoRASPConfig.init = "offset"`, `_offset_init`) B starts random too and the
-layer computes W0 x + (alpha / r) (B A - B0 A0), held as PEFT's rank-2r [B, -B0] [A; A0].
+With the offset start (`LoRASPConfig.init = "offset"`) B starts random too and the layer computes
+W0 x + (alpha / r) (B A - B0 A0). The adapter file holds it as PEFT's rank-2r [B, -B0] [A; A0]. In
+memory that form runs every LoRA matmul at rank 2r; on a float32 base the constant -B0 A0 is folded
+into the frozen weight instead (W0 - s B0 A0, exact to float32 rounding) and the model trains a
+rank-r LoRA, converted to the rank-2r form whenever it is written (`held_matrices`). A 16-bit or
+4/8-bit base keeps the rank-2r form: folding would round the base weights.
 
 PEFT does the injection (float, bitsandbytes 8-bit and 4-bit bases, GPT-2's Conv1D), the forward
 and the on-disk format. LoRA-SP then moves every LoRA matrix into one `LoRASPStore`
@@ -95,20 +99,25 @@ class LoRASPConfig:
 # ------------------------------------------------------------------------------- injection
 
 
-def apply_lorasp(model: nn.Module, config: LoRASPConfig):
+def apply_lorasp(model: nn.Module, config: LoRASPConfig, fold: bool | None = None):
     """Wrap `model` (a transformers causal LM, float or bitsandbytes 4/8-bit) in a LoRA-SP PeftModel.
 
     Every base parameter is frozen; LoRA A/B are trainable tensors whose frozen entries the masks
     name. LoRA init draws from a generator seeded by `config.seed`, so the caller's RNG is untouched.
+    `fold` (offset start only): fold B0 A0 into the base weights (`_fold_offset`); None = wherever
+    the base is float32, False = the rank-2r form on any base.
     """
     from peft import LoraConfig, get_peft_model
 
     problems = config.problems()
     if problems:
         raise ValueError("; ".join(problems))
+    if fold and not (config.init == "offset" and float32_base(model)):
+        raise ValueError("fold=True needs the offset start on a float32 base")
+    fold = config.init == "offset" and float32_base(model) and fold is not False
     lora_config = LoraConfig(
-        r=config.peft_rank,
-        lora_alpha=config.peft_alpha,
+        r=config.rank if fold else config.peft_rank,
+        lora_alpha=config.alpha if fold else config.peft_alpha,
         lora_dropout=config.dropout,
         target_modules=config.target_modules,
         layers_to_transform=list(config.layers) if config.layers is not None else None,
@@ -120,12 +129,28 @@ def apply_lorasp(model: nn.Module, config: LoRASPConfig):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         peft_model = get_peft_model(model, lora_config)
-    if config.init == "offset":
-        _offset_init(peft_model, config)
-    masks = {(name, part): ~_draw(config, name, part, linear.weight.shape, 0) for name, part, linear in lora_matrices(peft_model)}
-    _build_store(peft_model, masks, requires_grad=True)
     peft_model.lorasp_config = config
+    if fold:
+        _fold_offset(peft_model, config)
+    elif config.init == "offset":
+        _offset_init(peft_model, config)
+    masks = {(name, part): ~_model_draw(peft_model, name, part, linear.weight.shape, 0) for name, part, linear in lora_matrices(peft_model)}
+    _build_store(peft_model, masks, requires_grad=True)
     return peft_model
+
+
+def float32_base(model: nn.Module) -> bool:
+    """Every weight matrix a plain float32 tensor (no bitsandbytes base, no 16-bit weights): the
+    offset start's B0 A0 can then be folded into the base weights without rounding them."""
+    for module in model.modules():
+        if hasattr(module, "quant_state") or type(module).__module__.startswith("bitsandbytes"):
+            return False
+    return all(p.dtype == torch.float32 for p in model.parameters() if p.dim() == 2 and p.is_floating_point())
+
+
+def folded(peft_model) -> bool:
+    """Whether this model holds the offset folded into its base weights (rank-r LoRA in memory)."""
+    return bool(getattr(peft_model, "lorasp_offset", None))
 
 
 def _uses_conv1d(model: nn.Module) -> bool:
@@ -173,26 +198,63 @@ def _draw(config: LoRASPConfig, name: str, part: str, shape, draw: int) -> torch
     return torch.cat([live, torch.ones_like(live)], dim=1)
 
 
+def _model_draw(peft_model, name: str, part: str, shape, draw: int) -> torch.Tensor:
+    """The frozen mask of one matrix as `peft_model` holds it: a folded model holds only the live
+    part, whose mask is the live part of the held form's (`_draw`'s rows / columns 0..r)."""
+    if folded(peft_model):
+        config = peft_model.lorasp_config
+        return masklib.draw_frozen_mask(shape, config.ratio, config.seed, name, part, draw)
+    return _draw(peft_model.lorasp_config, name, part, shape, draw)
+
+
+def _offset_start(config: LoRASPConfig, name: str, d_out: int, d_in: int) -> torch.Tensor:
+    """B0 of one layer: uniform with A0's bound 1 / sqrt(d_in), from its own generator (the mask
+    seeds' scheme, part "B0"), so it depends on the run seed and the layer name only."""
+    bound = 1.0 / d_in**0.5
+    generator = torch.Generator(device="cpu").manual_seed(masklib.mask_seed(config.seed, name, "B0"))
+    return (torch.rand((d_out, config.rank), generator=generator, dtype=torch.float32) * 2 - 1) * bound
+
+
 @torch.no_grad()
 def _offset_init(peft_model, config: LoRASPConfig) -> None:
     """B starts random, so the frozen half of B carries information too; the product B0 A0 of the
     starting values is subtracted, so the model starts exactly as the base.
 
     PEFT's held A (2r x d_in) and B (d_out x 2r) become [A0; A0] and [B0, -B0]: y = W0 x + s (B A - B0 A0),
-    and B A - B0 A0 is zero at the start. A0 is PEFT's Kaiming-uniform draw; B0 is drawn from the same
-    distribution as A0's entries (uniform, bound 1 / sqrt(d_in)), so an A step and a B step move
-    the product by comparable amounts under Adam. Each B0 has its own generator (the mask seeds'
-    scheme, part "B0"), so it depends on the run seed and the layer name only.
+    and B A - B0 A0 is zero at the start. A0 is PEFT's Kaiming-uniform draw; B0 is drawn from the
+    same distribution as A0's entries (`_offset_start`), so an A step and a B step move the product
+    by comparable amounts under Adam.
     """
     for name, layer in lora_layers(peft_model).items():
         lora_a, lora_b = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
         rank = config.rank
         lora_a[rank:].copy_(lora_a[:rank])
-        bound = 1.0 / lora_a.shape[1] ** 0.5
-        generator = torch.Generator(device="cpu").manual_seed(masklib.mask_seed(config.seed, name, "B0"))
-        start = (torch.rand((lora_b.shape[0], rank), generator=generator, dtype=torch.float32) * 2 - 1) * bound
+        start = _offset_start(config, name, lora_b.shape[0], lora_a.shape[1]).to(lora_b)
         lora_b[:, :rank].copy_(start)
         lora_b[:, rank:].copy_(-start)
+
+
+@torch.no_grad()
+def _fold_offset(peft_model, config: LoRASPConfig) -> None:
+    """The offset start on a float32 base, with -s B0 A0 folded into the frozen weight: PEFT holds a
+    rank-r LoRA (A = A0, B = B0 at the start) and W0 becomes W0 - s B0 A0, so the layer computes
+    W0 x + s (B A - B0 A0) as `_offset_init`'s rank-2r form does, at rank r. A0 and B0 are kept
+    (`lorasp_offset`) for the rank-2r form the adapter file and checkpoints hold."""
+    offsets = {}
+    for name, layer in lora_layers(peft_model).items():
+        lora_a, lora_b = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
+        start = _offset_start(config, name, lora_b.shape[0], lora_a.shape[1]).to(lora_b)
+        lora_b.copy_(start)
+        offsets[name] = (lora_a.detach().clone(), start)
+        _shift_base(layer, lora_a, start, -1.0)
+    peft_model.lorasp_offset = offsets
+
+
+def _shift_base(layer, a0: torch.Tensor, b0: torch.Tensor, sign: float) -> None:
+    """W0 += sign * s * B0 A0 on the layer's base weight (transposed for GPT-2's Conv1D)."""
+    delta = (b0 @ a0) * (sign * layer.scaling[ADAPTER_NAME])
+    weight = layer.get_base_layer().weight
+    weight.add_(delta.T if getattr(layer, "fan_in_fan_out", False) else delta)
 
 
 def _build_store(peft_model, trainable: dict[tuple[str, str], torch.Tensor], requires_grad: bool) -> None:
@@ -219,23 +281,68 @@ def trainable_parameters(peft_model) -> list[nn.Parameter]:
 def redraw_masks(peft_model, draw: int) -> None:
     """Redraw every mask (the every-K-steps schedule). Every entry keeps its current value; the
     optimizer must drop its state (`LoRASPAdamW.reset_state`): its entries now mean other positions."""
-    config = peft_model.lorasp_config
-    masks = [~_draw(config, name, part, linear.weight.shape, draw) for name, part, linear in lora_matrices(peft_model)]
+    masks = [~_model_draw(peft_model, name, part, linear.weight.shape, draw) for name, part, linear in lora_matrices(peft_model)]
     lorasp_store(peft_model).set_masks(masks)
     peft_model.lorasp_draw = draw
 
 
+def held_matrices(peft_model) -> dict[str, torch.Tensor]:
+    """Every LoRA matrix as the adapter file and checkpoints hold it (keys '<layer>.lora_A' /
+    '<layer>.lora_B'): a folded model's [A; A0] and [B, -B0], anything else's as it is."""
+    offsets = getattr(peft_model, "lorasp_offset", None) or {}
+    held = {}
+    for name, part, linear in lora_matrices(peft_model):
+        weight = linear.weight.detach()
+        if name in offsets:
+            a0, b0 = offsets[name]
+            weight = torch.cat([weight, a0], dim=0) if part == "A" else torch.cat([weight, -b0], dim=1)
+        held[f"{name}.lora_{part}"] = weight
+    return held
+
+
+def held_frozen_masks(peft_model) -> dict[str, torch.Tensor]:
+    """The frozen masks of `held_matrices`: a folded model's offset rows of A and columns of B are frozen whole."""
+    offsets = getattr(peft_model, "lorasp_offset", None) or {}
+    masks = {}
+    for name, part, linear in lora_matrices(peft_model):
+        frozen = ~linear.lorasp_trainable
+        if name in offsets:
+            whole = torch.ones_like(frozen)
+            frozen = torch.cat([frozen, whole], dim=0) if part == "A" else torch.cat([frozen, whole], dim=1)
+        masks[f"{name}.lora_{part}"] = frozen
+    return masks
+
+
+@torch.no_grad()
 def set_lora_matrices(peft_model, matrices: dict[str, torch.Tensor]) -> None:
-    """Write whole A/B matrices (keys '<layer>.lora_A' / '<layer>.lora_B', as checkpoints hold them)."""
+    """Write whole A/B matrices in the held form (`held_matrices`; keys '<layer>.lora_A' /
+    '<layer>.lora_B', as checkpoints hold them). A folded model takes the live part, and an offset
+    that differs from its own is folded in again in its place."""
     store = lorasp_store(peft_model)
-    for slot, (name, part, _) in enumerate(lora_matrices(peft_model)):
-        store.set_matrix(slot, matrices[f"{name}.lora_{part}"])
+    offsets = getattr(peft_model, "lorasp_offset", None) or {}
+    layers = lora_layers(peft_model) if offsets else {}
+    for slot, (name, part, linear) in enumerate(lora_matrices(peft_model)):
+        weight = matrices[f"{name}.lora_{part}"]
+        if name in offsets:
+            rank = linear.weight.shape[0] if part == "A" else linear.weight.shape[1]
+            weight, offset = (weight[:rank], weight[rank:]) if part == "A" else (weight[:, :rank], -weight[:, rank:])
+            a0, b0 = offsets[name]
+            if not torch.equal(offset, a0 if part == "A" else b0):
+                _shift_base(layers[name], a0, b0, 1.0)
+                a0, b0 = (offset.to(a0), b0) if part == "A" else (a0, offset.to(b0))
+                _shift_base(layers[name], a0, b0, -1.0)
+                offsets[name] = (a0, b0)
+        if tuple(weight.shape) != store.shapes[slot]:
+            raise AdapterError(f"{name}.lora_{part}: a {tuple(weight.shape)} matrix for a {store.shapes[slot]} slot (another rank or start?)")
+        store.set_matrix(slot, weight)
 
 
 def count_parameters(peft_model) -> dict[str, int]:
     """lora: all LoRA entries; trainable: those LoRA-SP trains; frozen_lora: the rest; base: base model."""
     store = lorasp_store(peft_model)
-    lora, trainable = sum(store.sizes), store.values.numel()
+    offsets = getattr(peft_model, "lorasp_offset", None) or {}
+    folded_entries = sum(a0.numel() + b0.numel() for a0, b0 in offsets.values())
+    lora, trainable = sum(store.sizes) + folded_entries, store.values.numel()
     base = sum(_numel(p) for p in peft_model.parameters() if p is not store.values)
     return {"lora": lora, "trainable": trainable, "frozen_lora": lora - trainable, "base": base}
 
@@ -259,7 +366,9 @@ def save_adapter(peft_model, out_dir: str | Path, info: dict | None = None) -> P
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
         peft_model.save_pretrained(tmp, safe_serialization=True)
-        packed = {f"{name}.lora_{part}": masklib.pack(~linear.lorasp_trainable) for name, part, linear in lora_matrices(peft_model)}
+        if folded(peft_model):
+            _write_held_form(peft_model, tmp)
+        packed = {key: masklib.pack(frozen) for key, frozen in held_frozen_masks(peft_model).items()}
         save_file(packed, str(tmp / MASKS_FILE), metadata={"format": FORMAT})
         record = {
             "format": FORMAT,
@@ -278,6 +387,19 @@ def save_adapter(peft_model, out_dir: str | Path, info: dict | None = None) -> P
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _write_held_form(peft_model, folder: Path) -> None:
+    """A folded model's adapter in the rank-2r form PEFT and the exporters read: [A; A0], [B, -B0],
+    r and lora_alpha doubled (alpha / r unchanged)."""
+    from safetensors.torch import save_file
+
+    config: LoRASPConfig = peft_model.lorasp_config
+    tensors = {f"base_model.model.{key}.weight": weight.contiguous() for key, weight in held_matrices(peft_model).items()}
+    save_file(tensors, str(folder / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
+    peft_config = json.loads((folder / PEFT_CONFIG_FILE).read_text())
+    peft_config.update(r=config.peft_rank, lora_alpha=config.peft_alpha)
+    (folder / PEFT_CONFIG_FILE).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
 
 
 def masks_digest(packed: dict[str, torch.Tensor]) -> str:

@@ -42,7 +42,7 @@ from lorasp_edge.train import checkpoint as ckpt
 from lorasp_edge.train.adapter import (
     LoRASPConfig,
     apply_lorasp,
-    lora_matrices,
+    held_matrices,
     redraw_masks,
     save_adapter,
     set_lora_matrices,
@@ -190,7 +190,7 @@ class Trainer:
         if not self.world.is_main:
             self._saved_step = self.step
             return
-        lora = {f"{name}.lora_{part}": linear.weight.detach().cpu().clone() for name, part, linear in lora_matrices(self.model)}
+        lora = {key: weight.cpu().clone() for key, weight in held_matrices(self.model).items()}  # the adapter file's form
         bad = [key for key, tensor in lora.items() if not torch.isfinite(tensor).all()]
         if bad:  # the step check keeps this from happening; a checkpoint must never carry it on
             raise NonFiniteError(f"{bad[0]} holds non-finite values at step {self.step}: not written over the last checkpoint ({self.checkpoint_path})")

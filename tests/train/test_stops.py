@@ -17,7 +17,7 @@ from test_trainer import losses, write_plan
 from lorasp_edge.errors import NonFiniteError, OverBudgetError
 from lorasp_edge.train import checkpoint as ckpt
 from lorasp_edge.train import job
-from lorasp_edge.train.adapter import lora_matrices, trainable_parameters
+from lorasp_edge.train.adapter import held_matrices, trainable_parameters
 from lorasp_edge.train.job import TrainRequest, run_training
 from lorasp_edge.train.settings import TrainSettings
 
@@ -94,9 +94,9 @@ def test_injected_inf_gradient_stops_with_the_last_good_weights(tmp_path, model_
     assert torch.equal(trainable_parameters(model)[0].detach(), seen["good"])  # the skipped steps wrote nothing
     record = ckpt.load_checkpoint(out / "checkpoint.pt")
     assert record["step"] == 5 and record["skipped"]["non-finite gradient"] == 3
-    for name, part, linear in lora_matrices(model):
-        saved = record["lora"][f"{name}.lora_{part}"]
-        assert torch.isfinite(saved).all() and torch.equal(saved, linear.weight.detach())
+    for key, weight in held_matrices(model).items():  # the checkpoint holds the adapter file's form
+        saved = record["lora"][key]
+        assert torch.isfinite(saved).all() and torch.equal(saved, weight)
     assert record["optimizer"]["state"][0]["step"] == 2  # Adam stepped twice, at steps 1 and 2
     assert not (out / "adapter").exists()
 
