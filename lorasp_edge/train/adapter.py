@@ -45,6 +45,7 @@ from lorasp_edge.files import apply_umask, fsync_file, replace_dir
 from lorasp_edge.plan.memory import INITS, held_rank
 from lorasp_edge.train import masks as masklib
 from lorasp_edge.train.flat import LoRASPLinear, LoRASPStore
+from lorasp_edge.train.lora_linear import custom_modules, quantized_layers
 
 ADAPTER_NAME = "default"
 LORASP_FILE = "lorasp.json"
@@ -125,6 +126,9 @@ def apply_lorasp(model: nn.Module, config: LoRASPConfig, fold: bool | None = Non
         task_type="CAUSAL_LM",
         fan_in_fan_out=_uses_conv1d(model),
     )
+    fused = custom_modules(model)
+    if fused:  # PEFT's documented custom-module seam: its own layer class, with one forward changed
+        lora_config._register_custom_module(fused)
     disable_bnb_cpu_repack(model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
@@ -142,9 +146,8 @@ def apply_lorasp(model: nn.Module, config: LoRASPConfig, fold: bool | None = Non
 def float32_base(model: nn.Module) -> bool:
     """Every weight matrix a plain float32 tensor (no bitsandbytes base, no 16-bit weights): the
     offset start's B0 A0 can then be folded into the base weights without rounding them."""
-    for module in model.modules():
-        if hasattr(module, "quant_state") or type(module).__module__.startswith("bitsandbytes"):
-            return False
+    if quantized_layers(model):
+        return False
     return all(p.dtype == torch.float32 for p in model.parameters() if p.dim() == 2 and p.is_floating_point())
 
 
