@@ -49,9 +49,10 @@ def main() -> int:
     import torch
 
     from lorasp_edge.errors import VerificationError
-    from lorasp_edge.export.agreement import model_context
+    from lorasp_edge.export.context import model_context
     from lorasp_edge.export.gguf import verify_gguf
     from lorasp_edge.export.gguf_file import write_gguf_file
+    from lorasp_edge.export.sources.weights import ModelWeights
     from lorasp_edge.models import load_model, load_tokenizer
 
     lora = None
@@ -79,7 +80,8 @@ def main() -> int:
             print(f"adapter file: {lora.stat().st_size / 1e6:.2f} MB (f32 A and B)")
         label = "+lora" if lora is not None else ""
         for type_name in args.types.split(","):
-            path = write_gguf_file(plain if lora else model, tokenizer, Path(folder) / f"model-{type_name}.gguf", type_name)
+            written = plain if lora else model
+            path = write_gguf_file(written.config, ModelWeights(written), tokenizer, Path(folder) / f"model-{type_name}.gguf", type_name)
             record, verdict = {}, "pass"
             try:
                 verify_gguf(path, type_name, context, record, lora=lora)

@@ -33,15 +33,11 @@ from lorasp_edge.errors import UserError, VerificationError
 from lorasp_edge.export import llamacpp
 from lorasp_edge.export.context import ExportContext
 from lorasp_edge.export.gguf import GGUF_DIR, eos_ids, verify_gguf
-from lorasp_edge.export.gguf_file import (
-    ARCHITECTURES,
-    _permute_rows,
-    unsupported_reason,
-    write_gguf_file,
-)
-from lorasp_edge.export.manifest import MERGE_TOLERANCE
-from lorasp_edge.export.merge import dequantized_weight
+from lorasp_edge.export.gguf_file import architecture, permute_rows, write_gguf_file
+from lorasp_edge.export.sources import MERGE_TOLERANCE
+from lorasp_edge.export.sources.merge import dequantized_weight
 from lorasp_edge.export.ollama import modelfile
+from lorasp_edge.export.sources.weights import ModelWeights
 from lorasp_edge.train.adapter import ADAPTER_NAME, lora_layers
 
 ADAPTER_FILE = "adapter-f32.gguf"
@@ -60,7 +56,7 @@ def lora_tensors(peft_model) -> tuple[list[tuple[str, np.ndarray]], float]:
     import gguf
 
     config = peft_model.get_base_model().config
-    arch, permute = ARCHITECTURES[config.model_type]
+    arch, permute = architecture(config)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch], config.num_hidden_layers)
     tensors, alphas = [], set()
     for name, layer in lora_layers(peft_model).items():
@@ -72,9 +68,9 @@ def lora_tensors(peft_model) -> tuple[list[tuple[str, np.ndarray]], float]:
         a = layer.lora_A[ADAPTER_NAME].weight.detach().float().cpu().numpy()
         b = layer.lora_B[ADAPTER_NAME].weight.detach().float().cpu().numpy()
         if permute and name.endswith("q_proj"):
-            b = _permute_rows(b, config.num_attention_heads)
+            b = permute_rows(b, config.num_attention_heads)
         elif permute and name.endswith("k_proj"):
-            b = _permute_rows(b, config.num_key_value_heads or config.num_attention_heads)
+            b = permute_rows(b, config.num_key_value_heads or config.num_attention_heads)
         alphas.add(round(float(layer.scaling[ADAPTER_NAME]) * a.shape[0], 6))
         tensors += [(f"{gguf_name}.lora_a", np.ascontiguousarray(a)), (f"{gguf_name}.lora_b", np.ascontiguousarray(b))]
     if not tensors:
@@ -90,11 +86,8 @@ def write_lora_gguf(peft_model, path: Path, name: str = "adapter") -> Path:
     import gguf
 
     config = peft_model.get_base_model().config
-    reason = unsupported_reason(config)
-    if reason:
-        raise UserError(reason)
+    arch, _ = architecture(config)
     tensors, alpha = lora_tensors(peft_model)
-    arch, _ = ARCHITECTURES[config.model_type]
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch]])
     writer.add_name(name)
     writer.add_type(gguf.GGUFType.ADAPTER)
@@ -160,8 +153,8 @@ def unmerged_base(peft_model):
 
 def write_gguf_adapter(context: ExportContext) -> None:
     """OUT/gguf: base-<type>.gguf, adapter-f32.gguf and a Modelfile naming both, verified in llama.cpp
-    against `context.merged`, which here is the unmerged PEFT model."""
-    settings, adapted, tokenizer, say = context.settings, context.merged, context.tokenizer, context.say
+    against `context.model`, which here is the unmerged PEFT model (`context.is_merged` False)."""
+    settings, adapted, tokenizer, say = context.settings, context.model, context.tokenizer, context.say
     type_name = settings.gguf_type
     folder = context.folder / GGUF_DIR
     folder.mkdir()
@@ -169,7 +162,7 @@ def write_gguf_adapter(context: ExportContext) -> None:
     model_name = Path(str(getattr(adapted.get_base_model().config, "_name_or_path", "") or "model")).name
     say(f"writing the base GGUF ({type_name}, unmerged), the LoRA adapter GGUF and an Ollama Modelfile")
     base = unmerged_base(adapted)
-    write_gguf_file(base, tokenizer, folder / base_name, type_name, name=model_name)
+    write_gguf_file(base.config, ModelWeights(base), tokenizer, folder / base_name, type_name, name=model_name)
     text, templated = modelfile(base_name, tokenizer, eos_ids(base, tokenizer), base.generation_config, adapter=ADAPTER_FILE)
     write_lora_gguf(adapted, folder / ADAPTER_FILE, name=f"{model_name}-lora")
     (folder / "Modelfile").write_text(text)
@@ -201,7 +194,7 @@ def _float_reference_for_int8(context: ExportContext, base, record: dict) -> Exp
     from lorasp_edge.export.verify import compare, reference_logits
     from lorasp_edge.train.adapter import load_adapter
 
-    if not any(get_bnb_param_type(p) == "8bit" for p in context.merged.get_base_model().parameters()):
+    if not any(get_bnb_param_type(p) == "8bit" for p in context.model.get_base_model().parameters()):
         return context
     reference = load_adapter(base, context.settings.adapter).eval()
     logits = reference_logits(reference, context.input_ids, context.attention_mask)
@@ -214,4 +207,4 @@ def _float_reference_for_int8(context: ExportContext, base, record: dict) -> Exp
             f"the adapter over the dequantized 8-bit base differs from the int8 forward by {check.relative_diff:.2e} of the logit "
             f"scale > {MERGE_TOLERANCE[8]:.0e}; nothing was written"
         )
-    return replace(context, merged=reference, reference=logits, manifest=context.manifest)
+    return replace(context, model=reference, reference=logits, manifest=context.manifest)

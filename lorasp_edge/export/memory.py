@@ -121,23 +121,54 @@ def _piece_bytes(vocab: int) -> int:
     return PIECE_LOGITS_FACTOR * 4 * ONNX_PIECE_ROWS * vocab  # what scoring a window in pieces adds to a session
 
 
-def estimate_streamed(shapes: dict[str, tuple[int, ...]], wants_onnx: bool, quantize: str, budget_bytes: int | None = None) -> ExportEstimate:
-    """The streamed export's peak by phase; under `budget_bytes` the fp32 graph is verified in as many
-    layer slices as it takes to fit (`session_slices`)."""
-    parameters, largest, unit, vocab = shapes_summary(shapes)
+def estimate_streamed(shapes: dict[str, tuple[int, ...]], formats, settings, budget_bytes: int | None = None) -> ExportEstimate:
+    """The streamed export's peak by phase: the merge and the layer-streamed reference, then each
+    format's own phases (its `memory_phases`); under `budget_bytes` the fp32 graph is verified in as
+    many layer slices as it takes to fit (`session_slices`)."""
+    _, largest, unit, vocab = shapes_summary(shapes)
     activations = 4 * 4 * ACTIVATION_WINDOW * vocab  # one window's logits and the buffers around them
-    piece = _piece_bytes(vocab)
-    # 16-bit read + fp32 copy + merged result; the quantizer reads one fp32 weight and writes its blocks
+    # 16-bit read + fp32 copy + merged result
     phases = {"merge": 2 * largest + 2 * 4 * largest, "reference": 4 * unit + activations}
     slices = 1
-    if wants_onnx:
-        slices = session_slices(shapes, budget_bytes)
-        session = "fp32 ONNX session" if slices == 1 else f"fp32 ONNX session ({slices} layer slices)"
-        phases[session] = int(SESSION_FACTOR * 4 * max(slice_parameters(shapes, slices))) + piece
-        if quantize != "none":
-            phases["quantize"] = 2 * 4 * largest
-            phases[f"{quantize} ONNX session"] = int(SESSION_FACTOR * QUANT_BYTES_PER_PARAMETER[quantize] * parameters) + piece
+    for item in formats:
+        found, item_slices = item.memory_phases(shapes, settings, budget_bytes)
+        phases.update(found)
+        slices = item_slices or slices
     return ExportEstimate(RUNTIME_BYTES + max(phases.values()), phases, slices)
+
+
+def onnx_phases(shapes: dict[str, tuple[int, ...]], quantize: str, budget_bytes: int | None) -> tuple[dict[str, int], int]:
+    """The onnx format's phases over a streamed source, and the layer slices its fp32 session takes."""
+    parameters, largest, _, vocab = shapes_summary(shapes)
+    piece = _piece_bytes(vocab)
+    slices = session_slices(shapes, budget_bytes)
+    session = "fp32 ONNX session" if slices == 1 else f"fp32 ONNX session ({slices} layer slices)"
+    phases = {session: int(SESSION_FACTOR * 4 * max(slice_parameters(shapes, slices))) + piece}
+    if quantize != "none":  # the quantizer reads one fp32 weight and writes its blocks
+        phases["quantize"] = 2 * 4 * largest
+        phases[f"{quantize} ONNX session"] = int(SESSION_FACTOR * QUANT_BYTES_PER_PARAMETER[quantize] * parameters) + piece
+    return phases, slices
+
+
+def genai_phases(shapes: dict[str, tuple[int, ...]], quantize: str) -> dict[str, int]:
+    """onnxruntime-genai opens each graph whole (no layer slices), one at a time, with a generator's cache."""
+    parameters, _, _, vocab = shapes_summary(shapes)
+    phases = {"onnxruntime-genai fp32 model": int(SESSION_FACTOR * 4 * parameters) + _piece_bytes(vocab)}
+    if quantize != "none":
+        phases[f"onnxruntime-genai {quantize} model"] = int(SESSION_FACTOR * QUANT_BYTES_PER_PARAMETER[quantize] * parameters) + _piece_bytes(vocab)
+    return phases
+
+
+def gguf_phases(shapes: dict[str, tuple[int, ...]], bytes_per_weight: float) -> dict[str, int]:
+    """Writing holds one tensor in fp32, its row-permuted copy and its converted bytes; llama.cpp's check
+    maps the file (resident as it is read) and keeps logits for every position of its context."""
+    parameters, largest, _, vocab = shapes_summary(shapes)
+    phases = {"GGUF write": int((4 + 4 + bytes_per_weight) * largest)}
+    from lorasp_edge.export import llamacpp
+
+    if llamacpp.available():
+        phases["llama.cpp (GGUF)"] = int(bytes_per_weight * parameters) + 2 * 4 * (ACTIVATION_WINDOW + 1) * vocab
+    return phases
 
 
 def estimate_in_memory(shapes: dict[str, tuple[int, ...]]) -> ExportEstimate:

@@ -129,9 +129,11 @@ def apply_lorasp(model: nn.Module, config: LoRASPConfig):
 
 
 def _uses_conv1d(model: nn.Module) -> bool:
-    from transformers.pytorch_utils import Conv1D
+    """Whether the family stores linear weights transposed (PEFT's fan_in_fan_out)."""
+    from lorasp_edge.families import family_of
 
-    return any(isinstance(module, Conv1D) for module in model.modules())
+    entry = family_of(model.config)
+    return entry is not None and entry.conv1d
 
 
 def disable_bnb_cpu_repack(model: nn.Module) -> None:

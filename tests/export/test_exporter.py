@@ -32,7 +32,7 @@ from lorasp_edge.export.onnx_graph import (
     onnx_weight_bytes,
 )
 from lorasp_edge.export.onnx_runtime import OnnxDecoder
-from lorasp_edge.export.pipeline import ExportSettings, export
+from lorasp_edge.export.run import ExportSettings, export
 from lorasp_edge.export.verify import onnx_logit_pieces, onnx_logits_fn, perplexity, torch_logits_fn, verify_onnx
 from lorasp_edge.models import load_model
 from lorasp_edge.train.adapter import (
@@ -342,7 +342,7 @@ def test_smollm2_export_with_a_trained_adapter_agrees_with_pytorch(tmp_path):
     assert report.manifest["files"]["onnx"] <= 1.01 * report.manifest["files"]["fp32_parameters"]
 
     merged = AutoModelForCausalLM.from_pretrained(exporter_model_dir(), dtype=torch.float32)
-    from lorasp_edge.export.merge import merged_model
+    from lorasp_edge.export.sources.merge import merged_model
 
     merged = merged_model(load_adapter(merged, tmp_path / "adapter")).eval()
     prompt = tokenizer("Once upon a time, in a small village,", return_tensors="pt").input_ids

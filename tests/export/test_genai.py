@@ -10,7 +10,7 @@ from transformers import AutoConfig, GenerationConfig
 
 from lorasp_edge.cli import main
 from lorasp_edge.export import genai
-from lorasp_edge.export.pipeline import ExportSettings, export
+from lorasp_edge.export.run import ExportSettings, export
 
 
 @pytest.fixture(scope="module")

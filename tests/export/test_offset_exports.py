@@ -9,8 +9,8 @@ import torch
 from tiny import make_model_dir, train_adapter
 
 from lorasp_edge.export import gguf_adapter
-from lorasp_edge.export.merge import merged_model
-from lorasp_edge.export.pipeline import ExportSettings, export
+from lorasp_edge.export.sources.merge import merged_model
+from lorasp_edge.export.run import ExportSettings, export
 from lorasp_edge.models import load_model
 from lorasp_edge.train.adapter import load_adapter
 

@@ -10,7 +10,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from lorasp_edge.errors import AdapterError, UserError
-from lorasp_edge.export.merge import merged_model, merged_state_dict
+from lorasp_edge.export.sources.merge import merged_model, merged_state_dict
 from lorasp_edge.train import masks as masklib
 from lorasp_edge.train.adapter import (
     LoRASPConfig,

@@ -14,7 +14,7 @@ import torch
 from test_adapter import tiny_gpt2, tiny_llama, tokens, train
 
 from lorasp_edge.errors import AdapterError
-from lorasp_edge.export.merge import merged_model
+from lorasp_edge.export.sources.merge import merged_model
 from lorasp_edge.plan import memory
 from lorasp_edge.plan.catalog import model_info
 from lorasp_edge.train.adapter import (

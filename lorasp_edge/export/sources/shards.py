@@ -22,6 +22,7 @@ from types import SimpleNamespace
 import torch
 
 from lorasp_edge.errors import AdapterError, UserError
+from lorasp_edge.export.sources.merge import lora_delta
 from lorasp_edge.prequantize import (
     SAFETENSORS_DTYPES,
     SafetensorsReader,
@@ -56,23 +57,9 @@ class Checkpoint:
         return tuple(self.where[key].entries[key]["shape"])
 
     def read(self, key: str) -> torch.Tensor:
-        """One tensor, read with pread into fresh memory. Unlike SafetensorsReader.read, the page cache
-        keeps the file's pages: the verification reads each weight several times."""
-        reader = self.where[key]
-        entry = reader.entries[key]
-        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise UserError(f"{reader.path.name}: tensor {key} has dtype {entry['dtype']}, which this reader does not handle")
-        start, end = entry["data_offsets"]
-        tensor = torch.empty(entry["shape"], dtype=dtype)
-        view = memoryview(tensor.view(-1).view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
-        done = 0
-        while done < end - start:
-            got = os.preadv(reader._handle.fileno(), [view[done:]], reader._data_start + start + done)
-            if got <= 0:
-                raise UserError(f"{reader.path}: truncated file (tensor {key})")
-            done += got
-        return tensor
+        """One tensor. Unlike a single pass over the file, the page cache keeps its pages: the
+        verification reads each weight several times."""
+        return self.where[key].read(key, keep_cached=True)
 
     def close(self) -> None:
         for reader in self.readers:
@@ -200,8 +187,7 @@ class LoraDelta:
         if name not in self.matrices:
             return None
         A, B = self.matrices[name]
-        delta = (B @ A) * self.scaling
-        return delta.T if self.fan_in_fan_out else delta
+        return lora_delta(A, B, self.scaling, self.fan_in_fan_out)
 
 
 @dataclass
@@ -234,6 +220,20 @@ def meta_model(config):
 
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def meta_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape of the model `config` builds (a tied table once), from the meta device."""
+    return {name: tuple(parameter.shape) for name, parameter in meta_model(config).named_parameters()}
+
+
+def base_float_shapes(source: Path, bits: int | None) -> dict[str, tuple[int, ...]]:
+    """Checkpoint key -> shape of every weight as the merge writes it (fp32), from the headers only."""
+    base = BaseWeights(source, bits)
+    try:
+        return {key: base.shape(key) for key in base.keys()}
+    finally:
+        base.close()
 
 
 def embedding_key(config) -> str | None:
