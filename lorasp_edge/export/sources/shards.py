@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,6 @@ import torch
 from lorasp_edge.errors import AdapterError, UserError
 from lorasp_edge.export.sources.merge import lora_delta
 from lorasp_edge.prequantize import (
-    SAFETENSORS_DTYPES,
     SafetensorsReader,
     quantized_modules,
     weight_files,
