@@ -34,7 +34,7 @@ from lorasp_edge.export import llamacpp
 from lorasp_edge.export.context import ExportContext
 from lorasp_edge.export.gguf import GGUF_DIR, eos_ids, verify_gguf
 from lorasp_edge.export.gguf_file import architecture, permute_rows, write_gguf_file
-from lorasp_edge.export.sources import MERGE_TOLERANCE
+from lorasp_edge.export.sources.source import MERGE_TOLERANCE
 from lorasp_edge.export.sources.merge import dequantized_weight
 from lorasp_edge.export.ollama import modelfile
 from lorasp_edge.export.sources.weights import ModelWeights

@@ -64,7 +64,7 @@ def io_names(num_layers: int) -> tuple[list[str], list[str]]:
     return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
 
 
-def _dynamic_axes(num_layers: int) -> dict[str, dict[int, str]]:
+def dynamic_axes(num_layers: int) -> dict[str, dict[int, str]]:
     inputs, outputs = io_names(num_layers)
     axes = {
         "input_ids": {0: "batch_size", 1: "sequence_length"},
@@ -174,7 +174,7 @@ def export_decoder(model: nn.Module, out_dir: Path, opset: int = DEFAULT_OPSET, 
                 str(traced),
                 input_names=inputs,
                 output_names=outputs,
-                dynamic_axes=_dynamic_axes(wrapper.num_layers),
+                dynamic_axes=dynamic_axes(wrapper.num_layers),
                 opset_version=opset,
                 do_constant_folding=True,
                 dynamo=False,

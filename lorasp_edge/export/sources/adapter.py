@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from lorasp_edge.export.sources import Source, SourceRequest
+from lorasp_edge.export.sources.source import Source, SourceRequest
 
 
 def open_source(request: SourceRequest) -> Source:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from lorasp_edge.export.sources import Source, SourceRequest, check_merge
+from lorasp_edge.export.sources.source import Source, SourceRequest, check_merge
 from lorasp_edge.export.sources.weights import ModelWeights
 
 

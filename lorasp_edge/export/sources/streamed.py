@@ -22,7 +22,7 @@ import torch
 
 from lorasp_edge.errors import AdapterError, VerificationError
 from lorasp_edge.export.hf import write_portable_config
-from lorasp_edge.export.sources import Source, SourceRequest, check_merge
+from lorasp_edge.export.sources.source import Source, SourceRequest, check_merge
 from lorasp_edge.export.sources.layered import LayerStreamed
 from lorasp_edge.export.sources.shards import (
     BaseWeights,
