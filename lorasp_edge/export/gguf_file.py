@@ -32,7 +32,7 @@ import torch
 from lorasp_edge.errors import UserError
 from lorasp_edge.families import GGUF_BPE_TOKENIZER, KNOWN_PRE_TOKENIZERS, PROBE_TEXT, SPLIT_PATTERNS, family_of, supported
 
-from lorasp_edge.export.formats.gguf import GGUF_BITS, GGUF_TYPES  # noqa: F401 (the format owns its types)
+from lorasp_edge.export.formats.gguf import GGUF_BITS, GGUF_TYPES
 def unsupported_reason(config) -> str | None:
     """Why this model cannot be written as GGUF (its family has no llama.cpp architecture, or its RoPE
     is one llama.cpp is not told here), or None."""

@@ -1,19 +1,23 @@
-"""How much memory an export takes: measured afterwards (peak RSS), estimated beforehand (`--mem`).
+"""How much memory an export takes: measured afterwards (peak RSS), estimated beforehand (`--mem`,
+and the choice of source, lorasp_edge.export.sources.choose).
 
-The streamed export (streamed.py) runs in phases whose resident sets do not overlap:
+The in-memory source holds the base, the adapted model and the merged fp32 copy: about four fp32
+copies of the model (IN_MEMORY_FACTOR). The streamed source runs in phases whose resident sets do
+not overlap, its own and each format's (the format's `memory_phases`):
 
     merge           one tensor in 16-bit + its fp32 copy + the merged result
     reference       one unit's fp32 weights (a decoder layer, or the vocabulary table) + activations
-                    (every PyTorch forward runs before a session opens: verify.reference_steps)
-    fp32 ONNX       the onnxruntime session: every fp32 weight (4 bytes x parameters) + activations,
-                    or, when that exceeds the budget, the largest of N sessions over consecutive layers
-                    opened one at a time (onnx_slices.py)
-    quantize        one weight in fp32 + its quantized blocks
-    quantized ONNX  the quantized session + activations
+                    (every PyTorch forward runs before a runtime opens)
+    onnx            the fp32 onnxruntime session: every fp32 weight (4 bytes x parameters) + a scoring
+                    piece, or, when that exceeds the budget, the largest of N sessions over consecutive
+                    layers opened one at a time (onnx_slices.py); the quantizer (one weight); the
+                    quantized session
+    genai           onnxruntime-genai's model over each graph, whole
+    gguf            one tensor, its permuted copy and its converted bytes; llama.cpp's mapped file and logits
 
 so the estimate is the runtime's fixed cost plus the largest phase. The fixed cost and the
 session's factor over its weights are measured by tools/export_memory.py (docs/export.md,
-"Export memory"). The in-memory path (other formats) holds the fp32 model about four times over.
+"Export memory").
 """
 
 from __future__ import annotations

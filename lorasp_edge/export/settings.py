@@ -76,14 +76,6 @@ class ExportSettings:
     def formats(self) -> list[str]:
         return export_formats.expand(self.format)
 
-    @property
-    def wants_onnx(self) -> bool:
-        return "onnx" in self.formats
-
-    @property
-    def wants_hf(self) -> bool:
-        return "hf" in self.formats
-
 
 def within(path: Path, folder: Path) -> bool:
     """Whether `path` is `folder` or lies inside it (so replacing `folder` would remove it)."""
