@@ -58,6 +58,7 @@ def main() -> int:
     lora = None
     if args.adapter is not None:
         from lorasp_edge.export import gguf_adapter
+        from lorasp_edge.export.sources.adapter import unmerged_base
         from lorasp_edge.train.adapter import load_adapter, read_adapter_info
 
         info = read_adapter_info(args.adapter)
@@ -75,7 +76,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="verify-gguf-") as folder:
         context = model_context(model, tokenizer, Path(folder), eval_tokens=args.eval_tokens)
         if args.adapter is not None:
-            plain = gguf_adapter.unmerged_base(model)
+            plain = unmerged_base(model)
             lora = gguf_adapter.write_lora_gguf(model, Path(folder) / gguf_adapter.ADAPTER_FILE)
             print(f"adapter file: {lora.stat().st_size / 1e6:.2f} MB (f32 A and B)")
         label = "+lora" if lora is not None else ""

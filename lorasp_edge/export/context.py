@@ -15,7 +15,7 @@ layer from disk (so a writer takes weights from `weights` rather than from the m
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -59,6 +59,7 @@ class ExportContext:
     streamed: bool = False  # the reference reads its weights from disk, one layer at a time
     merged_folder: Path | None = None  # the merged Hugging Face folder the source wrote, if it wrote one
     is_merged: bool = True  # False: the adapter is unmerged (export --adapter-only)
+    reference_record: dict = field(default_factory=dict)  # what the reference is, as a format's manifest record states it
 
     @property
     def merged(self):
@@ -67,13 +68,14 @@ class ExportContext:
 
     @property
     def config(self):
-        return self.model.config
+        """The model's config (the base's, for an unmerged adapter)."""
+        return self.model.get_base_model().config if hasattr(self.model, "get_base_model") else self.model.config
 
 
 def build_context(model, tokenizer, inputs: VerificationInputs, folder: Path, manifest: dict, say: Callable[[str], None] | None = None,
                   settings=None, **source_facts) -> ExportContext:
     """The one context builder: the reference logits and the perplexity window from the model, the rest
-    as given. `source_facts`: weights, streamed, merged_folder, is_merged, session_slices."""
+    as given. `source_facts`: weights, streamed, merged_folder, is_merged, reference_record, session_slices."""
     config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
     window = min(PERPLEXITY_WINDOW, getattr(config, "max_position_embeddings", PERPLEXITY_WINDOW) or PERPLEXITY_WINDOW)
     return ExportContext(

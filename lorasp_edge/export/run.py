@@ -63,7 +63,7 @@ def export(settings: ExportSettings, progress: Callable[[str], None] | None = No
             manifest["verification"].update(source.checks)
             context = build_context(source.model, tokenizer, inputs, tmp, manifest, say, settings, weights=source.weights,
                                     streamed=source.streamed, merged_folder=source.merged_folder, is_merged=source.is_merged,
-                                    session_slices=choice.estimate.session_slices)
+                                    reference_record=source.reference_record, session_slices=choice.estimate.session_slices)
             for item in formats:
                 (item.write_adapter if settings.adapter_only else item.write)(context)
         finally:

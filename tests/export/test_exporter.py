@@ -273,13 +273,14 @@ def test_no_room_on_disk_before_writing(llama_adapter, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
 
 
-def test_disk_full_while_writing_leaves_nothing(llama_adapter, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("source", "writer"), [("memory", "export_decoder"), ("streamed", "export_decoder_streamed")])
+def test_disk_full_while_writing_leaves_nothing(llama_adapter, tmp_path, monkeypatch, source, writer):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(onnx_writer, "export_decoder_streamed", full)
+    monkeypatch.setattr(onnx_writer, writer, full)
     with pytest.raises(UserError, match="no space left on the device"):
-        export(ExportSettings(adapter=llama_adapter[1], out=tmp_path / "out"))
+        export(ExportSettings(adapter=llama_adapter[1], out=tmp_path / "out", source=source))
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
 
 

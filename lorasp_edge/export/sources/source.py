@@ -39,6 +39,7 @@ class Source:
     merged_folder: Path | None = None  # the merged Hugging Face folder, when the source wrote one
     is_merged: bool = True
     checks: dict = field(default_factory=dict)  # verification records the source made (manifest "verification")
+    reference_record: dict = field(default_factory=dict)  # what the reference is, for a format's record (adapter source)
     closers: list = field(default_factory=list)
 
     def close(self) -> None:
