@@ -10,7 +10,7 @@
 
 A source hands the formats a reference model (what every written file is checked against), a
 key -> tensor view of the weights to write (weights.py), and the checks it made itself (the merge
-check, `check_merge`, for both merged sources). `choose` picks in-memory when its estimate fits
+check, `source.check_merge`, for both merged sources). `choose` picks in-memory when its estimate fits
 the budget (--mem, or the memory available) and streamed when it does not and every format streams.
 """
 
@@ -21,6 +21,7 @@ from pathlib import Path
 
 from lorasp_edge.errors import UserError
 from lorasp_edge.export.sources.source import Source, SourceRequest
+
 
 def open_source(kind: str, request: SourceRequest) -> Source:
     from lorasp_edge.export.sources import adapter, in_memory, streamed
