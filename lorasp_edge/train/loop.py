@@ -18,8 +18,8 @@ guard or an out-of-memory error in a step (exit 3; the checkpoint is taken befor
 Rank-aware from the start: under torchrun each rank reads its own packed blocks, gradients are
 averaged by DDP, rank 0 alone writes files and prints.
 
-A little over 400 lines: the Trainer and its checkpoint record stay in one module because the
-record is the loop's state, field for field (the step itself is in step.py).
+The step itself is step.py's (its one import path); the checkpoint record, taken from the
+Trainer and restored into it, is checkpoint.py's.
 """
 
 from __future__ import annotations
