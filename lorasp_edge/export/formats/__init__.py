@@ -71,9 +71,11 @@ def flag_problems(settings, names: list[str]) -> list[str]:
     defaults = {field.name: field.default for field in fields(settings)}
     wanted = in_order([name for name in names if name in FORMATS])
     for flag in dict.fromkeys(flag for item in FORMATS.values() for flag in item.flags):
+        option = "--" + flag.replace("_", "-")
+        if any(problem.startswith(option + " ") for problem in found):
+            continue  # its value is wrong already: one problem a flag
         owners = [item.name for item in FORMATS.values() if flag in item.flags or any(flag in FORMATS[r].flags for r in item.requires)]
         if getattr(settings, flag) != defaults.get(flag) and not any(item.name in owners for item in wanted):
-            option = "--" + flag.replace("_", "-")
             found.append(f"{option} is for --format {', '.join(owners)}: use it with one of them")
     return found
 
