@@ -232,7 +232,10 @@ def _add_export(subparsers) -> None:
     parser.add_argument("--eval-text", type=Path, help="held-out text file for perplexity (default: the Python language reference)")
     parser.add_argument("--adapter-only", action="store_true",
                         help="no merge: write the adapter for a runtime that applies it, beside the base as trained (--format gguf: llama.cpp --lora)")
-    parser.add_argument("--mem", help="memory budget, e.g. 8GB or 6GiB: exit 2 with the estimate before any work if the export would not fit")
+    parser.add_argument("--mem", help="memory budget, e.g. 8GB or 6GiB: the export reads the weights in memory when its estimate fits, else streamed from "
+                        "the base's shards; exit 2 with the estimate before any work if neither fits (default: the memory available)")
+    parser.add_argument("--source", choices=["auto", "memory", "streamed"],
+                        help="where the merged weights come from: auto (default: in memory when the estimate fits the budget, else streamed), memory, streamed")
     parser.add_argument("--min-agreement", type=float, help="lowest greedy agreement with the merged model that a quantized ONNX, genai or GGUF export may show (default 0.95 for 8/16-bit, 0.70 for 4-bit; random-weight models have near-tied logits and need 0)")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into a non-empty --out that is not an earlier export, or drop the formats of an earlier export not written now: everything in --out is replaced")
@@ -244,10 +247,10 @@ def _run_export(args) -> int:
     import threading
 
     from lorasp_edge.export.output import record_folder
-    from lorasp_edge.export.pipeline import ExportSettings, export
+    from lorasp_edge.export.run import ExportSettings, export
 
     # Options left out take ExportSettings' defaults (the one place they are written).
-    options = {name: getattr(args, name) for name in ("format", "quantize", "block_size", "gguf_type", "opset", "mem", "min_agreement") if getattr(args, name) is not None}
+    options = {name: getattr(args, name) for name in ("format", "quantize", "block_size", "gguf_type", "opset", "mem", "source", "min_agreement") if getattr(args, name) is not None}
     settings = ExportSettings(adapter=args.adapter, out=args.out, model=args.model, eval_text=args.eval_text, adapter_only=args.adapter_only,
                               overwrite=args.overwrite, **options)
     terminated = []  # set before the raise: an import interrupted by it surfaces as ImportError

@@ -83,25 +83,25 @@ class SafetensorsReader:
         start, end = self.entries[name]["data_offsets"]
         return end - start
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, keep_cached: bool = False) -> torch.Tensor:
+        """One tensor, read with pread into fresh memory. The page cache is told to drop what was read
+        unless `keep_cached` (a reader that reads each weight several times keeps it)."""
         entry = self.entries[name]
         dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
         if dtype is None:
             raise UserError(f"{self.path.name}: tensor {name} has dtype {entry['dtype']}, which this reader does not handle")
         start, end = entry["data_offsets"]
-        buffer = bytearray(end - start)
-        view = memoryview(buffer)
+        tensor = torch.empty(entry["shape"], dtype=dtype)
+        view = memoryview(tensor.view(-1).view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
         done = 0
-        while done < len(buffer):
+        while done < end - start:
             got = os.preadv(self._handle.fileno(), [view[done:]], self._data_start + start + done)
             if got <= 0:
                 raise UserError(f"{self.path}: truncated file (tensor {name})")
             done += got
-        if hasattr(os, "posix_fadvise"):  # the page cache need not keep what was read once
+        if not keep_cached and hasattr(os, "posix_fadvise"):  # the page cache need not keep what was read once
             os.posix_fadvise(self._handle.fileno(), self._data_start + start, end - start, os.POSIX_FADV_DONTNEED)
-        if not buffer:
-            return torch.empty(entry["shape"], dtype=dtype)
-        return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
+        return tensor
 
     def close(self) -> None:
         self._handle.close()
@@ -128,17 +128,19 @@ def quantized_modules(folder: Path) -> set[str]:
     and fp32-kept modules are skipped), so the keys match what from_pretrained expects."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations.bitsandbytes import should_convert_module
-    from transformers.pytorch_utils import Conv1D
     from transformers.quantizers.base import HfQuantizer
 
+    from lorasp_edge.families import family_of
+
     hf_config = AutoConfig.from_pretrained(folder)
+    entry = family_of(hf_config)
+    if entry is not None and entry.conv1d:
+        raise UserError(f"quantize: {hf_config.model_type} models (Conv1D layers) are not supported; quantize on the fly instead")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
     skip = HfQuantizer.get_modules_to_not_convert(model, None, getattr(model, "_keep_in_fp32_modules", None))
     names = set()
     for name, module in model.named_modules():
-        if isinstance(module, Conv1D) and should_convert_module(name, skip):
-            raise UserError(f"quantize: {hf_config.model_type} models (Conv1D layers) are not supported; quantize on the fly instead")
         if type(module) is torch.nn.Linear and should_convert_module(name, skip):
             names.add(name)
     return names

@@ -37,7 +37,8 @@ def micro_batches(vocab_size: int, seed: int) -> list[dict]:
 @pytest.mark.parametrize("bits", [16, 4])
 def test_lorasp_step_on_cuda_keeps_frozen_entries_and_moves_trainable_ones(model_dir, bits):
     from lorasp_edge.train.adapter import lora_matrices
-    from lorasp_edge.train.loop import build_model, build_optimizer, train_step
+    from lorasp_edge.train.loop import build_model, build_optimizer
+    from lorasp_edge.train.step import train_step
 
     device = torch.device("cuda")
     plan = cuda_plan(model_dir, bits)

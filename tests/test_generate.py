@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorasp_edge.cli import main
 from lorasp_edge.errors import UserError
-from lorasp_edge.export.pipeline import ExportSettings, export
+from lorasp_edge.export.run import ExportSettings, export
 from lorasp_edge.generate import (
     GenerateSettings,
     TextStream,

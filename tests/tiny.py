@@ -79,7 +79,8 @@ def train_adapter(base_dir, adapter_dir, quant_bits=None, steps=5, seed=1, init=
     from transformers import AutoTokenizer
 
     from lorasp_edge.models import load_model
-    from lorasp_edge.train.adapter import LoRASPConfig, apply_lorasp, save_adapter, trainable_parameters
+    from lorasp_edge.train.adapter import LoRASPConfig, apply_lorasp, trainable_parameters
+    from lorasp_edge.train.adapter_files import save_adapter
     from lorasp_edge.train.optim import LoRASPAdamW
 
     model = load_model(str(base_dir), quant_bits=quant_bits, device="cpu")
@@ -103,18 +104,30 @@ def leftovers(folder):
 
 
 def export_a_different_model(monkeypatch):
-    """Make every ONNX export trace a graph whose final norm is 1.5x the merged model's, so its
-    verification against PyTorch fails."""
+    """Make every ONNX export (from either source) trace a graph whose final norm is 1.5x the merged
+    model's, so its verification against PyTorch fails."""
     from types import SimpleNamespace
 
     from lorasp_edge.export import onnx_writer
 
-    real_export = onnx_writer.export_decoder_streamed
+    real_streamed, real_traced = onnx_writer.export_decoder_streamed, onnx_writer.export_decoder
 
-    def export(config, weights, *args, **kwargs):
+    def export_streamed(config, weights, *args, **kwargs):
         def read(key):
             return weights.read(key) * (1.5 if key == "model.norm.weight" else 1.0)
 
-        return real_export(config, SimpleNamespace(keys=weights.keys, read=read), *args, **kwargs)
+        return real_streamed(config, SimpleNamespace(keys=weights.keys, read=read), *args, **kwargs)
 
-    monkeypatch.setattr(onnx_writer, "export_decoder_streamed", export)
+    def export_traced(model, *args, **kwargs):
+        norm = model.model.norm.weight
+        kept = norm.detach().clone()
+        with torch.no_grad():
+            norm.mul_(1.5)
+        try:
+            return real_traced(model, *args, **kwargs)
+        finally:
+            with torch.no_grad():
+                norm.copy_(kept)
+
+    monkeypatch.setattr(onnx_writer, "export_decoder_streamed", export_streamed)
+    monkeypatch.setattr(onnx_writer, "export_decoder", export_traced)

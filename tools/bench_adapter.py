@@ -42,12 +42,7 @@ def measure(method: str, steps: int, warmup: int) -> dict:
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**CONFIG))
     if method == "lorasp":
-        from lorasp_edge.train.adapter import (
-            LoRASPConfig,
-            apply_lorasp,
-            count_parameters,
-            trainable_parameters,
-        )
+        from lorasp_edge.train.adapter import LoRASPConfig, apply_lorasp, count_parameters, trainable_parameters
         from lorasp_edge.train.optim import LoRASPAdamW
 
         model = apply_lorasp(model, LoRASPConfig(rank=16, alpha=32, target_modules="all-linear"))

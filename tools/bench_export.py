@@ -3,7 +3,7 @@
     python tools/bench_export.py [--adapter DIR] [--new-tokens 128] [--json out.json]
 
 1. A small LoRA-SP adapter (2 optimizer steps, rank 8, all linear layers), unless --adapter names one.
-2. `lorasp_edge.export.pipeline.export` twice, with --quantize int8 and int4: merged HF model, fp32 ONNX and
+2. `lorasp_edge.export.run.export` twice, with --quantize int8 and int4: merged HF model, fp32 ONNX and
    each quantized ONNX, verified; their manifests give file sizes and held-out perplexities.
 3. Tokens/s of greedy generation of exactly --new-tokens tokens (EOS ignored) from one prompt, batch 1,
    CPU: onnxruntime through `lorasp_edge.generate` (what `lorasp-edge generate` runs) for fp32, int8 and
@@ -33,12 +33,8 @@ def small_adapter(out_dir: Path) -> Path:
     from lorasp_edge.models import load_model
 
     from lorasp_edge.sources import resolve_model
-    from lorasp_edge.train.adapter import (
-        LoRASPConfig,
-        apply_lorasp,
-        save_adapter,
-        trainable_parameters,
-    )
+    from lorasp_edge.train.adapter import LoRASPConfig, apply_lorasp, trainable_parameters
+    from lorasp_edge.train.adapter_files import save_adapter
     from lorasp_edge.train.optim import LoRASPAdamW
 
     model = load_model("smollm2-135m", device="cpu")
@@ -90,7 +86,7 @@ def pytorch_speed(hf_dir: Path, prompt_ids: list[int], new_tokens: int, repeats:
 def main() -> int:
     from transformers import AutoTokenizer
 
-    from lorasp_edge.export.pipeline import ExportSettings, export
+    from lorasp_edge.export.run import ExportSettings, export
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapter", type=Path, help="adapter trained on smollm2-135m (default: a 2-step one made here)")

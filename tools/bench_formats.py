@@ -131,7 +131,9 @@ def main() -> int:
     import torch
 
     from lorasp_edge.export import agreement, genai, llamacpp
+    from lorasp_edge.export.context import model_context
     from lorasp_edge.export.gguf_file import write_gguf_file
+    from lorasp_edge.export.sources.weights import ModelWeights
     from lorasp_edge.export.hf import write_side_files
     from lorasp_edge.export.onnx_graph import ONNX_FILE, export_decoder, files_bytes
     from lorasp_edge.export.onnx_runtime import OnnxDecoder
@@ -147,7 +149,7 @@ def main() -> int:
     wanted = args.formats.split(",")
     with tempfile.TemporaryDirectory(prefix="bench-formats-") as scratch:
         root = Path(scratch)
-        context = agreement.model_context(model, tokenizer, root, eval_tokens=args.eval_tokens)
+        context = model_context(model, tokenizer, root, eval_tokens=args.eval_tokens)
         ids, window = context.ids, context.window
         prompt = ids[: agreement.PROMPT_TOKENS]
         continuation = agreement.greedy_continuation(model, prompt)
@@ -201,7 +203,7 @@ def main() -> int:
         if llamacpp.available():
             for name in [n for n in wanted if n.startswith("gguf")]:
                 type_name = name[5:]
-                path = write_gguf_file(model, tokenizer, root / f"{name}.gguf", type_name)
+                path = write_gguf_file(model.config, ModelWeights(model), tokenizer, root / f"{name}.gguf", type_name)
                 runtime = llamacpp.LlamaCppModel(path, context=max(window + 1, len(prompt) + len(continuation), len(long_ids)), threads=args.threads)
                 rows.append((name, f"GGUF {type_name} (llama.cpp)", speed(runtime, prompt_ids, args.new_tokens, args.repeats)[0],
                              first_token_seconds(runtime, long_ids, args.repeats), path.stat().st_size,

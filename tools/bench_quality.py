@@ -37,7 +37,7 @@ LoRA-SP masks. Adapter alpha = 2 x rank, so the LoRA scale alpha/r is 2 for ever
 Each (method, seed) and the untuned base run in a fresh process, so peak RSS (getrusage ru_maxrss,
 read after the training loop: model load plus training) and times are that run's alone.
 
-Scores, on the held-out split: loss = lorasp_edge.train.loop.evaluate over the split's first
+Scores, on the held-out split: loss = lorasp_edge.train.step.evaluate over the split's first
 EVAL_LOSS_BLOCKS packed SEQ_LEN-token blocks (mean CE over reply tokens); exact match = greedy
 decoding of every prompt (batched, left padding, at most MAX_NEW_TOKENS new tokens), scored by
 make_task_data.exact_match.
@@ -250,7 +250,8 @@ def run_child(method_name: str, seed: int, steps: int, train_path: Path, heldout
     from lorasp_edge.models import load_model, load_tokenizer
     from lorasp_edge.train.adapter import disable_bnb_cpu_repack
     from lorasp_edge.train.data import eval_batches
-    from lorasp_edge.train.loop import build_scheduler, evaluate, train_step
+    from lorasp_edge.train.loop import build_scheduler
+    from lorasp_edge.train.step import evaluate, train_step
     from lorasp_edge.train.loss import ChunkedCausalLMLoss
     from lorasp_edge.train.optim import state_bytes
 

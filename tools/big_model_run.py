@@ -16,8 +16,8 @@ past it, which bounds anonymous memory from above; file pages are outside it). E
 anonymous memory (VmRSS - RssFile) and peak VmData, written every ~10 s to <log>.peaks.json so a
 run stopped early keeps them. It prints one JSON result and a Markdown row. `run --quantize-only`
 stops after quantizing (a later `run` reuses the folder and its figures); `export` exports the
-trained adapter (`lorasp-edge export --format both --quantize int4 --mem <budget>`, `--min-agreement
-0` since random weights have near-tied logits) and reports its peak beside the manifest's; `load`
+trained adapter (`lorasp-edge export --format both --quantize int4 --mem <budget>`, or another
+`--format`; `--min-agreement 0` since random weights have near-tied logits) and reports its peak beside the manifest's; `load`
 reports the anonymous memory loading a quantized folder adds against the bytes of its tensors.
 
     python tools/big_model_run.py export --work /scratch/run8b --mem 16GB
@@ -250,11 +250,13 @@ def forced_memory(planned: dict) -> dict:
 def export_run(args) -> dict:
     """`lorasp-edge export` of WORK/run/adapter over WORK/q<bits>, measured like the training run."""
     work = Path(args.work)
-    out = work / "export"
+    out = work / f"export-{args.format.replace(',', '-')}"
     shutil.rmtree(out, ignore_errors=True)
+    quantize = ["--quantize", args.quantize] if {"onnx", "genai", "both"} & set(args.format.split(",")) else []
     command = [sys.executable, "-m", "lorasp_edge", "export", "--model", str(work / f"q{args.bits}"), "--adapter", str(work / "run" / "adapter"),
-               "--out", str(out), "--format", "both", "--quantize", args.quantize, "--mem", args.mem, "--min-agreement", "0"]
-    result = {"work": str(work), "mem": args.mem, "quantize": args.quantize, "export": measured_run(command, work / "export.log")}
+               "--out", str(out), "--format", args.format, *quantize, "--mem", args.mem, "--min-agreement", "0"]
+    result = {"work": str(work), "mem": args.mem, "format": args.format, "quantize": args.quantize,
+              "export": measured_run(command, work / f"export-{args.format.replace(',', '-')}.log")}
     manifest = out / "manifest.json"
     if manifest.is_file():
         written = json.loads(manifest.read_text())
@@ -373,6 +375,7 @@ def main() -> None:
     export.add_argument("--bits", type=int, default=4, choices=[4, 8])
     export.add_argument("--mem", default="16GB")
     export.add_argument("--quantize", default="int4", choices=["none", "int8", "int4"])
+    export.add_argument("--format", default="both", help="export --format: both, gguf, genai, ... (--quantize applies to onnx and genai)")
     table = sub.add_parser("table", help="the planner against every given run's peak, as Markdown")
     table.add_argument("works", nargs="+", type=Path, help="folders of earlier `run`s")
     table.add_argument("--write-docs", action="store_true", help="replace the table between the at-size markers in docs/planner.md")

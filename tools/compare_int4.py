@@ -5,7 +5,7 @@
 Each mix quantizes the export's fp32 `onnx/model.onnx` with `lorasp_edge.export.onnx_graph.quantize_decoder`
 (MatMulNBits, asymmetric, the lm_head always 8-bit) and scores it as `lorasp-edge export` does:
 perplexity over 1024 tokens of the Python language reference in 512-token windows
-(`lorasp_edge.export.pipeline.perplexity`), as a ratio to the fp32 graph's. The table in docs/export.md
+(`lorasp_edge.export.run.perplexity`), as a ratio to the fp32 graph's. The table in docs/export.md
 comes from this tool.
 """
 

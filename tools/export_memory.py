@@ -41,13 +41,7 @@ def make_adapter(base: Path, out: Path, rank: int = 16, alpha: float = 32.0, rat
 
     from lorasp_edge.prequantize import SafetensorsReader, weight_files
     from lorasp_edge.train import masks as masklib
-    from lorasp_edge.train.adapter import (
-        FORMAT,
-        LORASP_FILE,
-        MASKS_FILE,
-        PEFT_WEIGHTS_FILE,
-        masks_digest,
-    )
+    from lorasp_edge.train.adapter_files import FORMAT, LORASP_FILE, MASKS_FILE, PEFT_WEIGHTS_FILE, masks_digest
 
     shapes = {}
     for path in weight_files(base):

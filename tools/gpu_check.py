@@ -230,7 +230,8 @@ def child_speed(spec: dict) -> dict:
 def run_lorasp(spec: dict, bits: int, device, data: list[dict]) -> dict:
     """lorasp-edge's step as the trainer runs it, under the plan made for spec['mem'] with the base at `bits`."""
     from lorasp_edge.plan.search import Device, plan_training
-    from lorasp_edge.train.loop import build_model, build_optimizer, train_step
+    from lorasp_edge.train.loop import build_model, build_optimizer
+    from lorasp_edge.train.step import train_step
     from lorasp_edge.train.loss import ChunkedCausalLMLoss
 
     device_kind = Device(device.type, spec["dtype"] == "bfloat16", (bits,))

@@ -80,7 +80,8 @@ def step(args) -> None:
     from lorasp_edge.plan.catalog import model_info
     from lorasp_edge.plan.memory import estimate
     from lorasp_edge.plan.search import Device, plan_for_setting
-    from lorasp_edge.train.loop import build_model, build_optimizer, train_step
+    from lorasp_edge.train.loop import build_model, build_optimizer
+    from lorasp_edge.train.step import train_step
 
     spec = point(args.model, args.bits, args.dtype, args.ckpt, args.seq, args.batch, rank=args.rank, chunk=args.chunk, accum=args.accum)
     name = model_name(spec)

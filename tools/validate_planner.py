@@ -217,7 +217,8 @@ def run_point(spec: dict, steps: int) -> dict:
     from lorasp_edge.plan.catalog import model_info
     from lorasp_edge.plan.memory import estimate
     from lorasp_edge.plan.search import Device, plan_for_setting
-    from lorasp_edge.train.loop import build_model, build_optimizer, train_step
+    from lorasp_edge.train.loop import build_model, build_optimizer
+    from lorasp_edge.train.step import train_step
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = model_name(spec)
@@ -298,7 +299,8 @@ def live_point(spec: dict) -> dict:
     from lorasp_edge.plan.catalog import model_info
     from lorasp_edge.plan.memory import estimate, lora_entries
     from lorasp_edge.plan.search import Device, plan_for_setting
-    from lorasp_edge.train.loop import build_model, build_optimizer, train_step
+    from lorasp_edge.train.loop import build_model, build_optimizer
+    from lorasp_edge.train.step import train_step
 
     class LiveBytes(TorchDispatchMode):
         def __init__(self, known: set[int]):

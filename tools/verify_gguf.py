@@ -49,15 +49,17 @@ def main() -> int:
     import torch
 
     from lorasp_edge.errors import VerificationError
-    from lorasp_edge.export.agreement import model_context
+    from lorasp_edge.export.context import model_context
     from lorasp_edge.export.gguf import verify_gguf
     from lorasp_edge.export.gguf_file import write_gguf_file
+    from lorasp_edge.export.sources.weights import ModelWeights
     from lorasp_edge.models import load_model, load_tokenizer
 
     lora = None
     if args.adapter is not None:
         from lorasp_edge.export import gguf_adapter
-        from lorasp_edge.train.adapter import load_adapter, read_adapter_info
+        from lorasp_edge.export.sources.adapter import unmerged_base
+        from lorasp_edge.train.adapter_files import load_adapter, read_adapter_info
 
         info = read_adapter_info(args.adapter)
         args.model = info.get("base_model") or args.model
@@ -74,12 +76,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="verify-gguf-") as folder:
         context = model_context(model, tokenizer, Path(folder), eval_tokens=args.eval_tokens)
         if args.adapter is not None:
-            plain = gguf_adapter.unmerged_base(model)
+            plain = unmerged_base(model)
             lora = gguf_adapter.write_lora_gguf(model, Path(folder) / gguf_adapter.ADAPTER_FILE)
             print(f"adapter file: {lora.stat().st_size / 1e6:.2f} MB (f32 A and B)")
         label = "+lora" if lora is not None else ""
         for type_name in args.types.split(","):
-            path = write_gguf_file(plain if lora else model, tokenizer, Path(folder) / f"model-{type_name}.gguf", type_name)
+            written = plain if lora else model
+            path = write_gguf_file(written.config, ModelWeights(written), tokenizer, Path(folder) / f"model-{type_name}.gguf", type_name)
             record, verdict = {}, "pass"
             try:
                 verify_gguf(path, type_name, context, record, lora=lora)

@@ -87,23 +87,3 @@ def argmax_recorder(logits_of: Callable, picks: list) -> Callable:
 def held_out_agreement(picks: list, reference_picks: list, limit: float) -> Agreement:
     """Agreement of two runs of argmax_recorder over the same held-out windows (teacher-forced on the text)."""
     return _agreement(np.concatenate(picks) == np.concatenate(reference_picks), limit)
-
-
-def model_context(model, tokenizer, folder, eval_tokens: int = 1024, window: int = 512, say=None):
-    """An ExportContext for a model outside an export (tools and tests run the runtime checks on it)."""
-    from lorasp_edge.export.context import ExportContext
-    from lorasp_edge.export.verify import (
-        held_out_ids,
-        held_out_text,
-        reference_logits,
-        verification_batch,
-    )
-
-    ids = held_out_ids(tokenizer, held_out_text(None), eval_tokens)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    input_ids, attention_mask = verification_batch(ids, pad)
-    return ExportContext(
-        settings=None, folder=folder, merged=model, tokenizer=tokenizer, ids=ids, input_ids=input_ids, attention_mask=attention_mask,
-        reference=reference_logits(model, input_ids, attention_mask), window=window, manifest={"files": {}, "verification": {}, "perplexity": {}},
-        say=say or (lambda message: None),
-    )

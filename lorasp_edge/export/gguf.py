@@ -21,7 +21,8 @@ import torch
 from lorasp_edge.errors import VerificationError
 from lorasp_edge.export import agreement, llamacpp
 from lorasp_edge.export.context import ExportContext
-from lorasp_edge.export.gguf_file import GGUF_BITS, write_gguf_file
+from lorasp_edge.export.formats.gguf import GGUF_BITS
+from lorasp_edge.export.gguf_file import write_gguf_file
 from lorasp_edge.export.ollama import modelfile
 from lorasp_edge.export.verify import (
     compare,
@@ -52,14 +53,17 @@ def eos_ids(model, tokenizer) -> set[int]:
 
 
 def write_gguf(context: ExportContext) -> None:
-    settings, merged, tokenizer, say = context.settings, context.merged, context.tokenizer, context.say
+    """OUT/gguf from the merged weights by key (`context.weights`: the model in memory, or the merged
+    shards a streamed source wrote), then checked in llama.cpp against the reference model."""
+    settings, tokenizer, say = context.settings, context.tokenizer, context.say
     type_name = settings.gguf_type
     folder = context.folder / GGUF_DIR
     folder.mkdir()
     name = gguf_file_name(type_name)
     say(f"writing GGUF ({type_name}) and an Ollama Modelfile")
-    write_gguf_file(merged, tokenizer, folder / name, type_name, name=Path(str(getattr(merged.config, "_name_or_path", "") or "model")).name)
-    text, templated = modelfile(name, tokenizer, eos_ids(merged, tokenizer), merged.generation_config)
+    model_name = Path(str(getattr(context.config, "_name_or_path", "") or "model")).name
+    write_gguf_file(context.config, context.weights, tokenizer, folder / name, type_name, name=model_name)
+    text, templated = modelfile(name, tokenizer, eos_ids(context.model, tokenizer), context.model.generation_config)
     (folder / "Modelfile").write_text(text)
     context.manifest["files"]["gguf"] = (folder / name).stat().st_size
     record = {"file": f"{GGUF_DIR}/{name}", "type": type_name, "modelfile_template": templated}
@@ -77,14 +81,26 @@ def verify_gguf(path: Path, type_name: str, context: ExportContext, record: dict
     on a failed check. With `lora`, llama.cpp applies that adapter GGUF at run time (unmerged)."""
     import llama_cpp
 
-    merged, tokenizer, say, ids = context.merged, context.tokenizer, context.say, context.ids
+    merged, tokenizer, say, ids = context.model, context.tokenizer, context.say, context.ids
     bits = GGUF_BITS[type_name]
     prompt = ids[: agreement.PROMPT_TOKENS]
     length = max(context.window + 1, len(prompt) + agreement.CONTINUATION_TOKENS)
-    runtime = llamacpp.LlamaCppModel(path, context=length, lora=lora)
     record = {} if record is None else record
-    record["runtime"] = f"llama.cpp (llama-cpp-python {llama_cpp.__version__})"
     label = f"{type_name}+lora" if lora is not None else type_name
+    # Every PyTorch forward first, then llama.cpp: the two resident sets do not add up (a streamed
+    # reference reads its weights from disk layer by layer; the runtime maps the whole file).
+    say(f"scoring the PyTorch reference for the GGUF check ({label})")
+    continuation = agreement.greedy_continuation(merged, prompt)
+    sequence = prompt + continuation[:GREEDY_TOKENS]
+    x = torch.tensor([sequence])
+    reference = reference_logits(merged, x, torch.ones_like(x))[0]
+    scores = context.manifest["perplexity"]
+    if "pytorch" not in scores:
+        scores.update({"tokens": len(ids), "window": context.window, "pytorch": perplexity(torch_logits_fn(merged), ids, context.window)})
+    # Not mapped: the check's peak then holds the weights once (tools/llamacpp_memory.py: opening the
+    # Qwen2.5-1.5B f16 file took 5.58 GB mapped, 3.57 GB read, on a CPU where llama.cpp copies them).
+    runtime = llamacpp.LlamaCppModel(path, context=length, lora=lora, use_mmap=False)
+    record["runtime"] = f"llama.cpp (llama-cpp-python {llama_cpp.__version__})"
     say(f"verifying the GGUF in llama.cpp: tokenizer, logits, greedy tokens, perplexity ({label})")
 
     text = tokenizer.decode(ids)
@@ -93,10 +109,7 @@ def verify_gguf(path: Path, type_name: str, context: ExportContext, record: dict
     if not same_tokens:
         raise VerificationError(f"llama.cpp tokenizes the held-out text differently from the Hugging Face tokenizer ({path.name}); nothing was written")
 
-    continuation = agreement.greedy_continuation(merged, prompt)
-    sequence = prompt + continuation[:GREEDY_TOKENS]
-    x = torch.tensor([sequence])
-    check = compare([reference_logits(merged, x, torch.ones_like(x))[0]], [runtime.logits(sequence)], [torch.ones(len(sequence))])
+    check = compare([reference], [runtime.logits(sequence)], [torch.ones(len(sequence))])
     greedy = runtime.greedy(prompt, GREEDY_TOKENS)
     record.update({"logits": asdict(check), "greedy_tokens": GREEDY_TOKENS, "greedy_equal": greedy == continuation[:GREEDY_TOKENS]})
     if type_name in GGUF_TOLERANCE:
@@ -114,9 +127,6 @@ def verify_gguf(path: Path, type_name: str, context: ExportContext, record: dict
 
     agreed = agreement.measure(runtime.logits, prompt, continuation, agreement.limit_for_bits(bits, context.settings))
     record["agreement"] = asdict(agreed)
-    scores = context.manifest["perplexity"]
-    if "pytorch" not in scores:
-        scores.update({"tokens": len(ids), "window": context.window, "pytorch": perplexity(torch_logits_fn(merged), ids, context.window)})
     value = perplexity(runtime.logits, ids, context.window)
     scores[f"gguf-{label}"] = value
     ratio, limit = value / scores["pytorch"], PERPLEXITY_RATIO_LIMIT[bits]

@@ -21,26 +21,16 @@ adapter at run time and the unmerged PEFT model in PyTorch as the reference.
 
 from __future__ import annotations
 
-import copy
 import logging
-from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from lorasp_edge.errors import UserError, VerificationError
 from lorasp_edge.export import llamacpp
 from lorasp_edge.export.context import ExportContext
 from lorasp_edge.export.gguf import GGUF_DIR, eos_ids, verify_gguf
-from lorasp_edge.export.gguf_file import (
-    ARCHITECTURES,
-    _permute_rows,
-    unsupported_reason,
-    write_gguf_file,
-)
-from lorasp_edge.export.manifest import MERGE_TOLERANCE
-from lorasp_edge.export.merge import dequantized_weight
+from lorasp_edge.export.gguf_file import architecture, permute_rows, write_gguf_file
 from lorasp_edge.export.ollama import modelfile
 from lorasp_edge.train.adapter import ADAPTER_NAME, lora_layers
 
@@ -60,7 +50,7 @@ def lora_tensors(peft_model) -> tuple[list[tuple[str, np.ndarray]], float]:
     import gguf
 
     config = peft_model.get_base_model().config
-    arch, permute = ARCHITECTURES[config.model_type]
+    arch, permute = architecture(config)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch], config.num_hidden_layers)
     tensors, alphas = [], set()
     for name, layer in lora_layers(peft_model).items():
@@ -72,9 +62,9 @@ def lora_tensors(peft_model) -> tuple[list[tuple[str, np.ndarray]], float]:
         a = layer.lora_A[ADAPTER_NAME].weight.detach().float().cpu().numpy()
         b = layer.lora_B[ADAPTER_NAME].weight.detach().float().cpu().numpy()
         if permute and name.endswith("q_proj"):
-            b = _permute_rows(b, config.num_attention_heads)
+            b = permute_rows(b, config.num_attention_heads)
         elif permute and name.endswith("k_proj"):
-            b = _permute_rows(b, config.num_key_value_heads or config.num_attention_heads)
+            b = permute_rows(b, config.num_key_value_heads or config.num_attention_heads)
         alphas.add(round(float(layer.scaling[ADAPTER_NAME]) * a.shape[0], 6))
         tensors += [(f"{gguf_name}.lora_a", np.ascontiguousarray(a)), (f"{gguf_name}.lora_b", np.ascontiguousarray(b))]
     if not tensors:
@@ -90,11 +80,8 @@ def write_lora_gguf(peft_model, path: Path, name: str = "adapter") -> Path:
     import gguf
 
     config = peft_model.get_base_model().config
-    reason = unsupported_reason(config)
-    if reason:
-        raise UserError(reason)
+    arch, _ = architecture(config)
     tensors, alpha = lora_tensors(peft_model)
-    arch, _ = ARCHITECTURES[config.model_type]
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch]])
     writer.add_name(name)
     writer.add_type(gguf.GGUFType.ADAPTER)
@@ -116,72 +103,31 @@ def write_lora_gguf(peft_model, path: Path, name: str = "adapter") -> Path:
     return Path(path)
 
 
-# --------------------------------------------------------------------------------- base file
-
-
-def unmerged_base(peft_model):
-    """A plain fp32 model of the base's class holding the base weights as trained, without the
-    delta: bitsandbytes 4/8-bit weights dequantized, everything else as loaded."""
-    from peft.utils.integrations import get_bnb_param_type
-
-    base = peft_model.get_base_model()
-    state: dict[str, torch.Tensor] = {}
-    for full_name, module in base.named_modules():
-        parts = full_name.split(".")
-        if any(part.startswith("lora_") for part in parts) or "lorasp" in full_name:
-            continue
-        plain = ".".join(part for part in parts if part != "base_layer")
-        prefix = f"{plain}." if plain else ""
-        own = dict(module.named_parameters(recurse=False))
-        weight = own.get("weight")
-        if weight is not None and get_bnb_param_type(weight):
-            state[f"{prefix}weight"] = dequantized_weight(module)
-            own.pop("weight")
-        for key, tensor in [*own.items(), *module.named_buffers(recurse=False)]:
-            if key in module._non_persistent_buffers_set:
-                continue
-            state[f"{prefix}{key}"] = tensor.detach().float() if tensor.is_floating_point() else tensor.detach()
-    config = copy.deepcopy(base.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.dtype = torch.float32
-    model = type(base)(config).to(torch.float32)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [key for key in missing if not (key == "lm_head.weight" and getattr(config, "tie_word_embeddings", False))]
-    if missing or unexpected:
-        raise ValueError(f"the base weights do not fit the plain model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    model.tie_weights()
-    model.generation_config = copy.deepcopy(base.generation_config)
-    return model.eval()
-
-
 # ------------------------------------------------------------------------------------ writer
 
 
 def write_gguf_adapter(context: ExportContext) -> None:
-    """OUT/gguf: base-<type>.gguf, adapter-f32.gguf and a Modelfile naming both, verified in llama.cpp
-    against `context.merged`, which here is the unmerged PEFT model."""
-    settings, adapted, tokenizer, say = context.settings, context.merged, context.tokenizer, context.say
+    """OUT/gguf: base-<type>.gguf (the base as trained, `context.weights`), adapter-f32.gguf and a
+    Modelfile naming both, verified in llama.cpp against `context.model`, which here is the base with
+    the adapter unmerged (`context.is_merged` False; the adapter source says which, for an LLM.int8 base)."""
+    settings, adapted, tokenizer, say = context.settings, context.model, context.tokenizer, context.say
     type_name = settings.gguf_type
     folder = context.folder / GGUF_DIR
     folder.mkdir()
     base_name = base_file_name(type_name)
-    model_name = Path(str(getattr(adapted.get_base_model().config, "_name_or_path", "") or "model")).name
+    model_name = Path(str(getattr(context.config, "_name_or_path", "") or "model")).name
     say(f"writing the base GGUF ({type_name}, unmerged), the LoRA adapter GGUF and an Ollama Modelfile")
-    base = unmerged_base(adapted)
-    write_gguf_file(base, tokenizer, folder / base_name, type_name, name=model_name)
-    text, templated = modelfile(base_name, tokenizer, eos_ids(base, tokenizer), base.generation_config, adapter=ADAPTER_FILE)
+    write_gguf_file(context.config, context.weights, tokenizer, folder / base_name, type_name, name=model_name)
+    text, templated = modelfile(base_name, tokenizer, eos_ids(adapted, tokenizer), adapted.generation_config, adapter=ADAPTER_FILE)
     write_lora_gguf(adapted, folder / ADAPTER_FILE, name=f"{model_name}-lora")
     (folder / "Modelfile").write_text(text)
     context.manifest["files"]["gguf-base"] = (folder / base_name).stat().st_size
     context.manifest["files"]["gguf-adapter"] = (folder / ADAPTER_FILE).stat().st_size
     record = {
         "file": f"{GGUF_DIR}/{base_name}", "adapter_file": f"{GGUF_DIR}/{ADAPTER_FILE}", "type": type_name,
-        "reference": "unmerged PEFT model (PyTorch), as trained", "modelfile_template": templated,
+        **context.reference_record, "modelfile_template": templated,
     }
     context.manifest["verification"]["gguf"] = record
-    context = _float_reference_for_int8(context, base, record)
-    del base
     if not llamacpp.available():
         record["runtime"] = None
         say(f"  llama-cpp-python is not installed: the GGUF files were written but not run ({llamacpp.INSTALL_HINT})")
@@ -189,29 +135,3 @@ def write_gguf_adapter(context: ExportContext) -> None:
     if not llamacpp.is_adapter(folder / ADAPTER_FILE):
         raise VerificationError(f"{ADAPTER_FILE} does not read back as a LoRA adapter GGUF; nothing was written")
     verify_gguf(folder / base_name, type_name, context, record, lora=folder / ADAPTER_FILE)
-
-
-def _float_reference_for_int8(context: ExportContext, base, record: dict) -> ExportContext:
-    """An LLM.int8 base also quantizes activations in its forward, which no float file reproduces.
-    As the merged export does, the adapter over the dequantized base in fp32 (what llama.cpp
-    computes) is first checked against the int8 forward at the merge's tolerance for such a base,
-    then becomes the reference. Other bases are returned unchanged."""
-    from peft.utils.integrations import get_bnb_param_type
-
-    from lorasp_edge.export.verify import compare, reference_logits
-    from lorasp_edge.train.adapter import load_adapter
-
-    if not any(get_bnb_param_type(p) == "8bit" for p in context.merged.get_base_model().parameters()):
-        return context
-    reference = load_adapter(base, context.settings.adapter).eval()
-    logits = reference_logits(reference, context.input_ids, context.attention_mask)
-    check = compare([logits], [context.reference], [context.attention_mask])
-    record["reference"] = "unmerged PEFT model over the dequantized 8-bit base in fp32 (PyTorch)"
-    record["int8_forward"] = {**asdict(check), "tolerance": MERGE_TOLERANCE[8]}
-    context.say(f"  fp32 over the dequantized 8-bit base vs the int8 forward: {check.relative_diff:.2e} of the logit scale")
-    if check.relative_diff > MERGE_TOLERANCE[8]:
-        raise VerificationError(
-            f"the adapter over the dequantized 8-bit base differs from the int8 forward by {check.relative_diff:.2e} of the logit "
-            f"scale > {MERGE_TOLERANCE[8]:.0e}; nothing was written"
-        )
-    return replace(context, merged=reference, reference=logits, manifest=context.manifest)

@@ -30,41 +30,15 @@ import numpy as np
 import torch
 
 from lorasp_edge.errors import UserError
+from lorasp_edge.families import GGUF_BPE_TOKENIZER, KNOWN_PRE_TOKENIZERS, PROBE_TEXT, SPLIT_PATTERNS, family_of, supported
 
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
-GGUF_BITS = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8, "q5_1": 5, "q5_0": 5, "q4_1": 4, "q4_0": 4}
-# Hugging Face model_type -> (llama.cpp architecture, Q/K rows permuted for llama.cpp's RoPE)
-ARCHITECTURES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False), "qwen3": ("QWEN3", False)}
-
-# llama.cpp's pre-tokenizer probe (convert_hf_to_gguf.py, get_vocab_base_pre) and the names it
-# gives the sha256 of str(token ids) for the tokenizer families this exporter supports.
-PROBE_TEXT = (
-    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 3333 "
-    "33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български "
-    "''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not sure I'll make it, 'D you like some "
-    "tea? We'Ve a'lL"
-)
-KNOWN_PRE_TOKENIZERS = {
-    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # HuggingFaceTB/SmolLM-135M
-    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",  # Qwen/Qwen1.5-7B
-    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # meta-llama/Meta-Llama-3-8B
-    "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",  # mistralai/Mistral-Nemo-Base-2407
-    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",  # openai-community/gpt2
-}
-
-# A tokenizer the hash table does not know (a new vocabulary) is still named when its tokenizer.json
-# splits with one of these regexes before byte-level BPE: Qwen2's and Llama 3's (which groups up to
-# three digits where Qwen2 splits each).
-SPLIT_PATTERNS = {
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
-}
-
-
+from lorasp_edge.export.formats.gguf import GGUF_BITS, GGUF_TYPES
 def unsupported_reason(config) -> str | None:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in ARCHITECTURES:
-        return f"--format gguf supports the model types {', '.join(ARCHITECTURES)}, not '{model_type}'"
+    """Why this model cannot be written as GGUF (its family has no llama.cpp architecture, or its RoPE
+    is one llama.cpp is not told here), or None."""
+    entry = family_of(config)
+    if entry is None or entry.gguf_architecture is None:
+        return f"--format gguf supports the model types {', '.join(supported('gguf_architecture'))}, not '{getattr(config, 'model_type', None)}'"
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", "linear"):
         return f"--format gguf: RoPE type '{rope.get('rope_type', rope.get('type'))}' is not supported (default and linear are)"
@@ -136,7 +110,7 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     import gguf
 
     found = vocab(tokenizer, vocab_size)
-    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_model(GGUF_BPE_TOKENIZER)
     writer.add_tokenizer_pre(found.pre)
     writer.add_token_list(found.tokens)
     writer.add_token_types(found.types)
@@ -154,33 +128,45 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
 # -------------------------------------------------------------------------------------- tensors
 
 
-def _permute_rows(weight: np.ndarray, heads: int) -> np.ndarray:
+def permute_rows(weight: np.ndarray, heads: int) -> np.ndarray:
     """Hugging Face's rotate-half row order -> llama.cpp's interleaved pairs, per head."""
     return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _tied(model) -> bool:
-    head, table = model.get_output_embeddings(), model.get_input_embeddings()
-    return head is None or head.weight.data_ptr() == table.weight.data_ptr()
+def architecture(config) -> tuple[str, bool]:
+    """(gguf.MODEL_ARCH member name, Q/K rows permuted) from the model's family entry."""
+    reason = unsupported_reason(config)
+    if reason:
+        raise UserError(reason)
+    entry = family_of(config)
+    return entry.gguf_architecture, entry.gguf_permute_qk
 
 
-def planned_tensors(model, arch: str, type_name: str) -> list[tuple[str, str, str]]:
-    """(Hugging Face name, GGUF name, GGUF type name) for every tensor the file holds."""
+def tied(config, weights) -> bool:
+    """Whether the output head is the embedding table (then stored once, as llama.cpp reads it)."""
+    return bool(getattr(config, "tie_word_embeddings", False)) or "lm_head.weight" not in set(weights.keys())
+
+
+def planned_tensors(config, weights, type_name: str) -> list[tuple[str, str, str]]:
+    """(Hugging Face name, GGUF name, GGUF type name) for every tensor the file holds; `weights` is a
+    key -> tensor view (lorasp_edge.export.sources.weights) of the model to write."""
     import gguf
 
-    config = model.config
+    arch, _ = architecture(config)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch], config.num_hidden_layers)
     block = gguf.GGML_QUANT_SIZES[quant_type(type_name)][0] if type_name.startswith("q") else 1
+    skip_head = tied(config, weights)
     planned = []
-    for hf_name, tensor in model.state_dict().items():
-        if hf_name == "lm_head.weight" and _tied(model):
+    for hf_name in weights.keys():
+        if hf_name == "lm_head.weight" and skip_head:
             continue
+        shape = weights.shape(hf_name)
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise UserError(f"--format gguf: no llama.cpp name for tensor '{hf_name}'")
-        if tensor.dim() == 1 or type_name == "f32":
+        if len(shape) == 1 or type_name == "f32":
             kind = "f32"
-        elif tensor.shape[-1] % block:
+        elif shape[-1] % block:
             kind = "f16"
         elif GGUF_BITS[type_name] < 8 and gguf_name in ("token_embd.weight", "output.weight"):
             kind = "q8_0"
@@ -195,9 +181,9 @@ def _tensor_data(tensor: torch.Tensor, hf_name: str, config, permute: bool, kind
 
     data = tensor.detach().float().cpu().numpy()
     if permute and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-        data = _permute_rows(data, config.num_attention_heads)
+        data = permute_rows(data, config.num_attention_heads)
     elif permute and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-        data = _permute_rows(data, config.num_key_value_heads)
+        data = permute_rows(data, config.num_key_value_heads)
     if kind == "f32":
         return np.ascontiguousarray(data, dtype=np.float32)
     if kind == "f16":
@@ -214,20 +200,16 @@ def _file_type(type_name: str):
 # ---------------------------------------------------------------------------------------- file
 
 
-def write_gguf_file(model, tokenizer, path: Path, type_name: str, name: str = "model") -> Path:
-    """Write `model` (a transformers causal LM) and its tokenizer to one GGUF file at `path`.
-
-    Tensors are converted one at a time while writing, so memory holds one tensor's copy at most.
-    """
+def write_gguf_file(config, weights, tokenizer, path: Path, type_name: str, name: str = "model") -> Path:
+    """Write a transformers causal LM, given as its config and a key -> tensor view of its weights
+    (lorasp_edge.export.sources.weights: a model in memory, or safetensors shards on disk), and its tokenizer
+    to one GGUF file at `path`. Tensors are read and converted one at a time while writing, so memory
+    holds one tensor and its converted copy at most."""
     import gguf
 
-    config = model.config
-    reason = unsupported_reason(config)
-    if reason:
-        raise UserError(reason)
     if type_name not in GGUF_TYPES:
         raise UserError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, not '{type_name}'")
-    arch, permute = ARCHITECTURES[config.model_type]
+    arch, permute = architecture(config)
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch]])
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -254,10 +236,9 @@ def write_gguf_file(model, tokenizer, path: Path, type_name: str, name: str = "m
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_tokenizer(writer, tokenizer, config.vocab_size)
 
-    plan = planned_tensors(model, arch, type_name)
-    state = model.state_dict()
+    plan = planned_tensors(config, weights, type_name)
     for hf_name, gguf_name, kind in plan:
-        shape = tuple(state[hf_name].shape)
+        shape = tuple(weights.shape(hf_name))
         if kind in ("f32", "f16"):
             writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32 if kind == "f32" else np.float16), int(np.prod(shape)) * (4 if kind == "f32" else 2))
         else:
@@ -273,7 +254,7 @@ def write_gguf_file(model, tokenizer, path: Path, type_name: str, name: str = "m
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for hf_name, _gguf_name, kind in plan:
-            writer.write_tensor_data(_tensor_data(state[hf_name], hf_name, config, permute, kind))
+            writer.write_tensor_data(_tensor_data(weights.read(hf_name), hf_name, config, permute, kind))
         writer.close()
     finally:
         logger.setLevel(level)

@@ -58,9 +58,14 @@ def reload_hf(folder: Path):
 
 
 def write_hf(context: ExportContext) -> None:
-    """OUT/hf: the merged model, reloaded and checked against the merged model in memory."""
-    context.say("writing the merged Hugging Face model")
+    """OUT/hf: the merged model, reloaded and checked against the merged model in memory. A source that
+    has written the merged folder already (the streamed one: its merge target, checked as it read it
+    back) hands it over in `context.merged_folder`."""
     hf_dir = context.folder / "hf"
+    if context.merged_folder == hf_dir:
+        context.manifest["files"]["hf"] = files_bytes(hf_dir, "*")
+        return
+    context.say("writing the merged Hugging Face model")
     context.merged.save_pretrained(hf_dir, safe_serialization=True)
     context.tokenizer.save_pretrained(hf_dir)
     write_portable_config(hf_dir)

@@ -33,9 +33,12 @@ def is_adapter(path: str | Path) -> bool:
 
 class LlamaCppModel:
     """One llama.cpp context over a GGUF file (and a LoRA adapter GGUF applied at run time, as
-    `llama-cli --lora` does); logits for every position of an evaluated sequence."""
+    `llama-cli --lora` does); logits for every position of an evaluated sequence. `use_mmap=False`
+    reads the weights into llama.cpp's own buffers instead of mapping the file: where its CPU backend
+    copies the weights anyway (it did on an AMX CPU), a mapping keeps both resident."""
 
-    def __init__(self, path: str | Path, context: int = 512, threads: int | None = None, lora: str | Path | None = None):
+    def __init__(self, path: str | Path, context: int = 512, threads: int | None = None, lora: str | Path | None = None,
+                 use_mmap: bool = True):
         if not available():
             raise UserError(f"{path}: running a GGUF file needs llama-cpp-python: {INSTALL_HINT}")
         import llama_cpp
@@ -46,7 +49,7 @@ class LlamaCppModel:
             kwargs["lora_path"] = str(lora)
         try:
             self.llm = llama_cpp.Llama(
-                model_path=str(self.path), n_ctx=context, n_batch=min(context, 512), logits_all=True, verbose=False, **kwargs,
+                model_path=str(self.path), n_ctx=context, n_batch=min(context, 512), logits_all=True, verbose=False, use_mmap=use_mmap, **kwargs,
             )
         except (ValueError, RuntimeError) as error:
             with_lora = f" with the adapter {lora}" if lora is not None else ""

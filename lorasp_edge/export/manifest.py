@@ -2,10 +2,9 @@
 
     new_manifest / manifest_source   the manifest's fixed part: format tag, versions, base, adapter
     write_export                     disk check, temporary folder, peak memory, the swap (output.py)
-    estimated_bytes                  the disk an hf + onnx (+ quantized) export takes
+    disk_bytes                       the disk the requested formats take, each format's own estimate
 
-Every export path (in memory, streamed, adapter-only) ends here, so the manifest and the atomic
-write exist once; this module imports no export path, so none of them imports another.
+Every export (from any source) ends here, so the manifest and the atomic write exist once.
 """
 
 from __future__ import annotations
@@ -21,12 +20,6 @@ import torch
 
 from lorasp_edge.errors import UserError
 from lorasp_edge.export import output
-
-
-# An adapter trained on an LLM.int8 base saw int8-quantized activations, which the fp32 merge
-# cannot reproduce; a 4-bit (NF4) base's forward dequantizes the same weights the merge uses.
-MERGE_TOLERANCE = {None: 1e-3, 4: 1e-3, 8: 5e-2}
-
 
 
 def merge_base(base_bits: int | None, merged: bool = True) -> str:
@@ -133,10 +126,7 @@ def free_bytes(folder: Path) -> int:
 
 
 
-def estimated_bytes(parameter_count: int, settings) -> int:
-    fp32 = 4 * parameter_count
-    total = (fp32 if settings.wants_hf else 0) + (fp32 if settings.wants_onnx else 0)
-    if settings.quantize != "none":
-        total += parameter_count * (1.2 if settings.quantize == "int8" else 0.8)
-    return int(total * 1.05) + (64 << 20)  # tokenizer, configs, a trace scratch file's slack
-
+def disk_bytes(formats, parameters: int, settings) -> int:
+    """The disk the export's files take: each format's own estimate (formats/), plus slack for the
+    tokenizer, the configs and a trace's scratch file."""
+    return int(sum(item.disk_bytes(parameters, settings) for item in formats) * 1.05) + (64 << 20)

@@ -1,19 +1,23 @@
-"""How much memory an export takes: measured afterwards (peak RSS), estimated beforehand (`--mem`).
+"""How much memory an export takes: measured afterwards (peak RSS), estimated beforehand (`--mem`,
+and the choice of source, lorasp_edge.export.sources.choose).
 
-The streamed export (streamed.py) runs in phases whose resident sets do not overlap:
+The in-memory source holds the base, the adapted model and the merged fp32 copy: about four fp32
+copies of the model (IN_MEMORY_FACTOR). The streamed source runs in phases whose resident sets do
+not overlap, its own and each format's (the format's `memory_phases`):
 
     merge           one tensor in 16-bit + its fp32 copy + the merged result
     reference       one unit's fp32 weights (a decoder layer, or the vocabulary table) + activations
-                    (every PyTorch forward runs before a session opens: verify.reference_steps)
-    fp32 ONNX       the onnxruntime session: every fp32 weight (4 bytes x parameters) + activations,
-                    or, when that exceeds the budget, the largest of N sessions over consecutive layers
-                    opened one at a time (onnx_slices.py)
-    quantize        one weight in fp32 + its quantized blocks
-    quantized ONNX  the quantized session + activations
+                    (every PyTorch forward runs before a runtime opens)
+    onnx            the fp32 onnxruntime session: every fp32 weight (4 bytes x parameters) + a scoring
+                    piece, or, when that exceeds the budget, the largest of N sessions over consecutive
+                    layers opened one at a time (onnx_slices.py); the quantizer (one weight); the
+                    quantized session
+    genai           onnxruntime-genai's model over each graph, whole
+    gguf            one tensor, its permuted copy and its converted bytes; llama.cpp's mapped file and logits
 
 so the estimate is the runtime's fixed cost plus the largest phase. The fixed cost and the
 session's factor over its weights are measured by tools/export_memory.py (docs/export.md,
-"Export memory"). The in-memory path (other formats) holds the fp32 model about four times over.
+"Export memory").
 """
 
 from __future__ import annotations
@@ -121,23 +125,62 @@ def _piece_bytes(vocab: int) -> int:
     return PIECE_LOGITS_FACTOR * 4 * ONNX_PIECE_ROWS * vocab  # what scoring a window in pieces adds to a session
 
 
-def estimate_streamed(shapes: dict[str, tuple[int, ...]], wants_onnx: bool, quantize: str, budget_bytes: int | None = None) -> ExportEstimate:
-    """The streamed export's peak by phase; under `budget_bytes` the fp32 graph is verified in as many
-    layer slices as it takes to fit (`session_slices`)."""
-    parameters, largest, unit, vocab = shapes_summary(shapes)
+def estimate_streamed(shapes: dict[str, tuple[int, ...]], formats, settings, budget_bytes: int | None = None) -> ExportEstimate:
+    """The streamed export's peak by phase: the merge and the layer-streamed reference, then each
+    format's own phases (its `memory_phases`); under `budget_bytes` the fp32 graph is verified in as
+    many layer slices as it takes to fit (`session_slices`)."""
+    _, largest, unit, vocab = shapes_summary(shapes)
     activations = 4 * 4 * ACTIVATION_WINDOW * vocab  # one window's logits and the buffers around them
-    piece = _piece_bytes(vocab)
-    # 16-bit read + fp32 copy + merged result; the quantizer reads one fp32 weight and writes its blocks
+    # 16-bit read + fp32 copy + merged result
     phases = {"merge": 2 * largest + 2 * 4 * largest, "reference": 4 * unit + activations}
     slices = 1
-    if wants_onnx:
-        slices = session_slices(shapes, budget_bytes)
-        session = "fp32 ONNX session" if slices == 1 else f"fp32 ONNX session ({slices} layer slices)"
-        phases[session] = int(SESSION_FACTOR * 4 * max(slice_parameters(shapes, slices))) + piece
-        if quantize != "none":
-            phases["quantize"] = 2 * 4 * largest
-            phases[f"{quantize} ONNX session"] = int(SESSION_FACTOR * QUANT_BYTES_PER_PARAMETER[quantize] * parameters) + piece
+    for item in formats:
+        found, item_slices = item.memory_phases(shapes, settings, budget_bytes)
+        phases.update(found)
+        slices = item_slices or slices
     return ExportEstimate(RUNTIME_BYTES + max(phases.values()), phases, slices)
+
+
+def onnx_phases(shapes: dict[str, tuple[int, ...]], quantize: str, budget_bytes: int | None) -> tuple[dict[str, int], int]:
+    """The onnx format's phases over a streamed source, and the layer slices its fp32 session takes."""
+    parameters, largest, _, vocab = shapes_summary(shapes)
+    piece = _piece_bytes(vocab)
+    slices = session_slices(shapes, budget_bytes)
+    session = "fp32 ONNX session" if slices == 1 else f"fp32 ONNX session ({slices} layer slices)"
+    phases = {session: int(SESSION_FACTOR * 4 * max(slice_parameters(shapes, slices))) + piece}
+    if quantize != "none":  # the quantizer reads one fp32 weight and writes its blocks
+        phases["quantize"] = 2 * 4 * largest
+        phases[f"{quantize} ONNX session"] = int(SESSION_FACTOR * QUANT_BYTES_PER_PARAMETER[quantize] * parameters) + piece
+    return phases, slices
+
+
+def genai_phases(shapes: dict[str, tuple[int, ...]], quantize: str) -> dict[str, int]:
+    """onnxruntime-genai opens each graph whole (no layer slices), one at a time, with a generator's cache."""
+    parameters, _, _, vocab = shapes_summary(shapes)
+    phases = {"onnxruntime-genai fp32 model": int(SESSION_FACTOR * 4 * parameters) + _piece_bytes(vocab)}
+    if quantize != "none":
+        phases[f"onnxruntime-genai {quantize} model"] = int(SESSION_FACTOR * QUANT_BYTES_PER_PARAMETER[quantize] * parameters) + _piece_bytes(vocab)
+    return phases
+
+
+# llama.cpp's check reads the file into its own buffers (not mapped) and keeps logits for every position
+# of its context: tools/llamacpp_memory.py on the Qwen2.5-1.5B f16 file (3.09 GB) measured 3.55 GB
+# anonymous once open (1.15x the file) and 1.23 GB more after one 512-token forward (4x its logits).
+LLAMACPP_FILE_FACTOR = 1.15
+LLAMACPP_LOGITS_FACTOR = 4
+
+
+def gguf_phases(shapes: dict[str, tuple[int, ...]], bytes_per_weight: float) -> dict[str, int]:
+    """Writing holds one tensor in fp32, its row-permuted copy and its converted bytes; llama.cpp's check
+    holds the file's weights and logits for every position of a window."""
+    parameters, largest, _, vocab = shapes_summary(shapes)
+    phases = {"GGUF write": int((4 + 4 + bytes_per_weight) * largest)}
+    from lorasp_edge.export import llamacpp
+
+    if llamacpp.available():
+        logits = 4 * (ACTIVATION_WINDOW + 1) * vocab
+        phases["llama.cpp (GGUF)"] = int(LLAMACPP_FILE_FACTOR * bytes_per_weight * parameters) + LLAMACPP_LOGITS_FACTOR * logits
+    return phases
 
 
 def estimate_in_memory(shapes: dict[str, tuple[int, ...]]) -> ExportEstimate:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lorasp_edge.plan.families import FAMILIES
+from lorasp_edge.families import FAMILIES
 
 ONNX_FILE = "model.onnx"
 ONNX_DATA_FILE = "model.onnx_data"  # optimum's name for the external weights of a > 2 GB model
@@ -48,7 +48,7 @@ SUPPORTED_MODEL_TYPES = tuple(name for name, family in FAMILIES.items() if famil
 
 def unsupported_reason(config) -> str | None:
     """Why this model cannot be exported as a KV-cache decoder graph, or None if it can (the family's
-    `onnx_export` flag, lorasp_edge.plan.families)."""
+    `onnx_export` flag, lorasp_edge.families)."""
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         return f"architecture '{model_type}' is not supported for ONNX export (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
@@ -64,7 +64,7 @@ def io_names(num_layers: int) -> tuple[list[str], list[str]]:
     return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
 
 
-def _dynamic_axes(num_layers: int) -> dict[str, dict[int, str]]:
+def dynamic_axes(num_layers: int) -> dict[str, dict[int, str]]:
     inputs, outputs = io_names(num_layers)
     axes = {
         "input_ids": {0: "batch_size", 1: "sequence_length"},
@@ -174,7 +174,7 @@ def export_decoder(model: nn.Module, out_dir: Path, opset: int = DEFAULT_OPSET, 
                 str(traced),
                 input_names=inputs,
                 output_names=outputs,
-                dynamic_axes=_dynamic_axes(wrapper.num_layers),
+                dynamic_axes=dynamic_axes(wrapper.num_layers),
                 opset_version=opset,
                 do_constant_folding=True,
                 dynamo=False,

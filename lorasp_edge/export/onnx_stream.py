@@ -31,7 +31,7 @@ from lorasp_edge.export.onnx_graph import (
     PROTOBUF_LIMIT_BYTES,
     TIED_TABLE,
     DecoderWithCache,
-    _dynamic_axes,
+    dynamic_axes,
     example_inputs,
     io_names,
     unsupported_reason,
@@ -151,7 +151,7 @@ def export_decoder_streamed(config, weights, out_dir: Path, opset: int = DEFAULT
         traced = Path(scratch) / ONNX_FILE
         torch.onnx.export(
             wrapper, example_inputs(config), str(traced), input_names=inputs, output_names=outputs,
-            dynamic_axes=_dynamic_axes(wrapper.num_layers), opset_version=opset,
+            dynamic_axes=dynamic_axes(wrapper.num_layers), opset_version=opset,
             do_constant_folding=False, export_params=False, dynamo=False,
         )
         proto = onnx.load(str(traced))

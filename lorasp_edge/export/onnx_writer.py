@@ -14,7 +14,6 @@ from lorasp_edge.errors import VerificationError
 from lorasp_edge.export import agreement
 from lorasp_edge.export.context import ExportContext
 from lorasp_edge.export.hf import write_side_files
-from lorasp_edge.export.layered import LayerStreamed
 from lorasp_edge.export.memory import trim_heap
 from lorasp_edge.export.onnx_graph import ONNX_FILE, export_decoder, files_bytes
 from lorasp_edge.export.onnx_runtime import OnnxDecoder
@@ -41,8 +40,8 @@ def write_onnx(context: ExportContext) -> None:
     say(f"exporting the ONNX decoder (opset {settings.opset})")
     onnx_dir = context.folder / "onnx"
     onnx_dir.mkdir()
-    if isinstance(merged, LayerStreamed):  # weights on disk: traced with placeholders, filled from the shards
-        export_decoder_streamed(merged.config, merged.weights, onnx_dir, settings.opset, settings.external_threshold_bytes)
+    if context.streamed:  # weights on disk: traced with placeholders, filled from the shards
+        export_decoder_streamed(merged.config, context.weights, onnx_dir, settings.opset, settings.external_threshold_bytes)
     else:
         export_decoder(merged, onnx_dir, settings.opset, settings.external_threshold_bytes)
     write_side_files(merged, context.tokenizer, onnx_dir)

@@ -30,6 +30,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from lorasp_edge.export.formats import FORMATS
 from lorasp_edge.files import (
     OWNER_MARKER,
     apply_umask,
@@ -49,8 +50,9 @@ PID_FILE = ".lorasp-edge.pid"  # "pid host" of the export writing a temporary fo
 # A temporary folder without a pid file was left by a lorasp-edge from before pid files; one of those
 # may still be writing it, so it is taken for stale only once it is this old.
 STALE_WITHOUT_PID_S = 3600
-# What a temporary export folder of any version holds: format folders, the manifest, trace scratch.
-_EXPORT_ENTRY = re.compile(r"(hf|onnx(-int\d)?|genai(-int\d)?|gguf|manifest\.json|\.trace-.*|\.lorasp-edge.*|\..*\.tmp)")
+# What a temporary export folder of any version holds: format folders (each format names its own), the
+# manifest, trace scratch.
+_EXPORT_ENTRY = re.compile("(" + "|".join(item.entry_pattern for item in FORMATS.values()) + r"|manifest\.json|\.trace-.*|\.lorasp-edge.*|\..*\.tmp)")
 # Manifest records not of one folder but of the whole export: the merge check, the reference perplexity.
 _EXPORT_WIDE = {"verification": {"merge"}, "perplexity": {"tokens", "window", "source", "pytorch"}}
 RECORD_SECTIONS = ("files", "verification", "perplexity")

@@ -21,7 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from lorasp_edge.errors import UserError
-from lorasp_edge.plan.families import FAMILIES, Family, family
+from lorasp_edge.families import FAMILIES, Family, family
 
 CATALOG_DIR = Path(__file__).parent / "catalog"
 DEFAULT_MODEL = "smollm2-135m"
@@ -62,37 +62,25 @@ class Architecture:
         model_type = config.get("model_type")
         checkpoint_dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
         fam = family(model_type, source)
+        names = fam.config_names
         try:
-            if fam.config_style == "gpt2":
-                hidden = int(config["n_embd"])
-                heads = int(config["n_head"])
-                return cls(
-                    model_type=model_type,
-                    hidden_size=hidden,
-                    intermediate_size=int(config.get("n_inner") or 4 * hidden),
-                    num_layers=int(config["n_layer"]),
-                    num_heads=heads,
-                    num_kv_heads=heads,
-                    head_dim=hidden // heads,
-                    vocab_size=int(config["vocab_size"]),
-                    tie_embeddings=bool(config.get("tie_word_embeddings", True)),
-                    max_positions=int(config.get("n_positions", 1024)),
-                    checkpoint_dtype=checkpoint_dtype,
-                )
-            hidden = int(config["hidden_size"])
-            heads = int(config["num_attention_heads"])
+            hidden = int(config[names.hidden_size])
+            heads = int(config[names.num_heads])
+            intermediate = config.get(names.intermediate_size)
+            if intermediate is None and names.intermediate_factor is None:
+                raise KeyError(names.intermediate_size)
             return cls(
                 model_type=model_type,
                 hidden_size=hidden,
-                intermediate_size=int(config["intermediate_size"]),
-                num_layers=int(config["num_hidden_layers"]),
+                intermediate_size=int(intermediate or names.intermediate_factor * hidden),
+                num_layers=int(config[names.num_layers]),
                 num_heads=heads,
-                num_kv_heads=int(config.get("num_key_value_heads") or heads),
+                num_kv_heads=int(config.get(names.num_kv_heads) or heads),
                 head_dim=int(config.get("head_dim") or hidden // heads),
                 vocab_size=int(config["vocab_size"]),
-                # transformers' default differs by family: Gemma ties unless told otherwise.
+                # transformers' default differs by family: Gemma and GPT-2 tie unless told otherwise.
                 tie_embeddings=bool(config.get("tie_word_embeddings", fam.tie_embeddings)),
-                max_positions=config.get("max_position_embeddings"),
+                max_positions=config.get(names.max_positions, names.default_positions),
                 checkpoint_dtype=checkpoint_dtype,
             )
         except KeyError as error:

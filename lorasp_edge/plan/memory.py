@@ -96,9 +96,7 @@ class Candidate:
     ratio: float = 0.5
     world_size: int = 1
     grad_accum: int = 1  # micro-batches per optimizer step
-    # The trainer packs examples into blocks and passes position ids that restart at each example,
-    # so transformers masks attention block-diagonally (the common case; False: one sequence a block).
-    packed: bool = True
+    packed: bool = True  # position ids restart at each packed example: attention masked block-diagonally
     host_allocator: str = "heap"  # lorasp_edge.allocator: glibc's heap, or a mapping per allocation of 1 MiB or more
     init: str = "zeros"  # LoRA-SP's start, one of INITS
 
@@ -107,15 +105,11 @@ class Candidate:
         return held_rank(self.rank, self.init)
 
     @property
-    def matmul_rank(self) -> int:
-        """The rank the LoRA matmuls run at: on a float32 base the offset is folded into the base
-        weights and the held rank-2r form exists on disk only (lorasp_edge.train.adapter._fold_offset)."""
-        folded = self.init == "offset" and self.quant_bits == 16 and self.compute_dtype == "float32"
-        return self.rank if folded else self.held_rank
+    def matmul_rank(self) -> int:  # a float32 base folds the offset in (lorasp_edge.train.adapter): rank r
+        return self.rank if (self.init, self.quant_bits, self.compute_dtype) == ("offset", 16, "float32") else self.held_rank
 
 
-# LoRA-SP's start (lorasp_edge.train.adapter.LoRASPConfig.init): zeros is LoRA's B = 0; offset starts B
-# random and holds [B, -B0] [A; A0], a PEFT LoRA of twice the trained rank with the offset half frozen.
+# LoRA-SP's starts (train.adapter.LoRASPConfig.init): zeros, LoRA's B = 0; offset, B random, held as [B, -B0] [A; A0].
 INITS = ("zeros", "offset")
 
 

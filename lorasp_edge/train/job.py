@@ -33,7 +33,7 @@ from lorasp_edge.plan.planfile import Plan
 from lorasp_edge.plan.search import plan_training
 from lorasp_edge.train import checkpoint as ckpt
 from lorasp_edge.train import resume as contract
-from lorasp_edge.train.adapter import base_fingerprint
+from lorasp_edge.train.adapter_files import base_fingerprint
 from lorasp_edge.train.data import (
     PackedStream,
     check_targets,
@@ -137,10 +137,10 @@ def resume_command(request: TrainRequest, extra: tuple[str, ...] = ()) -> str:
     return shlex.join([*parts, "--resume", *extra])
 
 
-def _resolve_plan(request: TrainRequest, world: World, record: dict | None) -> tuple[Plan, TrainSettings, list[str]]:
+def _resolve_plan(request: TrainRequest, world: World, record: ckpt.Checkpoint | None) -> tuple[Plan, TrainSettings, list[str]]:
     if record is not None:
-        saved = TrainSettings.from_record(record["settings"])
-        plan, plan_notes = contract.resume_plan(Plan.from_dict(record["plan"]), request)
+        saved = TrainSettings.from_record(record.settings)
+        plan, plan_notes = contract.resume_plan(Plan.from_dict(record.plan), request)
         settings, notes = contract.resume_settings(saved, request.settings, request.given)
         return plan, settings, plan_notes + notes
     if request.plan is not None:
@@ -213,14 +213,14 @@ def _train(request: TrainRequest, world: World, progress: bool, note) -> dict:
         epochs = settings.epochs or 1.0
         total_steps = max(1, math.ceil(estimate_blocks(request.data, tokenizer, plan.seq_len) * epochs / blocks_per_step))
         epochs = math.ceil(epochs)
-    saved_settings = TrainSettings.from_record(record["settings"]) if record is not None else None
+    saved_settings = TrainSettings.from_record(record.settings) if record is not None else None
     if record is not None:
         if not contract.schedule_changed(saved_settings, settings, request.given):
-            total_steps = record["total_steps"]
-        elif total_steps < record["step"]:
-            raise UserError(f"cannot resume with {total_steps} steps in all: the run is already at step {record['step']}")
-        elif total_steps != record["total_steps"]:
-            notes.append(f"steps {record['total_steps']} -> {total_steps}: warmup + cosine now end at step {total_steps}")
+            total_steps = record.total_steps
+        elif total_steps < record.step:
+            raise UserError(f"cannot resume with {total_steps} steps in all: the run is already at step {record.step}")
+        elif total_steps != record.total_steps:
+            notes.append(f"steps {record.total_steps} -> {total_steps}: warmup + cosine now end at step {total_steps}")
     warmup = settings.warmup_steps if settings.warmup_steps is not None else min(100, max(1, total_steps // 20))
     scheduler = build_scheduler(optimizer, total_steps, warmup, settings.min_lr_ratio)
     stream = PackedStream(

@@ -18,8 +18,8 @@ guard or an out-of-memory error in a step (exit 3; the checkpoint is taken befor
 Rank-aware from the start: under torchrun each rank reads its own packed blocks, gradients are
 averaged by DDP, rank 0 alone writes files and prints.
 
-A little over 400 lines: the Trainer and its checkpoint record stay in one module because the
-record is the loop's state, field for field (the step itself is in step.py).
+The step itself is step.py's (its one import path); the checkpoint record, taken from the
+Trainer and restored into it, is checkpoint.py's.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import json
 import math
 import signal
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -39,21 +38,14 @@ from lorasp_edge import allocator
 from lorasp_edge.errors import DataError, NonFiniteError, OverBudgetError, UserError
 from lorasp_edge.models import load_model
 from lorasp_edge.train import checkpoint as ckpt
-from lorasp_edge.train.adapter import (
-    LoRASPConfig,
-    apply_lorasp,
-    held_matrices,
-    redraw_masks,
-    save_adapter,
-    set_lora_matrices,
-    trainable_parameters,
-)
+from lorasp_edge.train.adapter import LoRASPConfig, apply_lorasp, redraw_masks, trainable_parameters
+from lorasp_edge.train.adapter_files import save_adapter
 from lorasp_edge.train.distributed import World
 from lorasp_edge.train.guard import MemoryGuard
 from lorasp_edge.train.loss import ChunkedCausalLMLoss
 from lorasp_edge.train.optim import LoRASPAdamW
 from lorasp_edge.train.settings import DEFAULT_LR, TrainSettings
-from lorasp_edge.train.step import (  # noqa: F401 (train_step, evaluate, autocast: the loop's public step API)
+from lorasp_edge.train.step import (
     DTYPES,
     FP16_OVERFLOW,
     NO_TARGETS,
@@ -61,11 +53,9 @@ from lorasp_edge.train.step import (  # noqa: F401 (train_step, evaluate, autoca
     NONFINITE_GRAD,
     NONFINITE_LOSS,
     PartialStepError,
-    autocast,
-    evaluate,
     make_scaler,
-    train_step,
 )
+from lorasp_edge.train import step as steps  # train_step and evaluate: lorasp_edge.train.step is their one import path
 
 # ------------------------------------------------------------------------------ the parts
 
@@ -187,56 +177,12 @@ class Trainer:
         position before a failed step)."""
         data_states = self.world.gather_objects(data_state or self.stream.state_dict())
         rng_states = self.world.gather_objects(rng_state or ckpt.rng_state())
-        if not self.world.is_main:
-            self._saved_step = self.step
-            return
-        lora = {key: weight.cpu().clone() for key, weight in held_matrices(self.model).items()}  # the adapter file's form
-        bad = [key for key, tensor in lora.items() if not torch.isfinite(tensor).all()]
-        if bad:  # the step check keeps this from happening; a checkpoint must never carry it on
-            raise NonFiniteError(f"{bad[0]} holds non-finite values at step {self.step}: not written over the last checkpoint ({self.checkpoint_path})")
-        ckpt.save_checkpoint(
-            self.checkpoint_path,
-            {
-                "step": self.step,
-                "tokens": self.tokens,
-                "elapsed": self.elapsed,
-                "world_size": self.world.size,
-                "lora": lora,
-                "draw": getattr(self.model, "lorasp_draw", 0),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "data": data_states,
-                "rng": rng_states,
-                "plan": self.plan.to_dict(),
-                "settings": asdict(self.settings),
-                "total_steps": self.total_steps,
-                "skipped": dict(self.skipped),
-                "nonfinite_run": self.nonfinite_run,
-                "base_fingerprint": self.base_fingerprint,
-            },
-        )
+        if self.world.is_main:
+            ckpt.save_checkpoint(self.checkpoint_path, ckpt.capture(self, data_states, rng_states))
         self._saved_step = self.step
 
-    def load_checkpoint(self, record: dict) -> None:
-        if record["world_size"] != self.world.size:
-            raise UserError(
-                f"{self.checkpoint_path}: written by {record['world_size']} rank(s), resumed with {self.world.size}: "
-                "resume with the same world size (the data positions are per rank)"
-            )
-        draw = int(record["draw"])
-        if draw:
-            redraw_masks(self.model, draw)
-        set_lora_matrices(self.model, record["lora"])
-        self.optimizer.load_state_dict(record["optimizer"])
-        self.scheduler.load_state_dict(record["scheduler"])
-        if self.scaler is not None and record.get("scaler"):
-            self.scaler.load_state_dict(record["scaler"])
-        self.stream.load_state_dict(record["data"][self.world.rank])
-        ckpt.set_rng_state(record["rng"][self.world.rank])
-        self.step, self.tokens, self.elapsed = record["step"], record["tokens"], record["elapsed"]
-        self.skipped.update(record.get("skipped", {}))
-        self.nonfinite_run = record.get("nonfinite_run", 0)
+    def load_checkpoint(self, checkpoint: ckpt.Checkpoint) -> None:
+        ckpt.restore(self, checkpoint)
         self._saved_step = self.step
         if self.world.is_main:
             _truncate_metrics(self.out_dir / "metrics.jsonl", self.step)
@@ -287,7 +233,7 @@ class Trainer:
                     break
                 started = time.perf_counter()
                 try:
-                    result = train_step(self.loss_module, self.optimizer, micro_batches, plan, settings.max_grad_norm, self.world,
+                    result = steps.train_step(self.loss_module, self.optimizer, micro_batches, plan, settings.max_grad_norm, self.world,
                                         scaler=self.scaler)
                 except (torch.OutOfMemoryError, MemoryError, PartialStepError) as error:
                     self._out_of_memory(error, before)
@@ -322,7 +268,7 @@ class Trainer:
                     record["skipped"] = skipped
                 # eval
                 if self.eval_batches and settings.eval_every and self.step % settings.eval_every == 0:
-                    record["eval_loss"] = last_eval = evaluate(self.loss_module_inner, self.eval_batches, self.compute_dtype)
+                    record["eval_loss"] = last_eval = steps.evaluate(self.loss_module_inner, self.eval_batches, self.compute_dtype)
                 if metrics:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
@@ -357,7 +303,7 @@ class Trainer:
         if self._saved_step != self.step:
             self.save_checkpoint()
         if self.eval_batches:
-            last_eval = evaluate(self.loss_module_inner, self.eval_batches, self.compute_dtype)
+            last_eval = steps.evaluate(self.loss_module_inner, self.eval_batches, self.compute_dtype)
         return {
             "steps": self.step,
             "total_steps": self.total_steps,

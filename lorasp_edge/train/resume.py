@@ -92,18 +92,18 @@ def resume_plan(saved: Plan, request) -> tuple[Plan, list[str]]:
     return plan, notes
 
 
-def check_data(record: dict, data: Path, rank: int) -> None:
-    saved = Path(record["data"][rank]["path"])
+def check_data(record, data: Path, rank: int) -> None:
+    saved = Path(record.data[rank]["path"])
     if saved.resolve() != Path(data).resolve():
         raise UserError(f"cannot resume: --data {data} is not the run's data file {saved} (its position is in that file)")
 
 
-def check_base(record: dict, fingerprint: str, model_name: str) -> str | None:
+def check_base(record, fingerprint: str, model_name: str) -> str | None:
     """Refuse another base model; a note when the same base comes by another name."""
-    saved = record.get("base_fingerprint")
+    saved = record.base_fingerprint
     if saved is None:
         return "the checkpoint records no base-model fingerprint (written by an earlier version): not checked"
     if saved != fingerprint:
-        name = record["plan"]["model"].get("name")
+        name = record.plan["model"].get("name")
         raise UserError(f"cannot resume: --model {model_name} is not the base model the run was trained on ({name}; fingerprint {saved}, this one {fingerprint})")
     return None

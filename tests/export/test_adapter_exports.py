@@ -12,12 +12,13 @@ from tiny import leftovers, make_model_dir, train_adapter
 
 from lorasp_edge.cli import main
 from lorasp_edge.export import gguf_adapter, llamacpp
-from lorasp_edge.export.gguf_file import _permute_rows
-from lorasp_edge.export.merge import merged_model
-from lorasp_edge.export.pipeline import ExportSettings, export
+from lorasp_edge.export.sources.adapter import unmerged_base
+from lorasp_edge.export.gguf_file import permute_rows
+from lorasp_edge.export.sources.merge import merged_model
+from lorasp_edge.export.run import ExportSettings, export
 from lorasp_edge.generate import GenerateSettings, generate
 from lorasp_edge.models import load_model
-from lorasp_edge.train.adapter import load_adapter
+from lorasp_edge.train.adapter_files import load_adapter
 
 HEADS, KV_HEADS = 4, 2  # tests/tiny.py's config
 
@@ -46,18 +47,18 @@ def test_lora_gguf_encodes_the_trained_delta_in_llama_cpp_layout(tiny, tmp_path)
     assert q_a.tensor_type == gguf.GGMLQuantizationType.F32
     # alpha / r * B A is the merged model's weight minus the base's, Q rows in llama.cpp's RoPE order
     merged = merged_model(peft_model).state_dict()
-    plain = gguf_adapter.unmerged_base(peft_model).state_dict()
+    plain = unmerged_base(peft_model).state_dict()
     for hf, ours, heads in (("self_attn.q_proj", "attn_q", HEADS), ("self_attn.k_proj", "attn_k", KV_HEADS), ("mlp.down_proj", "ffn_down", None)):
         a, b = (np.asarray(tensors[f"blk.1.{ours}.weight.lora_{part}"].data) for part in "ab")
         delta = (merged[f"model.layers.1.{hf}.weight"] - plain[f"model.layers.1.{hf}.weight"]).numpy()
-        expected = _permute_rows(delta, heads) if heads else delta
+        expected = permute_rows(delta, heads) if heads else delta
         assert np.abs(2.0 * b @ a - expected).max() <= 1e-5 * np.abs(expected).max()
         assert np.abs(expected).max() > 1e-3  # the trained delta is not zero
 
 
 def test_unmerged_base_is_the_base_without_the_delta(tiny):
     peft_model = adapted(*tiny)
-    plain = gguf_adapter.unmerged_base(peft_model).state_dict()
+    plain = unmerged_base(peft_model).state_dict()
     original = load_model(str(tiny[0]), compute_dtype=torch.float32, device="cpu").state_dict()
     assert plain.keys() == original.keys()
     assert all(torch.equal(plain[key], original[key]) for key in original)
@@ -66,9 +67,9 @@ def test_unmerged_base_is_the_base_without_the_delta(tiny):
 def test_four_bit_base_is_written_dequantized(tmp_path):
     base = make_model_dir(tmp_path / "base", "llama", initializer_range=0.2)
     peft_model = adapted(base, train_adapter(base, tmp_path / "adapter", quant_bits=4), quant_bits=4)
-    plain = gguf_adapter.unmerged_base(peft_model).state_dict()
+    plain = unmerged_base(peft_model).state_dict()
     layer = peft_model.get_base_model().model.layers[0].mlp.up_proj.base_layer
-    from lorasp_edge.export.merge import dequantized_weight
+    from lorasp_edge.export.sources.merge import dequantized_weight
 
     assert torch.equal(plain["model.layers.0.mlp.up_proj.weight"], dequantized_weight(layer))
     original = load_model(str(base), compute_dtype=torch.float32, device="cpu").state_dict()["model.layers.0.mlp.up_proj.weight"]

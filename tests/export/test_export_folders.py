@@ -54,7 +54,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def hf_export(run, tmp_path_factory):
     """An export folder holding hf/, written once; tests copy it."""
-    from lorasp_edge.export.pipeline import ExportSettings, export
+    from lorasp_edge.export.run import ExportSettings, export
 
     out = tmp_path_factory.mktemp("hf-export") / "out"
     export(ExportSettings(adapter=run[1], out=out, format="hf", eval_tokens=64))
@@ -248,7 +248,7 @@ def test_an_os_error_inside_the_temporary_folder_names_out(run, tmp_path, monkey
         raise OSError(errno.ENOSPC, "No space left on device", str(folder / "config.json"))
 
     monkeypatch.setattr(hf, "write_portable_config", full)
-    monkeypatch.setattr("lorasp_edge.export.streamed.write_portable_config", full)
+    monkeypatch.setattr("lorasp_edge.export.sources.streamed.write_portable_config", full)
     exit_code, _, err = export_cli(capsys, run[1], tmp_path / "out")
     assert exit_code == 2 and assert_one_line(err, f"writing the export to {tmp_path / 'out'}: no space left")
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)

@@ -2,6 +2,7 @@
 quantized one weight at a time, peak memory recorded and estimated beforehand. Tiny models."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -12,7 +13,8 @@ from tiny import leftovers, make_model_dir, train_adapter
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lorasp_edge.cli import main
-from lorasp_edge.export.layered import FolderWeights, LayerStreamed
+from lorasp_edge.export.sources.layered import LayerStreamed
+from lorasp_edge.export.sources.weights import FolderWeights
 from lorasp_edge.export.memory import (
     RUNTIME_BYTES,
     SESSION_FACTOR,
@@ -22,14 +24,15 @@ from lorasp_edge.export.memory import (
     shapes_summary,
     slice_parameters,
 )
-from lorasp_edge.export.merge import merged_model, merged_state_dict
+from lorasp_edge.export.sources.merge import merged_model, merged_state_dict
 from lorasp_edge.export.onnx_graph import ONNX_DATA_FILE, TIED_TABLE, export_decoder
 from lorasp_edge.export.onnx_runtime import OnnxDecoder
 from lorasp_edge.export.onnx_slices import SlicedDecoder, layer_ranges
 from lorasp_edge.export.onnx_stream import export_decoder_streamed
-from lorasp_edge.export.pipeline import ExportSettings, export
+from lorasp_edge.export.formats import in_order
+from lorasp_edge.export.run import ExportSettings, export
 from lorasp_edge.export.quantize import quantize_decoder, quantize_decoder_streamed
-from lorasp_edge.export.stream import (
+from lorasp_edge.export.sources.shards import (
     BaseWeights,
     Checkpoint,
     LoraDelta,
@@ -38,7 +41,7 @@ from lorasp_edge.export.stream import (
 )
 from lorasp_edge.export.verify import verify_onnx
 from lorasp_edge.models import load_model
-from lorasp_edge.train.adapter import load_adapter
+from lorasp_edge.train.adapter_files import load_adapter
 
 
 @pytest.fixture(scope="module")
@@ -138,9 +141,9 @@ def test_streamed_onnx_matches_the_traced_graph(tied_qwen, tmp_path):
 
 def test_export_is_streamed_and_records_its_peak(tied_qwen, tmp_path):
     base, adapter = tied_qwen
-    report = export(ExportSettings(adapter=adapter, out=tmp_path / "out", quantize="int4", eval_tokens=64, mem="8GB"))
+    report = export(ExportSettings(adapter=adapter, out=tmp_path / "out", quantize="int4", eval_tokens=64, mem="8GB", source="streamed"))
     manifest = json.loads((report.out / "manifest.json").read_text())
-    assert manifest["streamed"] is True
+    assert manifest["streamed"] is True and manifest["source"] == "streamed"
     assert 100 << 20 < manifest["peak_rss_bytes"] < 8 << 30
     assert manifest["verification"]["merge"]["relative_diff"] < 1e-5
     assert manifest["verification"]["hf_reload"]["max_abs_diff"] == 0.0
@@ -169,7 +172,7 @@ def test_estimate_is_the_largest_phase():
     shapes["model.embed_tokens.weight"] = (151936, 1536)
     _, largest, unit, vocab = shapes_summary(shapes)
     assert largest == 151936 * 1536 and vocab == 151936 and unit == 151936 * 1536
-    estimate = estimate_streamed(shapes, wants_onnx=True, quantize="int4")
+    estimate = estimate_streamed(shapes, in_order(["onnx"]), SimpleNamespace(quantize="int4"))
     assert estimate.largest_phase == "fp32 ONNX session"
     assert estimate.peak_bytes - max(estimate.phases.values()) == RUNTIME_BYTES
     assert 7e9 < estimate.peak_bytes < 9e9  # the fp32 session: 4 bytes x 1.54e9 parameters, plus the runtime
@@ -259,14 +262,14 @@ def test_session_slices_are_the_fewest_that_fit():
     assert session_slices(shapes, int(needs(260)) - 1) == 3
     assert session_slices(shapes, int(needs(200)) - 1) == 4
     assert session_slices(shapes, 1) == 4  # nothing fits: one layer each, and the estimate says it is over
-    estimate = estimate_streamed(shapes, wants_onnx=True, quantize="none", budget_bytes=int(needs(460)) - 1)
+    estimate = estimate_streamed(shapes, in_order(["onnx"]), SimpleNamespace(quantize="none"), budget_bytes=int(needs(460)) - 1)
     assert estimate.session_slices == 2
     assert estimate.phases["fp32 ONNX session (2 layer slices)"] == int(SESSION_FACTOR * 4 * 260) + _piece_bytes(5)
 
 
 def test_export_verifies_the_fp32_graph_in_slices_when_one_session_would_not_fit(tied_qwen, tmp_path, monkeypatch):
     from lorasp_edge.export import memory
-    from lorasp_edge.export.streamed import base_float_shapes
+    from lorasp_edge.export.sources.shards import base_float_shapes
 
     # at this size a window's logits would be the largest phase; make the session the one that binds
     monkeypatch.setattr(memory, "ACTIVATION_WINDOW", 1)
@@ -277,6 +280,7 @@ def test_export_verifies_the_fp32_graph_in_slices_when_one_session_would_not_fit
     report = export(ExportSettings(adapter=adapter, out=tmp_path / "out", quantize="int8", eval_tokens=64, mem=budget))
     manifest = json.loads((report.out / "manifest.json").read_text())
     onnx_check = manifest["verification"]["onnx"]
+    assert manifest["source"] == "streamed"  # the in-memory estimate is over the budget: chosen by it, not forced
     assert onnx_check["session_layers"] == [[0, 1], [1, 2]]
     assert onnx_check["relative_diff"] < 1e-5 and onnx_check["greedy_agreement"] == 1.0
     assert manifest["verification"]["onnx-int8"]["session_layers"] == [[0, 2]]

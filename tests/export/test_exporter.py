@@ -32,16 +32,11 @@ from lorasp_edge.export.onnx_graph import (
     onnx_weight_bytes,
 )
 from lorasp_edge.export.onnx_runtime import OnnxDecoder
-from lorasp_edge.export.pipeline import ExportSettings, export
+from lorasp_edge.export.run import ExportSettings, export
 from lorasp_edge.export.verify import onnx_logit_pieces, onnx_logits_fn, perplexity, torch_logits_fn, verify_onnx
 from lorasp_edge.models import load_model
-from lorasp_edge.train.adapter import (
-    LoRASPConfig,
-    apply_lorasp,
-    load_adapter,
-    save_adapter,
-    trainable_parameters,
-)
+from lorasp_edge.train.adapter import LoRASPConfig, apply_lorasp, trainable_parameters
+from lorasp_edge.train.adapter_files import load_adapter, save_adapter
 from lorasp_edge.train.optim import LoRASPAdamW
 
 # export's default 1024 held-out tokens, scored in 512-token windows: 512 + 511 next-token positions
@@ -273,13 +268,14 @@ def test_no_room_on_disk_before_writing(llama_adapter, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
 
 
-def test_disk_full_while_writing_leaves_nothing(llama_adapter, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("source", "writer"), [("memory", "export_decoder"), ("streamed", "export_decoder_streamed")])
+def test_disk_full_while_writing_leaves_nothing(llama_adapter, tmp_path, monkeypatch, source, writer):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(onnx_writer, "export_decoder_streamed", full)
+    monkeypatch.setattr(onnx_writer, writer, full)
     with pytest.raises(UserError, match="no space left on the device"):
-        export(ExportSettings(adapter=llama_adapter[1], out=tmp_path / "out"))
+        export(ExportSettings(adapter=llama_adapter[1], out=tmp_path / "out", source=source))
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
 
 
@@ -342,7 +338,7 @@ def test_smollm2_export_with_a_trained_adapter_agrees_with_pytorch(tmp_path):
     assert report.manifest["files"]["onnx"] <= 1.01 * report.manifest["files"]["fp32_parameters"]
 
     merged = AutoModelForCausalLM.from_pretrained(exporter_model_dir(), dtype=torch.float32)
-    from lorasp_edge.export.merge import merged_model
+    from lorasp_edge.export.sources.merge import merged_model
 
     merged = merged_model(load_adapter(merged, tmp_path / "adapter")).eval()
     prompt = tokenizer("Once upon a time, in a small village,", return_tensors="pt").input_ids

@@ -10,7 +10,7 @@ from transformers import AutoConfig, GenerationConfig
 
 from lorasp_edge.cli import main
 from lorasp_edge.export import genai
-from lorasp_edge.export.pipeline import ExportSettings, export
+from lorasp_edge.export.run import ExportSettings, export
 
 
 @pytest.fixture(scope="module")
@@ -67,22 +67,23 @@ def test_export_is_verified_by_onnxruntime_genai(tiny, tmp_path, monkeypatch):
     assert tokenizer_config["model_input_names"] == ["input_ids", "attention_mask"]
 
 
-def test_genai_alone_makes_its_own_graph_and_a_wrong_graph_exits_4(tiny, tmp_path, monkeypatch, capsys):
+def test_genai_alone_takes_the_onnx_graph_and_a_wrong_graph_exits_4(tiny, tmp_path, monkeypatch, capsys):
+    """--format genai writes the onnx format first (it requires it) and links its graph; when the graph
+    it gets computes other weights than the merged model's, genai's own check exits 4."""
     pytest.importorskip("onnxruntime_genai")
+    import copy
+
     import torch
 
-    original = genai.export_decoder
+    from lorasp_edge.export.onnx_graph import export_decoder
 
-    def other_weights(model, *args):  # a graph of different weights than the merged model's
+    def other_weights(context, folder, variant):  # a graph of different weights than the merged model's
+        model = copy.deepcopy(context.merged)
         with torch.no_grad():
             model.model.layers[0].mlp.down_proj.weight.mul_(-1)
-        try:
-            return original(model, *args)
-        finally:
-            with torch.no_grad():
-                model.model.layers[0].mlp.down_proj.weight.mul_(-1)
+        export_decoder(model, folder)
 
-    monkeypatch.setattr(genai, "export_decoder", other_weights)
-    code = main(["export", "--adapter", str(tiny[1]), "--out", str(tmp_path / "out"), "--format", "genai"])
+    monkeypatch.setattr(genai, "_place_graph", other_weights)
+    code = main(["export", "--adapter", str(tiny[1]), "--out", str(tmp_path / "out"), "--format", "genai", "--source", "memory"])
     assert code == 4 and "nothing was written" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)

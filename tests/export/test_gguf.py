@@ -14,8 +14,9 @@ from lorasp_edge.cli import main
 from lorasp_edge.errors import UserError
 from lorasp_edge.export import gguf_file, llamacpp
 from lorasp_edge.export.gguf_file import write_gguf_file
+from lorasp_edge.export.sources.weights import ModelWeights
 from lorasp_edge.export.ollama import chat_pieces, modelfile
-from lorasp_edge.export.pipeline import ExportSettings, export
+from lorasp_edge.export.run import ExportSettings, export
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def fields(reader):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_f32_file_holds_every_weight_and_the_architecture(arch, tmp_path):
     model, tokenizer = load(make_model_dir(tmp_path / "base", arch))
-    reader = gguf.GGUFReader(write_gguf_file(model, tokenizer, tmp_path / "m.gguf", "f32"))
+    reader = gguf.GGUFReader(write_gguf_file(model.config, ModelWeights(model), tokenizer, tmp_path / "m.gguf", "f32"))
     meta = fields(reader)
     assert meta["general.architecture"] == arch
     assert (meta[f"{arch}.block_count"], meta[f"{arch}.attention.head_count"], meta[f"{arch}.attention.head_count_kv"]) == (2, 4, 2)
@@ -52,15 +53,15 @@ def test_f32_file_holds_every_weight_and_the_architecture(arch, tmp_path):
     q = state["model.layers.0.self_attn.q_proj.weight"].numpy()
     stored = np.asarray(tensors["blk.0.attn_q.weight"].data).reshape(q.shape)
     # llama pairs adjacent RoPE dimensions: rows are permuted per head; qwen2 keeps HF's order.
-    assert np.array_equal(stored, gguf_file._permute_rows(q, 4) if arch == "llama" else q)
-    assert not np.array_equal(gguf_file._permute_rows(q, 4), q)
+    assert np.array_equal(stored, gguf_file.permute_rows(q, 4) if arch == "llama" else q)
+    assert not np.array_equal(gguf_file.permute_rows(q, 4), q)
     down = state["model.layers.1.mlp.down_proj.weight"].numpy()
     assert np.array_equal(np.asarray(tensors["blk.1.ffn_down.weight"].data).reshape(down.shape), down)
 
 
 def test_quantized_types_round_trip_within_a_block_step(tmp_path):
     model, tokenizer = load(make_model_dir(tmp_path / "base", "llama"))
-    reader = gguf.GGUFReader(write_gguf_file(model, tokenizer, tmp_path / "m.gguf", "q4_0"))
+    reader = gguf.GGUFReader(write_gguf_file(model.config, ModelWeights(model), tokenizer, tmp_path / "m.gguf", "q4_0"))
     tensors = {t.name: t for t in reader.tensors}
     assert tensors["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
     assert tensors["blk.0.ffn_up.weight"].tensor_type == gguf.GGMLQuantizationType.Q4_0
@@ -98,7 +99,8 @@ def test_bad_type_and_unsupported_model_are_one_line(tiny, tmp_path, capsys):
     assert code == 2 and error.count("\n") == 1 and "--gguf-type must be one of" in error
     gpt2 = make_model_dir(tmp_path / "gpt2", "gpt2")
     with pytest.raises(UserError, match="gguf supports the model types"):
-        write_gguf_file(*load(gpt2), tmp_path / "x.gguf", "f16")
+        model, tokenizer = load(gpt2)
+        write_gguf_file(model.config, ModelWeights(model), tokenizer, tmp_path / "x.gguf", "f16")
     assert not (tmp_path / "out").exists()
 
 
@@ -152,18 +154,19 @@ def test_quantized_export_measures_and_gates_agreement(tiny, tmp_path, monkeypat
 def test_smollm2_q8_0_keeps_95_percent_greedy_agreement(tmp_path):
     pytest.importorskip("llama_cpp")
     from lorasp_edge.export import agreement
+    from lorasp_edge.export.context import model_context
     from lorasp_edge.export.gguf import verify_gguf
     from lorasp_edge.models import load_model, load_tokenizer
 
     model, tokenizer = load_model("smollm2-135m", device="cpu").eval(), load_tokenizer("smollm2-135m")
-    path = write_gguf_file(model, tokenizer, tmp_path / "m.gguf", "q8_0")
-    record = verify_gguf(path, "q8_0", agreement.model_context(model, tokenizer, tmp_path, eval_tokens=256, window=256))
+    path = write_gguf_file(model.config, ModelWeights(model), tokenizer, tmp_path / "m.gguf", "q8_0")
+    record = verify_gguf(path, "q8_0", model_context(model, tokenizer, tmp_path, eval_tokens=256, window=256))
     assert record["agreement"]["agreement"] >= agreement.AGREEMENT_LIMIT[8] == 0.95
 
 
 def test_wrong_rope_row_order_fails_with_exit_4(tiny, tmp_path, monkeypatch, capsys):
     pytest.importorskip("llama_cpp")
-    monkeypatch.setattr(gguf_file, "_permute_rows", lambda weight, heads: weight)  # HF order: wrong for llama.cpp
+    monkeypatch.setattr(gguf_file, "permute_rows", lambda weight, heads: weight)  # HF order: wrong for llama.cpp
     code = main(["export", "--adapter", str(tiny[1]), "--out", str(tmp_path / "out"), "--format", "gguf"])
     assert code == 4 and "nothing was written" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)

@@ -9,10 +9,11 @@ import torch
 from tiny import make_model_dir, train_adapter
 
 from lorasp_edge.export import gguf_adapter
-from lorasp_edge.export.merge import merged_model
-from lorasp_edge.export.pipeline import ExportSettings, export
+from lorasp_edge.export.sources.adapter import unmerged_base
+from lorasp_edge.export.sources.merge import merged_model
+from lorasp_edge.export.run import ExportSettings, export
 from lorasp_edge.models import load_model
-from lorasp_edge.train.adapter import load_adapter
+from lorasp_edge.train.adapter_files import load_adapter
 
 
 def test_offset_adapter_exports_verified_onnx_and_a_lora_gguf_of_the_delta(tmp_path):
@@ -25,7 +26,7 @@ def test_offset_adapter_exports_verified_onnx_and_a_lora_gguf_of_the_delta(tmp_p
 
     peft_model = load_adapter(load_model(str(base), compute_dtype=torch.float32, device="cpu"), adapter)
     merged = merged_model(peft_model).state_dict()
-    plain = gguf_adapter.unmerged_base(peft_model).state_dict()
+    plain = unmerged_base(peft_model).state_dict()
     reader = gguf.GGUFReader(gguf_adapter.write_lora_gguf(peft_model, tmp_path / "a.gguf"))
     tensors = {t.name: t for t in reader.tensors}
     meta = {name: field.contents() for name, field in reader.fields.items()}

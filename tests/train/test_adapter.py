@@ -10,20 +10,18 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from lorasp_edge.errors import AdapterError, UserError
-from lorasp_edge.export.merge import merged_model, merged_state_dict
+from lorasp_edge.export.sources.merge import merged_model, merged_state_dict
 from lorasp_edge.train import masks as masklib
 from lorasp_edge.train.adapter import (
     LoRASPConfig,
-    MaskGeneratorWarning,
     apply_lorasp,
     count_parameters,
-    load_adapter,
     lora_matrices,
     lorasp_store,
     redraw_masks,
-    save_adapter,
     trainable_parameters,
 )
+from lorasp_edge.train.adapter_files import MaskGeneratorWarning, load_adapter, save_adapter
 from lorasp_edge.train.optim import LoRASPAdamW, state_bytes
 
 LLAMA = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)

@@ -61,7 +61,7 @@ def test_killed_job_resumes_exactly(tmp_path, model_dir, data_file):
         time.sleep(0.02)
     os.killpg(job.pid, signal.SIGKILL)  # the whole job: launcher and both ranks
     job.wait()
-    assert 20 <= ckpt.load_checkpoint(out / "checkpoint.pt")["step"] + 5 and len(losses(out)) < 60
+    assert 20 <= ckpt.load_checkpoint(out / "checkpoint.pt").step + 5 and len(losses(out)) < 60
     run_cli(*torchrun(2, *args, "--resume"), timeout=300)
     assert losses(out) == losses(tmp_path / "ref")
     ref = (tmp_path / "ref" / "adapter" / "adapter_model.safetensors").read_bytes()

@@ -16,7 +16,7 @@ import torch
 from test_adapter import tiny_gpt2, tiny_llama, tokens, train
 
 from lorasp_edge.errors import AdapterError
-from lorasp_edge.export.merge import merged_model
+from lorasp_edge.export.sources.merge import merged_model
 from lorasp_edge.plan import memory
 from lorasp_edge.plan.catalog import model_info
 from lorasp_edge.train.adapter import (
@@ -26,13 +26,11 @@ from lorasp_edge.train.adapter import (
     folded,
     held_frozen_masks,
     held_matrices,
-    load_adapter,
     lora_matrices,
-    read_adapter_info,
     redraw_masks,
-    save_adapter,
     set_lora_matrices,
 )
+from lorasp_edge.train.adapter_files import load_adapter, read_adapter_info, save_adapter
 
 RANK = 4
 FORMS = pytest.mark.parametrize("fold", [True, False], ids=["folded", "rank-2r"])

@@ -112,7 +112,7 @@ def test_overwrite_starts_a_finished_run_over(capsys, tmp_path, model_dir, data_
     assert train(capsys, model_dir, data_file, out, plan, "--steps", "3")[0] == 0
     code, _, err = train(capsys, model_dir, data_file, out, plan, "--steps", "2", "--overwrite")
     assert code == 0, err
-    assert ckpt.load_checkpoint(out / ckpt.CHECKPOINT_FILE)["step"] == 2
+    assert ckpt.load_checkpoint(out / ckpt.CHECKPOINT_FILE).step == 2
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     # Started over and stopped before any step: nothing of the earlier run is left to pass for this one's.
     bad = tmp_path / "bad.jsonl"
@@ -156,7 +156,7 @@ def test_a_bad_line_mid_run_keeps_the_steps_done_and_resumes_with_skip(capsys, t
     code, _, err = train(capsys, model_dir, data, out, plan, "--steps", "40", "--shuffle-buffer", "0")
     assert code == 2
     message = one_line(err)
-    saved = ckpt.load_checkpoint(out / ckpt.CHECKPOINT_FILE)["step"]
+    saved = ckpt.load_checkpoint(out / ckpt.CHECKPOINT_FILE).step
     assert saved > 0 and f"{data}:51" in message and f"a checkpoint of step {saved} was written" in message
     assert "continue with: lorasp-edge train" in message and message.endswith("--resume --skip-bad-lines")
     code, out_text, err = train(capsys, model_dir, data, out, plan, "--steps", "40", "--shuffle-buffer", "0", "--resume", "--skip-bad-lines")
@@ -183,7 +183,7 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoi
     assert "writing the checkpoint" in message and "no space left on the device" in message and "the previous checkpoint is kept" in message
     assert "continue with:" in message
     monkeypatch.setattr(ckpt.torch, "save", original)
-    assert ckpt.load_checkpoint(out / ckpt.CHECKPOINT_FILE)["step"] == 2
+    assert ckpt.load_checkpoint(out / ckpt.CHECKPOINT_FILE).step == 2
     assert not [path for path in out.iterdir() if path.name.endswith(".tmp")]
 
 

@@ -47,7 +47,7 @@ def test_resume_contract(tmp_path, model_dir, data_file):
             resume(base, **changes)
         assert str(refused.value).startswith(expected), str(refused.value)
         assert "\n" not in str(refused.value)
-    assert ckpt.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 4
+    assert ckpt.load_checkpoint(tmp_path / "run" / "checkpoint.pt").step == 4
 
     # applied, with a note each: more steps (the schedule stretched), another lr, a plan with another batch split
     notes = []
@@ -65,7 +65,7 @@ def test_resume_contract(tmp_path, model_dir, data_file):
     expected_lr = 1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (4 - 1) / (8 - 1))))
     assert records[4]["lr"] == pytest.approx(expected_lr, rel=1e-12)
     saved = ckpt.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
-    assert saved["settings"]["lr"] == 1e-3 and saved["total_steps"] == 8 and saved["plan"]["grad_accum"] == 4
+    assert saved.settings["lr"] == 1e-3 and saved.total_steps == 8 and saved.plan["grad_accum"] == 4
 
     # a flag not given keeps the run's value: no note, nothing changed
     notes = []

@@ -93,11 +93,11 @@ def test_injected_inf_gradient_stops_with_the_last_good_weights(tmp_path, model_
     model = built["model"]
     assert torch.equal(trainable_parameters(model)[0].detach(), seen["good"])  # the skipped steps wrote nothing
     record = ckpt.load_checkpoint(out / "checkpoint.pt")
-    assert record["step"] == 5 and record["skipped"]["non-finite gradient"] == 3
+    assert record.step == 5 and record.skipped["non-finite gradient"] == 3
     for key, weight in held_matrices(model).items():  # the checkpoint holds the adapter file's form
-        saved = record["lora"][key]
+        saved = record.lora[key]
         assert torch.isfinite(saved).all() and torch.equal(saved, weight)
-    assert record["optimizer"]["state"][0]["step"] == 2  # Adam stepped twice, at steps 1 and 2
+    assert record.optimizer["state"][0]["step"] == 2  # Adam stepped twice, at steps 1 and 2
     assert not (out / "adapter").exists()
 
 
@@ -146,7 +146,7 @@ def test_out_of_memory_in_a_step_checkpoints_the_step_before_and_resumes(tmp_pat
     assert message.startswith("out of memory in step 3 (CUDA out of memory. Tried to allocate 2.00 GiB); peak ")
     assert "the plan predicted" in message and "a checkpoint of step 2 was written" in message
     out = tmp_path / "run"
-    assert ckpt.load_checkpoint(out / "checkpoint.pt")["step"] == 2
+    assert ckpt.load_checkpoint(out / "checkpoint.pt").step == 2
     monkeypatch.undo()
     run_training(TrainRequest(**{**request(tmp_path, model_dir, data_file, **settings).__dict__, "resume": True}), progress=False)
     reference = tmp_path / "reference"
@@ -172,7 +172,7 @@ def test_sigterm_writes_one_checkpoint(tmp_path, model_dir, data_file, monkeypat
         model.get_base_model().base_model.register_forward_pre_hook(hook)
 
     def counting_save(path, record):
-        seen["saves"].append(record["step"])
+        seen["saves"].append(record.step)
         return original_save(path, record)
 
     original_save = loop.ckpt.save_checkpoint
@@ -197,7 +197,7 @@ def test_float16_compute_trains_under_a_grad_scaler(tmp_path, model_dir, data_fi
     assert summary["steps"] == 3 and math.isfinite(summary["final_loss"])
     record = ckpt.load_checkpoint(out / "checkpoint.pt")
     # GradScaler starts at 2**16; each step halves it on an overflow or keeps it (growth after 2000 good steps)
-    scale = record["scaler"]["scale"]
+    scale = record.scaler["scale"]
     overflows = summary["skipped_steps"].get("fp16 overflow", 0)
     assert scale == 2.0**16 / 2**overflows
     assert all(r.get("skipped") in (None, "fp16 overflow") for r in metrics(out))

@@ -91,7 +91,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path, model_dir, data_file):
     process.wait()
     interrupted_at = len(losses(killed))
     assert 40 <= interrupted_at < 150, "the kill must land mid-run"
-    assert ckpt.load_checkpoint(killed / "checkpoint.pt")["step"] < 150
+    assert ckpt.load_checkpoint(killed / "checkpoint.pt").step < 150
 
     run_cli(*train_command(model_dir, data_file, killed, plan, *steps, "--resume"))
     assert losses(killed) == losses(reference)
@@ -109,7 +109,7 @@ def test_sigterm_checkpoints_then_resume_completes(tmp_path, model_dir, data_fil
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 143, stderr[-2000:]
     assert "checkpoint written" in stderr
-    step = ckpt.load_checkpoint(out / "checkpoint.pt")["step"]
+    step = ckpt.load_checkpoint(out / "checkpoint.pt").step
     assert 5 <= step < 400 and len(losses(out)) == step
     run_cli(*train_command(model_dir, data_file, out, plan, "--steps", "400", "--save-every", "0", "--resume"))
     assert len(losses(out)) == 400
@@ -172,7 +172,9 @@ def test_catalog_ids_resolve_to_their_hub_model():
 
 def test_torn_checkpoint_write_leaves_previous_usable(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
-    ckpt.save_checkpoint(path, {"step": 3, "lora": {"a": torch.ones(2)}})
+    record = ckpt.Checkpoint(step=3, tokens=0, elapsed=0.0, world_size=1, lora={"a": torch.ones(2)}, draw=0, optimizer={}, scheduler={},
+                             scaler=None, data=[], rng=[], plan={}, settings={}, total_steps=4)
+    ckpt.save_checkpoint(path, record)
 
     def torn_save(obj, file):
         file.write(b"PK\x03\x04 partial")
@@ -180,9 +182,9 @@ def test_torn_checkpoint_write_leaves_previous_usable(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", torn_save)
     with pytest.raises(KeyboardInterrupt):
-        ckpt.save_checkpoint(path, {"step": 4})
+        ckpt.save_checkpoint(path, dataclasses.replace(record, step=4))
     monkeypatch.undo()
-    assert ckpt.load_checkpoint(path)["step"] == 3
+    assert ckpt.load_checkpoint(path).step == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
 
 
@@ -192,8 +194,8 @@ def test_resume_ignores_temp_file_of_killed_write(tmp_path, model_dir, data_file
     run_cli(*train_command(model_dir, data_file, out, plan, "--steps", "4", "--save-every", "2"))
     (out / ".checkpoint.pt.abc123.tmp").write_bytes(b"torn")
     record = ckpt.load_checkpoint(out / "checkpoint.pt")
-    record["step"] = 2  # pretend the run died after step 2's checkpoint
-    ckpt.save_checkpoint(out / "checkpoint.pt", {k: v for k, v in record.items() if k != "format"})
+    record.step = 2  # pretend the run died after step 2's checkpoint
+    ckpt.save_checkpoint(out / "checkpoint.pt", record)
     run_cli(*train_command(model_dir, data_file, out, plan, "--steps", "4", "--save-every", "2", "--resume"))
     assert not list(out.glob(".checkpoint.pt.*.tmp"))
 
@@ -252,7 +254,7 @@ def test_watchdog_stops_over_budget_with_checkpoint(tmp_path, model_dir, data_fi
     assert done.returncode == 3, done.stderr[-2000:]
     message = one_line_error(done)
     assert "went over the budget of 0.05 GB at step 1" in message and "the plan predicted" in message
-    assert ckpt.load_checkpoint(out / "checkpoint.pt")["step"] == 1
+    assert ckpt.load_checkpoint(out / "checkpoint.pt").step == 1
 
 
 @pytest.mark.slow
@@ -287,7 +289,7 @@ def test_too_high_learning_rate_stops_with_exit_5_and_no_adapter(tmp_path, model
         f"continue with: lorasp-edge train --data {data_file} --out {out} --model {model_dir} --resume"
     )
     record = ckpt.load_checkpoint(out / "checkpoint.pt")
-    assert record["step"] == 4 and all(torch.isfinite(t).all() for t in record["lora"].values())
+    assert record.step == 4 and all(torch.isfinite(t).all() for t in record.lora.values())
     assert not (out / "adapter").exists() and not (out / "summary.json").exists()
     assert [json.loads(line).get("skipped") for line in (out / "metrics.jsonl").read_text().splitlines()] == [None] + ["non-finite loss"] * 3
 
@@ -297,8 +299,8 @@ def test_torn_metrics_line_is_dropped_on_resume(tmp_path, model_dir, data_file):
     out = tmp_path / "run"
     run_cli(*train_command(model_dir, data_file, out, plan, "--steps", "4", "--save-every", "2"))
     record = ckpt.load_checkpoint(out / "checkpoint.pt")
-    record["step"] = 2  # as if killed after step 2's checkpoint, mid-way through writing step 3's record
-    ckpt.save_checkpoint(out / "checkpoint.pt", {k: v for k, v in record.items() if k != "format"})
+    record.step = 2  # as if killed after step 2's checkpoint, mid-way through writing step 3's record
+    ckpt.save_checkpoint(out / "checkpoint.pt", record)
     lines = (out / "metrics.jsonl").read_text().splitlines()
     (out / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:17])
     done = run_cli(*train_command(model_dir, data_file, out, plan, "--steps", "4", "--save-every", "2", "--resume"))

@@ -15,6 +15,14 @@ from torch import nn
 from lorasp_edge.train.adapter import ADAPTER_NAME, lora_layers
 
 
+def lora_delta(A: torch.Tensor, B: torch.Tensor, scaling: float, fan_in_fan_out: bool = False) -> torch.Tensor:
+    """(alpha / r) B A in fp32, laid out as the base weight is stored: (d_out, d_in), or transposed for a
+    Conv1D layer (fan_in_fan_out). The one delta formula every source merges with (Hu et al. 2021, Sec. 4.1;
+    PEFT's LoraLayer.get_delta_weight)."""
+    delta = (B.float() @ A.float()) * scaling
+    return delta.T if fan_in_fan_out else delta
+
+
 def dequantized_weight(base_layer: nn.Module) -> torch.Tensor:
     """The base layer's weight in fp32 (bitsandbytes 4/8-bit weights dequantized), as stored."""
     from peft.utils.integrations import dequantize_bnb_weight, get_bnb_param_type
@@ -39,8 +47,7 @@ def merged_state_dict(peft_model) -> dict[str, torch.Tensor]:
         weight = dequantized_weight(base_layer)
         A = layer.lora_A[ADAPTER_NAME].weight.detach().float()
         B = layer.lora_B[ADAPTER_NAME].weight.detach().float()
-        delta = (B @ A) * layer.scaling[ADAPTER_NAME]
-        merged_weight = weight + (delta.T if layer.fan_in_fan_out else delta)
+        merged_weight = weight + lora_delta(A, B, layer.scaling[ADAPTER_NAME], layer.fan_in_fan_out)
         # A NaN or Inf anywhere makes the sum non-finite; one reduction instead of a full bool mask.
         if not torch.isfinite(merged_weight.sum()):
             raise ValueError(f"merging {name} produced NaN or Inf")

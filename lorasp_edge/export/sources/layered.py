@@ -133,22 +133,3 @@ def _lora_hook(A: torch.Tensor, B: torch.Tensor, scaling: float):
         return output + F.linear(F.linear(args[0].to(A.dtype), A), B) * scaling
 
     return add
-
-
-class FolderWeights:
-    """fp32 weights of a safetensors folder by key (the merged HF folder)."""
-
-    def __init__(self, folder):
-        from lorasp_edge.export.stream import Checkpoint
-
-        self.checkpoint = Checkpoint(folder)
-
-    def keys(self) -> list[str]:
-        return self.checkpoint.keys()
-
-    def read(self, key: str) -> torch.Tensor:
-        tensor = self.checkpoint.read(key)
-        return tensor.float() if tensor.is_floating_point() else tensor
-
-    def close(self) -> None:
-        self.checkpoint.close()

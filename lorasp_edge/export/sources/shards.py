@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +21,8 @@ from types import SimpleNamespace
 import torch
 
 from lorasp_edge.errors import AdapterError, UserError
+from lorasp_edge.export.sources.merge import lora_delta
 from lorasp_edge.prequantize import (
-    SAFETENSORS_DTYPES,
     SafetensorsReader,
     quantized_modules,
     weight_files,
@@ -56,23 +55,9 @@ class Checkpoint:
         return tuple(self.where[key].entries[key]["shape"])
 
     def read(self, key: str) -> torch.Tensor:
-        """One tensor, read with pread into fresh memory. Unlike SafetensorsReader.read, the page cache
-        keeps the file's pages: the verification reads each weight several times."""
-        reader = self.where[key]
-        entry = reader.entries[key]
-        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise UserError(f"{reader.path.name}: tensor {key} has dtype {entry['dtype']}, which this reader does not handle")
-        start, end = entry["data_offsets"]
-        tensor = torch.empty(entry["shape"], dtype=dtype)
-        view = memoryview(tensor.view(-1).view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
-        done = 0
-        while done < end - start:
-            got = os.preadv(reader._handle.fileno(), [view[done:]], reader._data_start + start + done)
-            if got <= 0:
-                raise UserError(f"{reader.path}: truncated file (tensor {key})")
-            done += got
-        return tensor
+        """One tensor. Unlike a single pass over the file, the page cache keeps its pages: the
+        verification reads each weight several times."""
+        return self.where[key].read(key, keep_cached=True)
 
     def close(self) -> None:
         for reader in self.readers:
@@ -159,7 +144,7 @@ class LoraDelta:
     def read(cls, adapter_dir: Path) -> LoraDelta:
         from safetensors.torch import load_file
 
-        from lorasp_edge.train.adapter import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
+        from lorasp_edge.train.adapter_files import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
 
         config = json.loads((adapter_dir / PEFT_CONFIG_FILE).read_text())
         if config.get("rank_pattern") or config.get("alpha_pattern"):
@@ -200,8 +185,7 @@ class LoraDelta:
         if name not in self.matrices:
             return None
         A, B = self.matrices[name]
-        delta = (B @ A) * self.scaling
-        return delta.T if self.fan_in_fan_out else delta
+        return lora_delta(A, B, self.scaling, self.fan_in_fan_out)
 
 
 @dataclass
@@ -212,8 +196,8 @@ class MergeResult:
 
 
 def check_fingerprint(base: BaseWeights, config, info: dict, adapter_dir: Path) -> None:
-    """The adapter's recorded base fingerprint against this base (lorasp_edge.train.adapter.base_fingerprint)."""
-    from lorasp_edge.train.adapter import LORASP_FILE, base_fingerprint
+    """The adapter's recorded base fingerprint against this base (lorasp_edge.train.adapter_files.base_fingerprint)."""
+    from lorasp_edge.train.adapter_files import LORASP_FILE, base_fingerprint
 
     expected = info.get("base_fingerprint")
     key = embedding_key(config)
@@ -234,6 +218,20 @@ def meta_model(config):
 
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def meta_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape of the model `config` builds (a tied table once), from the meta device."""
+    return {name: tuple(parameter.shape) for name, parameter in meta_model(config).named_parameters()}
+
+
+def base_float_shapes(source: Path, bits: int | None) -> dict[str, tuple[int, ...]]:
+    """Checkpoint key -> shape of every weight as the merge writes it (fp32), from the headers only."""
+    base = BaseWeights(source, bits)
+    try:
+        return {key: base.shape(key) for key in base.keys()}
+    finally:
+        base.close()
 
 
 def embedding_key(config) -> str | None:

@@ -1,16 +1,22 @@
-"""Each architecture family entry against the transformers model it describes (built from a small config).
+"""Each architecture family entry against the transformers model it describes (built from a small config),
+and the family table as the only module of the package that names a model type.
 
-Adding a family: one entry in lorasp_edge/plan/families.py and one config here.
+Adding a family: one entry in lorasp_edge/families.py and one config here.
 """
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 
+import lorasp_edge
+from lorasp_edge.export.gguf_file import unsupported_reason as gguf_reason
 from lorasp_edge.export.onnx_graph import SUPPORTED_MODEL_TYPES, unsupported_reason
+from lorasp_edge.families import FAMILIES
 from lorasp_edge.plan.catalog import Architecture
-from lorasp_edge.plan.families import FAMILIES
 from lorasp_edge.plan.search import target_choices
 
 SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -68,6 +74,14 @@ def test_family_entry_matches_the_transformers_model(model_type):
     assert (model_type in SUPPORTED_MODEL_TYPES) == family.onnx_export
     if not family.onnx_export:
         assert "not supported for ONNX export" in unsupported_reason(config)
+    # The transformers class, the stored weight layout and the GGUF writer's reading of the entry.
+    assert type(model).__name__ == family.transformers_class
+    assert any(type(m).__name__ == "Conv1D" for m in model.modules()) == family.conv1d
+    assert (gguf_reason(config) is None) == (family.gguf_architecture is not None)
+    if family.gguf_architecture is not None:
+        import gguf
+
+        assert family.gguf_architecture in gguf.MODEL_ARCH.__members__
 
 
 def test_gemma2_is_eager_with_soft_capping_and_phi3_fuses_qkv():
@@ -75,3 +89,19 @@ def test_gemma2_is_eager_with_soft_capping_and_phi3_fuses_qkv():
     config, _ = build("gemma2")
     assert config.final_logit_softcapping and config.attn_logit_softcapping
     assert FAMILIES["phi3"].fused_qkv and [name for name, _, _ in FAMILIES["phi3"].linears][0] == "qkv_proj"
+
+
+def _model_type_literals(path: Path) -> list[str]:
+    """String constants in a module equal to a model type, each as 'line: value'."""
+    tree = ast.parse(path.read_text())
+    return [f"{node.lineno}: {node.value}" for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in FAMILIES]
+
+
+def test_the_family_table_is_the_only_module_naming_a_model_type():
+    """No `model_type == "gpt2"` branch, no table keyed by a model type, outside lorasp_edge/families.py:
+    every stage asks the entry."""
+    package = Path(lorasp_edge.__file__).parent
+    found = {str(path.relative_to(package)): _model_type_literals(path) for path in sorted(package.rglob("*.py"))}
+    naming = {name: hits for name, hits in found.items() if hits}
+    assert list(naming) == ["families.py"], naming
