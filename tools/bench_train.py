@@ -17,6 +17,8 @@ no target; the share is printed); both runs the two one after the other. Methods
   step's time, which holds the compile, is printed as first_step_s;
 - lorasp-edge-zeros, lorasp-edge-offset: the default plan with LoRA-SP's start set (`plan --lora-init`):
   what the offset start (a held rank of 2r) costs in speed and memory;
+- lorasp-edge-peft-layer: the default plan with PEFT's own LoRA Linear put back in place of
+  lorasp_edge.train.lora_linear.FusedLoraLinear: what the fused layer saves;
 - peft-bf16: PEFT LoraConfig(r=16, lora_alpha=32, target_modules="all-linear") on the base loaded in
   bf16, torch AdamW (fused=True on CUDA, torch's default on CPU), model(input_ids, labels).loss;
 - peft-fp32: the same on an fp32 base (a first PEFT script); qlora: the same on an NF4 base (CUDA).
@@ -41,7 +43,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-METHODS = ("lorasp-edge", "lorasp-edge-r16", "lorasp-edge-r16-compile", "lorasp-edge-zeros", "lorasp-edge-offset", "peft-bf16", "peft-fp32", "qlora")
+METHODS = ("lorasp-edge", "lorasp-edge-r16", "lorasp-edge-r16-compile", "lorasp-edge-zeros", "lorasp-edge-offset", "lorasp-edge-peft-layer",
+           "peft-bf16", "peft-fp32", "qlora")
 CPU_METHODS = ("lorasp-edge", "lorasp-edge-r16", "peft-bf16", "peft-fp32")
 CUDA_METHODS = ("lorasp-edge", "lorasp-edge-r16", "peft-bf16", "qlora")
 LR = 2e-4
@@ -125,6 +128,14 @@ def run_lorasp(method: str, model: str, device, seq_len: int, batch: int, mem: i
     if method.startswith("lorasp-edge-r16"):
         plan = dataclasses.replace(plan, rank=16, alpha=32.0)
     peft_model = build_model(plan, model, device=device, compile_layers=method.endswith("-compile"))
+    if method == "lorasp-edge-peft-layer":
+        from peft.tuners.lora.layer import Linear as PeftLoraLinear
+
+        from lorasp_edge.train.adapter import lora_layers
+
+        for layer in lora_layers(peft_model).values():  # the fused layer is a subclass that changes forward only
+            if type(layer).__name__ == "FusedLoraLinear":
+                layer.__class__ = PeftLoraLinear
     optimizer = build_optimizer(peft_model, lr=LR)
     from lorasp_edge.train.loss import ChunkedCausalLMLoss
 
