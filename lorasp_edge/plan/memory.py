@@ -239,15 +239,15 @@ def linear_input_bytes(arch: Architecture, setting: Candidate, tokens: int) -> i
     """Inputs kept for the linears' backward, per layer.
 
     A frozen float linear keeps no input (autograd saves x only for the weight's gradient).
-    LoRA's A needs its input. With fp32 compute that is the very tensor the base layer read (shared
-    by q, k and v); under bf16 autocast PEFT first casts x to the fp32 adapter dtype
-    (LoraLayer._cast_input_dtype) and autocast casts it back, so each adapted module keeps its own
-    compute-dtype copy. bitsandbytes' 8-bit matmul keeps its input on ctx (MatMul8bitFp on CPU,
+    LoRA's A needs its input: on a float base the very tensor the base layer read (shared by q, k
+    and v; lorasp_edge.train.lora_linear never casts it). On a 4/8-bit base PEFT's own layer runs,
+    which under bf16 autocast first casts x to the fp32 adapter dtype (LoraLayer._cast_input_dtype)
+    and autocast casts it back, so each adapted module keeps its own compute-dtype copy. bitsandbytes' 8-bit matmul keeps its input on ctx (MatMul8bitFp on CPU,
     MatMul8bitLt on CUDA: `ctx.A = A`), outside autograd's saved tensors, so checkpointing
     does not free it. LoRA's B keeps A's output: T x r.
     """
     c = DTYPE_BYTES[setting.compute_dtype]
-    mixed = c != LORA_BYTES
+    mixed = c != LORA_BYTES and setting.quant_bits in (4, 8)  # PEFT's layer: a cast copy per module
     kept = 0
     for group, (width, names) in enumerate(_linear_groups(arch)):
         adapted = [name for name in names if name in setting.target_modules]

@@ -164,14 +164,20 @@ def test_heap_slack_terms_follow_the_setting():
     assert memory.heap_slack_bytes(TINY, tiny_setting(quant_bits=4, micro_batch=8), saved, constants) == 2 * (saved + weights * c + 1)
 
 
-def test_activations_bf16_keep_a_copy_per_adapted_module():
-    # Under bf16 autocast each adapted module keeps its own bf16 copy of its input.
+def test_activations_bf16_share_the_input_on_a_float_base():
+    # The fused LoRA layer (train/lora_linear.py) hands A the input the base read: one per group.
     per_layer = memory.layer_activation_bytes(TINY, tiny_setting(compute_dtype="bfloat16"))
     norms = 2 * (4 * 64 * 64 + 4 * 64)
     attention = 64 * 192 * 2 + 4 * 2 * 4 * 32
     mlp = 3 * 64 * 128 * 2
-    inputs = (3 * 64 + 64 + 2 * 64 + 128) * 64 * 2 + 7 * 64 * 8 * 2
+    inputs = (64 + 64 + 128) * 64 * 2 + 7 * 64 * 8 * 2  # q/k/v's, gate/up's and down's inputs; o's is attention's
     assert per_layer == norms + attention + mlp + inputs
+
+
+def test_inputs_bf16_keep_a_copy_per_adapted_module_on_a_quantized_base():
+    # PEFT's own layer (4/8-bit bases) casts x to the fp32 adapter dtype; autocast casts it back: a copy each.
+    kept = memory.linear_input_bytes(TINY, tiny_setting(compute_dtype="bfloat16", quant_bits=4), 64)
+    assert kept == (3 * 64 + 64 + 2 * 64 + 128) * 64 * 2 + 7 * 64 * 8 * 2
 
 
 def test_int8_inputs_survive_checkpointing():
