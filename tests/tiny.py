@@ -103,18 +103,18 @@ def leftovers(folder):
 
 
 def export_a_different_model(monkeypatch):
-    """Make every ONNX export trace a graph whose final norm is 1.5x the merged model's, so its
+    """Make every ONNX export write a graph whose final norm is 1.5x the merged model's, so its
     verification against PyTorch fails."""
     from types import SimpleNamespace
 
     from lorasp_edge.export import onnx_writer
 
-    real_export = onnx_writer.export_decoder_streamed
+    real_build = onnx_writer.build_decoder
 
-    def export(config, weights, *args, **kwargs):
+    def build(config, weights, *args, **kwargs):
         def read(key):
             return weights.read(key) * (1.5 if key == "model.norm.weight" else 1.0)
 
-        return real_export(config, SimpleNamespace(keys=weights.keys, read=read), *args, **kwargs)
+        return real_build(config, SimpleNamespace(keys=weights.keys, read=read), *args, **kwargs)
 
-    monkeypatch.setattr(onnx_writer, "export_decoder_streamed", export)
+    monkeypatch.setattr(onnx_writer, "build_decoder", build)

@@ -2,7 +2,7 @@
 
 An fp32 session holds every weight (4 bytes x parameters: 12.9 GB for Llama-3.2-3B), more than the
 device a model of that size is exported on. The verification does not need the whole graph at once:
-its nodes are split by the layer their name scopes them to (the TorchScript exporter names a node
+its nodes are split by the layer their name scopes them to (onnx_build names a layer's nodes
 `/model/layers.N/...`), and each slice is written as its own small graph whose initializers point
 into the same external data file. A forward then opens the slices in order:
 
@@ -14,8 +14,8 @@ holds the two within 1e-6 of the logit scale). The peak is the largest slice's w
 graph's; the cost is that every forward reads the slices' weights again (from the page cache).
 
     nodes scoped to a layer            -> that layer's slice
-    nodes computed from weights only   -> copied into every slice that reads them (norm weights
-                                          shared by Identity, shape constants): never passed along
+    nodes computed from weights only   -> copied into every slice that reads them (the quantized
+                                          table's row view, shape constants): never passed along
     other nodes (embedding, rotary,    -> the latest slice among their inputs' (graph inputs: 0),
     mask, final norm, logits)             so the logits land in the last slice
 """

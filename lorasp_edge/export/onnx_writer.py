@@ -1,5 +1,8 @@
 """OUT/onnx (and OUT/onnx-int8 or onnx-int4): the KV-cache decoder graph, verified by onnxruntime.
 
+Each graph is written from the merged weights (onnx_build.py): the model in memory, or its safetensors
+shards read one tensor at a time when the export is streamed (`LayerStreamed.weights`).
+
 The fp32 graph must match the merged PyTorch model within `tolerance` x the logit scale over a
 prefill and 3 decode steps; a quantized graph must keep its held-out perplexity within a ratio of
 the fp32 graph's (PERPLEXITY_RATIO_LIMIT) and pick the merged model's argmax at a share of the
@@ -16,11 +19,11 @@ from lorasp_edge.export.context import ExportContext
 from lorasp_edge.export.hf import write_side_files
 from lorasp_edge.export.layered import LayerStreamed
 from lorasp_edge.export.memory import trim_heap
-from lorasp_edge.export.onnx_graph import ONNX_FILE, export_decoder, files_bytes
+from lorasp_edge.export.onnx_build import Quantization, build_decoder
+from lorasp_edge.export.onnx_graph import ONNX_FILE, files_bytes
 from lorasp_edge.export.onnx_runtime import OnnxDecoder
 from lorasp_edge.export.onnx_slices import SlicedDecoder, SliceError, layer_ranges
-from lorasp_edge.export.onnx_stream import export_decoder_streamed
-from lorasp_edge.export.quantize import quantize_decoder_streamed
+from lorasp_edge.export.onnx_tensors import ModelWeights
 from lorasp_edge.export.verify import (
     DECODE_STEPS,
     onnx_logit_pieces,
@@ -38,13 +41,10 @@ PERPLEXITY_RATIO_LIMIT = {"int8": 1.05, "int4": 1.30}
 def write_onnx(context: ExportContext) -> None:
     settings, merged, manifest, say = context.settings, context.merged, context.manifest, context.say
     verification, sizes = manifest["verification"], manifest["files"]
-    say(f"exporting the ONNX decoder (opset {settings.opset})")
+    say(f"writing the ONNX decoder (opset {settings.opset})")
     onnx_dir = context.folder / "onnx"
     onnx_dir.mkdir()
-    if isinstance(merged, LayerStreamed):  # weights on disk: traced with placeholders, filled from the shards
-        export_decoder_streamed(merged.config, merged.weights, onnx_dir, settings.opset, settings.external_threshold_bytes)
-    else:
-        export_decoder(merged, onnx_dir, settings.opset, settings.external_threshold_bytes)
+    build_decoder(merged.config, merged_weights(merged), onnx_dir, opset=settings.opset, external_threshold_bytes=settings.external_threshold_bytes)
     write_side_files(merged, context.tokenizer, onnx_dir)
     sizes["onnx"] = files_bytes(onnx_dir)
     sizes["fp32_parameters"] = 4 * sum(p.numel() for p in merged.parameters())
@@ -77,7 +77,13 @@ def write_onnx(context: ExportContext) -> None:
             }
         )
     if settings.quantize != "none":
-        _write_quantized(context, onnx_dir, references, reference_picks)
+        _write_quantized(context, references, reference_picks)
+
+
+def merged_weights(merged):
+    """The merged model's fp32 weights by checkpoint key: read from its shards when the export is
+    streamed (the model is not in memory), else from the model."""
+    return merged.weights if isinstance(merged, LayerStreamed) else ModelWeights(merged)
 
 
 def fp32_decoder(context: ExportContext, path):
@@ -96,14 +102,15 @@ def fp32_decoder(context: ExportContext, path):
     return OnnxDecoder(path, prepack=False)
 
 
-def _write_quantized(context: ExportContext, onnx_dir, references: list, reference_picks: list) -> None:
+def _write_quantized(context: ExportContext, references: list, reference_picks: list) -> None:
     settings, manifest, say = context.settings, context.manifest, context.say
     bits = QUANT_BITS[settings.quantize]
-    say(f"quantizing to {settings.quantize} (MatMulNBits, block {settings.block_size})")
+    say(f"writing the {settings.quantize} decoder (MatMulNBits, block {settings.block_size})")
     name = f"onnx-{settings.quantize}"
     quant_dir = context.folder / name
     quant_dir.mkdir()
-    quantize_decoder_streamed(onnx_dir / ONNX_FILE, quant_dir, bits, settings.block_size, external_threshold_bytes=settings.external_threshold_bytes)
+    build_decoder(context.merged.config, merged_weights(context.merged), quant_dir, Quantization(bits, settings.block_size),
+                  settings.opset, settings.external_threshold_bytes)
     write_side_files(context.merged, context.tokenizer, quant_dir)
     manifest["files"][name] = files_bytes(quant_dir)
     trim_heap()

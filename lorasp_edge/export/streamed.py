@@ -4,7 +4,7 @@
     reference: LayerStreamed over OUT/hf (one layer's fp32 weights at a time)
         merge check:  it against the base + LoRA applied unmerged (LayerStreamed with the adapter)
         hf check:     it against the merge computed in memory per tensor (the files' round trip)
-    ONNX: traced with placeholder weights, initializers streamed from OUT/hf (onnx_stream.py),
+    ONNX: written node by node, initializers streamed from OUT/hf (onnx_build.py),
           quantized one weight at a time; each graph checked by onnxruntime against the reference
 
 Used for --format hf/onnx when the base is a local safetensors folder; the peak is one onnxruntime

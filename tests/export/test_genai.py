@@ -3,6 +3,7 @@ when onnxruntime-genai is not installed)."""
 
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 from tiny import leftovers, make_model_dir, train_adapter
@@ -32,7 +33,7 @@ def test_config_names_the_graph_and_cache_layout(tiny):
     assert (decoder["num_hidden_layers"], decoder["num_attention_heads"], decoder["num_key_value_heads"], decoder["head_size"]) == (2, 4, 2, 16)
     assert written["model"]["type"] == "qwen2" and written["model"]["context_length"] == 256
     assert written["model"]["eos_token_id"] == [0, 4] and written["model"]["pad_token_id"] == 0
-    assert written["search"]["past_present_share_buffer"] is False  # the graph concatenates its cache
+    assert written["search"]["past_present_share_buffer"] is True  # GroupQueryAttention updates one buffer in place
     assert written["search"]["do_sample"] is False and written["search"]["top_k"] == 1
 
 
@@ -69,20 +70,15 @@ def test_export_is_verified_by_onnxruntime_genai(tiny, tmp_path, monkeypatch):
 
 def test_genai_alone_makes_its_own_graph_and_a_wrong_graph_exits_4(tiny, tmp_path, monkeypatch, capsys):
     pytest.importorskip("onnxruntime_genai")
-    import torch
+    original = genai.build_decoder
 
-    original = genai.export_decoder
+    def other_weights(config, weights, *args):  # a graph of different weights than the merged model's
+        def read(key):
+            return weights.read(key) * (-1.0 if key == "model.layers.0.mlp.down_proj.weight" else 1.0)
 
-    def other_weights(model, *args):  # a graph of different weights than the merged model's
-        with torch.no_grad():
-            model.model.layers[0].mlp.down_proj.weight.mul_(-1)
-        try:
-            return original(model, *args)
-        finally:
-            with torch.no_grad():
-                model.model.layers[0].mlp.down_proj.weight.mul_(-1)
+        return original(config, SimpleNamespace(keys=weights.keys, read=read), *args)
 
-    monkeypatch.setattr(genai, "export_decoder", other_weights)
+    monkeypatch.setattr(genai, "build_decoder", other_weights)
     code = main(["export", "--adapter", str(tiny[1]), "--out", str(tmp_path / "out"), "--format", "genai"])
     assert code == 4 and "nothing was written" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
