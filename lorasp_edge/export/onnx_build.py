@@ -44,6 +44,7 @@ import torch
 
 from lorasp_edge.export.onnx_graph import (
     DEFAULT_OPSET,
+    LOGITS_TO_KEEP,
     ONNX_DATA_FILE,
     ONNX_FILE,
     PROTOBUF_LIMIT_BYTES,
@@ -51,7 +52,8 @@ from lorasp_edge.export.onnx_graph import (
     io_names,
     unsupported_reason,
 )
-from lorasp_edge.export.onnx_tensors import ExternalData, matmul_weight, stored_bytes
+from lorasp_edge.export.onnx_tensors import MS, ExternalData, GraphWriter, matmul_weight, stored_bytes
+from lorasp_edge.export.onnx_vocab import embeddings, kept_positions, lm_head
 from lorasp_edge.export.quantize import (
     DEFAULT_ACCURACY_LEVEL,
     DEFAULT_BLOCK_SIZE,
@@ -62,7 +64,6 @@ from lorasp_edge.export.quantize import (
 )
 from lorasp_edge.plan.families import FAMILIES
 
-MS = "com.microsoft"
 ATTENTION = (("q_proj", "k_proj", "v_proj"), "o_proj")  # linears reading the same input, then the output
 MLP = (("gate_proj", "up_proj"), "down_proj")
 
@@ -128,38 +129,6 @@ def rotary_tables(config) -> tuple[np.ndarray, np.ndarray]:
     return cos[0, :, :half].contiguous().numpy(), sin[0, :, :half].contiguous().numpy()
 
 
-class GraphWriter:
-    """Nodes and initializers of one graph; weights go through `ExternalData` as they are added."""
-
-    def __init__(self, data: ExternalData):
-        self.data = data
-        self.nodes: list = []
-        self.initializers: list = []
-        self.value_info: list = []
-
-    def add(self, op: str, inputs: list[str], name: str, outputs: int | list[str] = 1, domain: str = "", **attributes) -> list[str]:
-        from onnx import helper
-
-        names = outputs if isinstance(outputs, list) else [f"{name}/output_{k}" for k in range(outputs)]
-        self.nodes.append(helper.make_node(op, inputs, names, name=name, domain=domain, **attributes))
-        return names
-
-    def one(self, op: str, inputs: list[str], name: str, domain: str = "", **attributes) -> str:
-        return self.add(op, inputs, name, 1, domain, **attributes)[0]
-
-    def typed(self, name: str, element_type: int, dims: list) -> str:
-        """Declares `name`'s type: onnx's shape inference cannot follow the contrib operators, and a
-        graph cut at layer boundaries (onnx_slices.py) needs the type of every tensor that crosses one."""
-        from onnx import helper
-
-        self.value_info.append(helper.make_tensor_value_info(name, element_type, dims))
-        return name
-
-    def tensor(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(self.data.add(name, array))
-        return name
-
-
 def build_decoder(config, weights, out_dir: Path, quantization: Quantization | None = None, opset: int = DEFAULT_OPSET,
                   external_threshold_bytes: int = PROTOBUF_LIMIT_BYTES) -> Path:
     """Write out_dir/model.onnx (+ model.onnx_data past the threshold) for `config`, reading fp32 weights
@@ -186,9 +155,10 @@ def build_decoder(config, weights, out_dir: Path, quantization: Quantization | N
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
         helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
         *(helper.make_tensor_value_info(name, TensorProto.FLOAT, cache) for name in inputs[3:]),
+        helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1]),  # optional: it has an initializer
     ]
     graph_outputs = [
-        helper.make_tensor_value_info(logits, TensorProto.FLOAT, ["batch_size", "sequence_length", shape.vocab]),
+        helper.make_tensor_value_info(logits, TensorProto.FLOAT, ["batch_size", "logits_length", shape.vocab]),
         *(helper.make_tensor_value_info(name, TensorProto.FLOAT, present) for name in outputs[1:]),
     ]
     body = helper.make_graph(graph.nodes, "decoder", graph_inputs, graph_outputs, initializer=graph.initializers, value_info=graph.value_info)
@@ -221,29 +191,10 @@ def _write_decoder(graph: GraphWriter, shape: DecoderShape, config, weights, qua
     cos, sin = rotary_tables(config)
     graph.tensor("rotary.cos", cos)
     graph.tensor("rotary.sin", sin)
-    shared, head = _lm_head(graph, shape, weights, quantization)
-    x = _embeddings(graph, shape, weights, quantization, shared)
+    shared, head = lm_head(graph, shape, weights, quantization)
+    x = embeddings(graph, shape, weights, quantization, shared)
 
-    # Shared by every layer: slot counts and the padding bias (see the module docstring).
-    one = graph.tensor("const.one_i32", np.array(1, np.int32))
-    mask_shape = graph.one("Shape", ["attention_mask"], "/model/attention/mask_shape")
-    total64 = graph.one("Gather", [mask_shape, graph.tensor("const.one", np.array(1, np.int64))], "/model/attention/total_length64", axis=0)
-    total = graph.one("Cast", [total64], "/model/attention/total_length", to=TensorProto.INT32)
-    batch = graph.one("Gather", [mask_shape, graph.tensor("const.zero_1d", np.array([0], np.int64))], "/model/attention/batch", axis=0)
-    seqlens = graph.one("Expand", [graph.one("Sub", [total, one], "/model/attention/last_slot"), batch], "/model/attention/seqlens_k")
-    query = graph.one("Gather", [graph.one("Shape", ["input_ids"], "/model/attention/ids_shape"),
-                                 graph.tensor("const.one_1d", np.array([1], np.int64))], "/model/attention/query_length", axis=0)
-    keep = graph.one("Cast", ["attention_mask"], "/model/attention/keep", to=TensorProto.BOOL)
-    bias = graph.one("Where", [keep, graph.tensor("const.zero_f", np.array(0.0, np.float32)),
-                               graph.tensor("const.min_f", np.array(np.finfo(np.float32).min, np.float32))], "/model/attention/bias_2d")
-    bias = graph.one("Unsqueeze", [bias, graph.tensor("const.axes_1_2", np.array([1, 2], np.int64))], "/model/attention/bias_4d")
-    target = graph.one("Concat", [batch, graph.tensor("const.one_1d_i64", np.array([1], np.int64)), query,
-                                  graph.one("Unsqueeze", [total64, graph.tensor("const.axes_0", np.array([0], np.int64))], "/model/attention/total_1d")],
-                       "/model/attention/bias_shape", axis=0)
-    attention = (graph.typed(seqlens, TensorProto.INT32, ["batch_size"]), graph.typed(total, TensorProto.INT32, []),
-                 graph.typed(graph.one("Expand", [bias, target], "/model/attention/bias"), TensorProto.FLOAT,
-                             ["batch_size", 1, "sequence_length", "total_sequence_length"]))
-
+    attention = _attention_inputs(graph)
     hidden_dims = ["batch_size", "sequence_length", shape.hidden]
     residual, out = graph.typed(x, TensorProto.FLOAT, hidden_dims), None
     for layer in range(shape.layers):
@@ -260,7 +211,33 @@ def _write_decoder(graph: GraphWriter, shape: DecoderShape, config, weights, qua
         graph.typed(out, TensorProto.FLOAT, hidden_dims)
         graph.typed(residual, TensorProto.FLOAT, hidden_dims)
     final, _ = _norm(graph, out, residual, weights.read("model.norm.weight"), shape.eps, "/model/norm")
-    return head(final)
+    return head(kept_positions(graph, final))
+
+
+def _attention_inputs(graph: GraphWriter) -> tuple[str, str, str]:
+    """What every layer's GroupQueryAttention reads besides q, k, v and its cache, from the mask alone:
+    seqlens_k (batch,) = total - 1 (every mask column is a slot), total_sequence_length (a scalar), and
+    attention_bias (batch, 1, seq, total): 0 where a key is a token, float32's minimum where it is padding."""
+    from onnx import TensorProto
+
+    one = graph.constant(1, np.int32)
+    mask_shape = graph.one("Shape", ["attention_mask"], "/model/attention/mask_shape")
+    total64 = graph.one("Gather", [mask_shape, graph.constant(1)], "/model/attention/total_length64", axis=0)
+    total = graph.one("Cast", [total64], "/model/attention/total_length", to=TensorProto.INT32)
+    batch = graph.one("Gather", [mask_shape, graph.constant([0])], "/model/attention/batch", axis=0)
+    seqlens = graph.one("Expand", [graph.one("Sub", [total, one], "/model/attention/last_slot"), batch], "/model/attention/seqlens_k")
+    query = graph.one("Gather", [graph.one("Shape", ["input_ids"], "/model/attention/ids_shape"),
+                                 graph.constant([1])], "/model/attention/query_length", axis=0)
+    keep = graph.one("Cast", ["attention_mask"], "/model/attention/keep", to=TensorProto.BOOL)
+    bias = graph.one("Where", [keep, graph.constant(0.0, np.float32),
+                               graph.constant(np.finfo(np.float32).min, np.float32)], "/model/attention/bias_2d")
+    bias = graph.one("Unsqueeze", [bias, graph.constant([1, 2])], "/model/attention/bias_4d")
+    target = graph.one("Concat", [batch, graph.constant([1]), query,
+                                  graph.one("Unsqueeze", [total64, graph.constant([0])], "/model/attention/total_1d")],
+                       "/model/attention/bias_shape", axis=0)
+    return (graph.typed(seqlens, TensorProto.INT32, ["batch_size"]), graph.typed(total, TensorProto.INT32, []),
+            graph.typed(graph.one("Expand", [bias, target], "/model/attention/bias"), TensorProto.FLOAT,
+                        ["batch_size", 1, "sequence_length", "total_sequence_length"]))
 
 
 def _norm(graph: GraphWriter, out: str | None, residual: str, weight: torch.Tensor, eps: float, name: str) -> tuple[str, str]:
@@ -268,7 +245,9 @@ def _norm(graph: GraphWriter, out: str | None, residual: str, weight: torch.Tens
     scale = graph.tensor(f"{name}.weight", weight.numpy())
     if out is None:  # the first layer: nothing to add yet
         return graph.one("SimplifiedLayerNormalization", [residual, scale], name, axis=-1, epsilon=eps, stash_type=1), residual
-    normed, _, _, summed = graph.add("SkipSimplifiedLayerNormalization", [out, residual, scale], name, 4, domain=MS, epsilon=eps)
+    # outputs: normed, mean and inv_std_var (training only: left unnamed, so not computed), the sum
+    normed, _, _, summed = graph.add("SkipSimplifiedLayerNormalization", [out, residual, scale], name,
+                                     [f"{name}/output_0", "", "", f"{name}/output_3"], domain=MS, epsilon=eps)
     return normed, summed
 
 
@@ -337,58 +316,3 @@ def _head_norm(graph: GraphWriter, x: str, heads: int, shape: DecoderShape, weig
     normed = graph.one("SimplifiedLayerNormalization", [per_head, graph.tensor(f"{name}.weight", weight.numpy())], name,
                        axis=-1, epsilon=shape.eps, stash_type=1)
     return graph.one("Reshape", [normed, graph.tensor(f"{name}.flat", np.array([0, 0, heads * shape.head_dim], np.int64))], f"{name}/Flatten")
-
-
-def _lm_head(graph: GraphWriter, shape: DecoderShape, weights, quantization: Quantization | None):
-    """Writes the lm_head's weights now and returns (what a tied lookup shares or None, a function adding
-    the head's nodes after the final norm)."""
-    key = "model.embed_tokens.weight" if shape.tied else "lm_head.weight"
-    table = weights.read(key)
-    if quantization is None:
-        name = graph.tensor(key, table.numpy())
-
-        def head(x: str) -> str:
-            rows = graph.one("Reshape", [x, graph.tensor("lm_head.rows", np.array([-1, shape.hidden], np.int64))], "/lm_head/Reshape")
-            return _logits(graph, graph.one("Gemm", [rows, name], "/lm_head/Gemm", transB=1), x)
-
-        return (name if shape.tied else None), head
-
-    packed, scales, zero_points = quantize_linear(table, HEAD_BITS, quantization.block_size)
-    names = [graph.tensor(f"{key}_Q{HEAD_BITS}", packed), graph.tensor(f"{key}.scales", scales), graph.tensor(f"{key}.zero_points", zero_points)]
-
-    def head(x: str) -> str:
-        return graph.add("MatMulNBits", [x, *names], "/lm_head/MatMulNBits", ["logits"], domain=MS, K=shape.hidden, N=shape.vocab,
-                         bits=HEAD_BITS, block_size=quantization.block_size, accuracy_level=quantization.accuracy_level)[0]
-
-    return ((names, packed.shape) if shape.tied else None), head
-
-
-def _logits(graph: GraphWriter, rows: str, x: str) -> str:
-    """(batch * seq, vocab) back to (batch, seq, vocab), the batch and sequence taken from `x`."""
-    dims = graph.one("Shape", [x], "/lm_head/input_shape")
-    leading = graph.one("Slice", [dims, graph.tensor("const.slice_0", np.array([0], np.int64)), graph.tensor("const.slice_2", np.array([2], np.int64))],
-                        "/lm_head/leading")
-    target = graph.one("Concat", [leading, graph.tensor("const.minus_one", np.array([-1], np.int64))], "/lm_head/logits_shape", axis=0)
-    return graph.add("Reshape", [rows, target], "/lm_head/Reshape_logits", ["logits"])[0]
-
-
-def _embeddings(graph: GraphWriter, shape: DecoderShape, weights, quantization: Quantization | None, shared) -> str:
-    """input_ids -> (batch, seq, hidden): a Gather of the fp32 table, or GatherBlockQuantized of its blocks;
-    `shared` is the tied lm_head's table (fp32 name, or quantized names and B's shape)."""
-    name = "/model/embed_tokens"
-    if quantization is None:
-        table = shared if shared else graph.tensor("model.embed_tokens.weight", weights.read("model.embed_tokens.weight").numpy())
-        return graph.one("Gather", [table, "input_ids"], f"{name}/Gather", axis=0)
-    if shape.hidden % quantization.block_size:  # GatherBlockQuantized needs whole blocks per row
-        table = graph.tensor("model.embed_tokens.weight", weights.read("model.embed_tokens.weight").numpy())
-        return graph.one("Gather", [table, "input_ids"], f"{name}/Gather", axis=0)
-    if shared:
-        (packed, scales, zero_points), packed_shape = shared
-    else:
-        arrays = quantize_linear(weights.read("model.embed_tokens.weight"), HEAD_BITS, quantization.block_size)
-        packed_shape = arrays[0].shape
-        packed, scales, zero_points = (graph.tensor(f"model.embed_tokens.{part}", array) for part, array in zip(("weight_Q8", "scales", "zero_points"), arrays))
-    # MatMulNBits stores B as (vocab, blocks, block * bits / 8): the same bytes are the lookup's rows.
-    rows = graph.one("Reshape", [packed, graph.tensor(f"{name}.rows", np.array([packed_shape[0], -1], np.int64))], f"{name}/rows")
-    return graph.one("GatherBlockQuantized", [rows, "input_ids", scales, zero_points], f"{name}/GatherBlockQuantized", domain=MS,
-                     gather_axis=0, quantize_axis=1, block_size=quantization.block_size, bits=HEAD_BITS)

@@ -1,13 +1,10 @@
 """onnxruntime over the exported decoder graph: what verification and `generate` run.
 
-`OnnxDecoder` is one forward per call over numpy arrays (verification compares whole logit
-tensors). `BoundDecoder` is what token-by-token generation runs on the same session: with
-onnxruntime's I/O binding the KV cache stays in onnxruntime's memory, and each forward's
-`present.*` OrtValues are bound as the next forward's `past_key_values.*` inputs, so a step moves
-only its token ids in and one row of logits out. Under a GPU execution provider (not used yet:
-sessions here are CPU) `session.run` would copy the whole cache to the host and back every step;
-on CPU onnxruntime already wraps contiguous numpy inputs and returns outputs as views of its own
-buffers, so there the two run at the same speed (tools/bench_formats.py's `-numpy` rows).
+`OnnxDecoder` is one forward per call over numpy arrays, the cache growing by a copy of it each
+call (verification compares whole logit tensors). `BoundDecoder` is what token-by-token generation
+runs on the same session: with onnxruntime's I/O binding the KV cache stays in onnxruntime's memory,
+one preallocated buffer per layer that the graph updates in place, and a step moves only its token
+ids in and one row of logits out (tools/bench_formats.py's `-numpy` rows measure the difference).
 """
 
 from __future__ import annotations
@@ -17,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from lorasp_edge.errors import UserError
-from lorasp_edge.export.onnx_graph import SHARED_CACHE_KEY, io_names
+from lorasp_edge.export.onnx_graph import LOGITS_TO_KEEP, SHARED_CACHE_KEY, io_names
 
 
 def open_session(path: str | Path, threads: int | None = None, prepack: bool = True):
@@ -75,6 +72,7 @@ class OnnxDecoder(DecoderRuntime):
         self.ranges = [(0, self.num_layers)]  # one session, all the layers
         # The graph may update one buffer in place as past and present (onnx_build.SHARED_CACHE_KEY).
         self.shares_cache = self.session.get_modelmeta().custom_metadata_map.get(SHARED_CACHE_KEY) == "1"
+        self.keeps_logits = any(item.name == LOGITS_TO_KEEP for item in self.session.get_overridable_initializers())
 
     def close(self) -> None:
         self.session = None
@@ -93,8 +91,8 @@ class BoundDecoder:
     On a graph that says it may (onnx_build: GroupQueryAttention), each layer's cache is one buffer of
     `capacity` positions, allocated once and bound as both `past_key_values.i` and `present.i`: the
     graph writes each step's keys and values into it in place, and nothing is copied or allocated
-    per token. On another graph (a traced one) each forward's `present.*` OrtValues are bound as the
-    next forward's `past_key_values.*`, a cache that grows by one copy per step inside onnxruntime.
+    per token. On a graph without that flag (an earlier export's) each forward's `present.*` OrtValues
+    are bound as the next forward's `past_key_values.*`, a cache that grows by one copy per step.
     `open_session` makes CPU sessions only, so everything is bound on the host."""
 
     def __init__(self, decoder: OnnxDecoder, capacity: int = 2048):
@@ -116,6 +114,8 @@ class BoundDecoder:
                 self.binding.bind_ortvalue_input(past, value)
                 self.binding.bind_ortvalue_output(present, value)
         self.empty = np.zeros((1, decoder.kv_heads, 0, decoder.head_dim), np.float32)
+        if decoder.keeps_logits:  # the lm_head at the last position only (onnx_build: logits_to_keep)
+            self.binding.bind_cpu_input(LOGITS_TO_KEEP, np.ones(1, np.int64))
         self.reset()
 
     def reset(self) -> None:
@@ -127,9 +127,9 @@ class BoundDecoder:
 
     def __call__(self, token_ids: list[int]) -> np.ndarray:
         """Logits (vocab,) at the last of `token_ids`, fed after the cached positions; the cache grows by them."""
+        if self.length + len(token_ids) > self.capacity:
+            raise ValueError(f"{self.length + len(token_ids)} positions do not fit the cache's {self.capacity}")
         start, self.length = self.length, self.length + len(token_ids)
-        if self.length > self.capacity:
-            raise ValueError(f"{self.length} positions do not fit the cache's {self.capacity}")
         binding = self.binding
         binding.bind_cpu_input("input_ids", np.asarray([token_ids], np.int64))
         binding.bind_cpu_input("attention_mask", self.ones[:, : self.length])

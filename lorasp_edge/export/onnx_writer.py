@@ -26,6 +26,7 @@ from lorasp_edge.export.onnx_slices import SlicedDecoder, SliceError, layer_rang
 from lorasp_edge.export.onnx_tensors import ModelWeights
 from lorasp_edge.export.verify import (
     DECODE_STEPS,
+    in_place_difference,
     onnx_logit_pieces,
     perplexity,
     reference_steps,
@@ -36,6 +37,9 @@ from lorasp_edge.export.verify import (
 QUANT_BITS = {"int8": 8, "int4": 4}
 # Largest allowed held-out perplexity of a quantized graph over the fp32 graph's.
 PERPLEXITY_RATIO_LIMIT = {"int8": 1.05, "int4": 1.30}
+# The cache updated in place against the growing cache of the same graph: the same arithmetic on the
+# same values, so only reordering separates them (verify.in_place_difference).
+IN_PLACE_TOLERANCE = 1e-5
 
 
 def write_onnx(context: ExportContext) -> None:
@@ -59,7 +63,8 @@ def write_onnx(context: ExportContext) -> None:
     with fp32_decoder(context, onnx_dir / ONNX_FILE) as fp32:  # one onnxruntime session at a time: this is the largest
         check = verify_onnx(fp32, merged, context.input_ids, context.attention_mask, references=references)
         verification["onnx"] = {**asdict(check), "tolerance": settings.tolerance, "decode_steps": DECODE_STEPS,
-                                "session_layers": [list(layers) for layers in fp32.ranges]}
+                                "session_layers": [list(layers) for layers in fp32.ranges],
+                                "in_place_relative_diff": check_in_place(fp32, references, "ONNX")}
         say(f"  fp32: max |logit diff| {check.max_abs_diff:.2e} ({check.relative_diff:.2e} of the logit scale), greedy agreement {check.greedy_agreement:.1%}")
         if check.relative_diff > settings.tolerance:
             raise VerificationError(
@@ -78,6 +83,15 @@ def write_onnx(context: ExportContext) -> None:
         )
     if settings.quantize != "none":
         _write_quantized(context, references, reference_picks)
+
+
+def check_in_place(decoder, references: list, label: str) -> float | None:
+    """The cache `generate` and onnxruntime-genai run (updated in place) against the one just verified."""
+    difference = in_place_difference(decoder, references)
+    if difference is not None and difference > IN_PLACE_TOLERANCE:
+        raise VerificationError(f"{label} logits with the cache updated in place differ from the growing cache's by {difference:.2e} "
+                                f"of the logit scale (> {IN_PLACE_TOLERANCE:.0e}); nothing was written")
+    return difference
 
 
 def merged_weights(merged):
@@ -116,6 +130,7 @@ def _write_quantized(context: ExportContext, references: list, reference_picks: 
     trim_heap()
     quantized = OnnxDecoder(quant_dir / ONNX_FILE, prepack=False)
     check = verify_onnx(quantized, context.merged, context.input_ids, context.attention_mask, references=references)
+    in_place = check_in_place(quantized, references, f"{settings.quantize} ONNX")
     picks: list = []
     quantized_perplexity = perplexity(agreement.argmax_recorder(onnx_logit_pieces(quantized), picks), context.ids, context.window)
     agreed = agreement.held_out_agreement(picks, reference_picks, agreement.limit_for_bits(bits, settings))
@@ -124,7 +139,7 @@ def _write_quantized(context: ExportContext, references: list, reference_picks: 
     manifest["perplexity"][name] = quantized_perplexity
     manifest["verification"][name] = {
         **asdict(check), "perplexity_ratio": ratio, "perplexity_ratio_limit": limit, "block_size": settings.block_size,
-        "session_layers": [list(layers) for layers in quantized.ranges],
+        "session_layers": [list(layers) for layers in quantized.ranges], "in_place_relative_diff": in_place,
         "agreement": {**asdict(agreed), "compared": "argmax at every held-out position, teacher-forced on the text, against the merged PyTorch model"},
     }
     say(f"  {settings.quantize}: greedy agreement {agreed.agreement:.1%} over {agreed.positions} held-out positions (limit {agreed.limit:.0%}), "
