@@ -135,6 +135,8 @@ def main() -> int:
     parser.add_argument("--formats", default="onnx,onnx-int8,onnx-int4,genai,genai-int8,genai-int4,gguf-f16,gguf-q8_0,gguf-q4_0")
     parser.add_argument("--block-size", type=int, default=32, help="MatMulNBits block size of the int8/int4 graphs")
     parser.add_argument("--accuracy-level", type=int, default=4, help="MatMulNBits accuracy_level of the int8/int4 graphs")
+    parser.add_argument("--llama-extra-buffers", choices=("on", "off"), default="on",
+                        help="llama.cpp's repacked weight buffers (AVX512/AMX kernels); 'off' where they crash")
     parser.add_argument("--keep-8bit", help="linear layers an int4 graph keeps at 8 bits, comma-separated or 'none' "
                         "(default: the exporter's mix)")
     args = parser.parse_args()
@@ -215,7 +217,8 @@ def main() -> int:
             for name in [n for n in wanted if n.startswith("gguf")]:
                 type_name = name[5:]
                 path = write_gguf_file(model, tokenizer, root / f"{name}.gguf", type_name)
-                runtime = llamacpp.LlamaCppModel(path, context=max(window + 1, len(prompt) + len(continuation), len(long_ids)), threads=args.threads)
+                runtime = llamacpp.LlamaCppModel(path, context=max(window + 1, len(prompt) + len(continuation), len(long_ids)), threads=args.threads,
+                                                 extra_buffers=args.llama_extra_buffers == "on")
                 rows.append((name, f"GGUF {type_name} (llama.cpp)", speed(runtime, prompt_ids, args.new_tokens, args.repeats)[0],
                              first_token_seconds(runtime, long_ids, args.repeats), path.stat().st_size,
                              perplexity(runtime.logits, ids, window), agreement.measure(runtime.logits, prompt, continuation, 0).agreement))
@@ -224,6 +227,8 @@ def main() -> int:
     header = (f"{args.model}: {args.new_tokens} new tokens, batch 1, {args.threads} threads, median of {args.repeats} runs; "
               f"perplexity on {len(ids)} held-out tokens; agreement over {len(continuation)} tokens; "
               f"load average {load:.1f} on {os.cpu_count()} CPUs when it ended.")
+    if any(name.startswith("gguf") for name in wanted) and args.llama_extra_buffers == "off":
+        header += " llama.cpp without its repacked weight buffers (--llama-extra-buffers off)."
     if {"onnx-int8", "onnx-int4"} & set(wanted):
         header += (f" ONNX int8/int4: MatMulNBits block {args.block_size}, accuracy level {args.accuracy_level}; "
                    f"int4 keeps {', '.join(keep) or 'no linear layer'} and the lm_head at 8 bits.")

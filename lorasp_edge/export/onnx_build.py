@@ -44,7 +44,6 @@ import torch
 
 from lorasp_edge.export.onnx_graph import (
     DEFAULT_OPSET,
-    LOGITS_TO_KEEP,
     ONNX_DATA_FILE,
     ONNX_FILE,
     PROTOBUF_LIMIT_BYTES,
@@ -53,7 +52,7 @@ from lorasp_edge.export.onnx_graph import (
     unsupported_reason,
 )
 from lorasp_edge.export.onnx_tensors import MS, ExternalData, GraphWriter, matmul_weight, stored_bytes
-from lorasp_edge.export.onnx_vocab import embeddings, kept_positions, lm_head
+from lorasp_edge.export.onnx_vocab import embeddings, lm_head
 from lorasp_edge.export.quantize import (
     DEFAULT_ACCURACY_LEVEL,
     DEFAULT_BLOCK_SIZE,
@@ -155,10 +154,9 @@ def build_decoder(config, weights, out_dir: Path, quantization: Quantization | N
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
         helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
         *(helper.make_tensor_value_info(name, TensorProto.FLOAT, cache) for name in inputs[3:]),
-        helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1]),  # optional: it has an initializer
     ]
     graph_outputs = [
-        helper.make_tensor_value_info(logits, TensorProto.FLOAT, ["batch_size", "logits_length", shape.vocab]),
+        helper.make_tensor_value_info(logits, TensorProto.FLOAT, ["batch_size", "sequence_length", shape.vocab]),
         *(helper.make_tensor_value_info(name, TensorProto.FLOAT, present) for name in outputs[1:]),
     ]
     body = helper.make_graph(graph.nodes, "decoder", graph_inputs, graph_outputs, initializer=graph.initializers, value_info=graph.value_info)
@@ -211,7 +209,7 @@ def _write_decoder(graph: GraphWriter, shape: DecoderShape, config, weights, qua
         graph.typed(out, TensorProto.FLOAT, hidden_dims)
         graph.typed(residual, TensorProto.FLOAT, hidden_dims)
     final, _ = _norm(graph, out, residual, weights.read("model.norm.weight"), shape.eps, "/model/norm")
-    return head(kept_positions(graph, final))
+    return head(final)
 
 
 def _attention_inputs(graph: GraphWriter) -> tuple[str, str, str]:

@@ -4,8 +4,7 @@
     attention_mask   (batch, past + seq)                          int64, 1 = real token, 0 = padding
     position_ids     (batch, seq)                                 int64
     past_key_values.{i}.key|value   (batch, kv_heads, past, head_dim)    float32, past may be 0
-    [logits_to_keep] (1,)                                         int64, optional: 0 (default) = every position
-      -> logits      (batch, seq or logits_to_keep, vocab)        float32
+      -> logits      (batch, seq, vocab)                          float32
          present.{i}.key|value      (batch, kv_heads, past + seq, head_dim)
 
 The same graph serves the prefill (past = 0) and every decode step (seq = 1); every column of the
@@ -30,8 +29,6 @@ PROTOBUF_LIMIT_BYTES = 2_000_000_000  # protobuf refuses messages of 2 GiB; stay
 DEFAULT_OPSET = 17
 # In a graph's metadata: a runtime may bind one buffer as both past_key_values.i and present.i.
 SHARED_CACHE_KEY = "lorasp_edge.past_present_share_buffer"
-# An optional input (it has a default): logits at the last N positions only, every position when 0.
-LOGITS_TO_KEEP = "logits_to_keep"
 
 # Decoders whose attention is plain causal attention over a standard KV cache, tested here.
 SUPPORTED_MODEL_TYPES = tuple(name for name, family in FAMILIES.items() if family.onnx_export)

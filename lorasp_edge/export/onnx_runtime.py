@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from lorasp_edge.errors import UserError
-from lorasp_edge.export.onnx_graph import LOGITS_TO_KEEP, SHARED_CACHE_KEY, io_names
+from lorasp_edge.export.onnx_graph import SHARED_CACHE_KEY, io_names
 
 
 def open_session(path: str | Path, threads: int | None = None, prepack: bool = True):
@@ -72,7 +72,6 @@ class OnnxDecoder(DecoderRuntime):
         self.ranges = [(0, self.num_layers)]  # one session, all the layers
         # The graph may update one buffer in place as past and present (onnx_build.SHARED_CACHE_KEY).
         self.shares_cache = self.session.get_modelmeta().custom_metadata_map.get(SHARED_CACHE_KEY) == "1"
-        self.keeps_logits = any(item.name == LOGITS_TO_KEEP for item in self.session.get_overridable_initializers())
 
     def close(self) -> None:
         self.session = None
@@ -114,8 +113,6 @@ class BoundDecoder:
                 self.binding.bind_ortvalue_input(past, value)
                 self.binding.bind_ortvalue_output(present, value)
         self.empty = np.zeros((1, decoder.kv_heads, 0, decoder.head_dim), np.float32)
-        if decoder.keeps_logits:  # the lm_head at the last position only (onnx_build: logits_to_keep)
-            self.binding.bind_cpu_input(LOGITS_TO_KEEP, np.ones(1, np.int64))
         self.reset()
 
     def reset(self) -> None:

@@ -96,7 +96,7 @@ def write_slices(path: Path, ranges: list[tuple[int, int]]) -> list[GraphSlice]:
             k = earliest
         if any(name not in produced_in and name not in graph_inputs for name in dynamic):
             raise SliceError(f"node {node.name} reads a tensor no earlier node computes")
-        produced_in.update((name, k) for name in node.output)
+        produced_in.update((name, k) for name in node.output if name)  # '' is an optional output left out
         nodes_of[k].append(index)
     graph_outputs = [value.name for value in graph.output]
     if any(produced_in.get(name) is None for name in graph_outputs):
@@ -110,7 +110,7 @@ def write_slices(path: Path, ranges: list[tuple[int, int]]) -> list[GraphSlice]:
     for k, indices in enumerate(nodes_of):
         for index in indices:
             for name in graph.node[index].input:
-                if name in produced_in or name in graph_inputs:
+                if name and (name in produced_in or name in graph_inputs):
                     read_later[name] = max(read_later.get(name, k), k)
 
     slices = []
@@ -123,7 +123,7 @@ def write_slices(path: Path, ranges: list[tuple[int, int]]) -> list[GraphSlice]:
                 needed.add(index)
                 stack += [name for name in graph.node[index].input if name in constant_producer]
         nodes = [graph.node[i] for i in sorted(needed | set(indices))]
-        own = {name for node in dynamic_nodes for name in node.output}
+        own = {name for node in dynamic_nodes for name in node.output if name}
         reads = []
         for node in nodes:
             reads += [name for name in node.input if name and name not in own and name not in constant_producer and name not in initializers]

@@ -2,7 +2,7 @@
 logits.
 
     input_ids --Gather (fp32) | GatherBlockQuantized (int8/int4)--> (batch, seq, hidden)
-    hidden --last `logits_to_keep` positions--> lm_head: Gemm transB (fp32) | MatMulNBits --> logits
+    hidden --lm_head: Gemm transB (fp32) | MatMulNBits--> logits
 
 A tied table is stored once: fp32, one (vocab, hidden) table read by the Gather and by the Gemm
 (transB=1, so no transposed copy); quantized, the lm_head's MatMulNBits blocks, whose
@@ -15,25 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from lorasp_edge.export.onnx_graph import LOGITS_TO_KEEP
 from lorasp_edge.export.onnx_tensors import MS, GraphWriter
 from lorasp_edge.export.quantize import HEAD_BITS, quantize_linear
-
-
-def kept_positions(graph: GraphWriter, x: str) -> str:
-    """The last `logits_to_keep` positions of x (all when 0, its default). A prefill that needs only
-    the next token's logits skips the lm_head at every other position: for a 512-token prompt of
-    SmolLM2 that is 511 x 576 x 49,152 multiply-adds. A graph input with an initializer of the same
-    name is optional (ONNX IR >= 4): clients that do not know it (optimum, onnxruntime-genai) get
-    every position, as the graph's contract says."""
-    keep = graph.tensor(LOGITS_TO_KEEP, np.array([0], np.int64))
-    length = graph.one("Gather", [graph.one("Shape", [x], "/lm_head/keep/shape"), graph.constant([1])],
-                       "/lm_head/keep/length", axis=0)
-    every = graph.one("Equal", [keep, graph.constant([0])], "/lm_head/keep/every")
-    count = graph.one("Where", [every, length, keep], "/lm_head/keep/count")
-    start = graph.one("Neg", [count], "/lm_head/keep/start")
-    return graph.one("Slice", [x, start, graph.constant([np.iinfo(np.int64).max]),
-                               graph.constant([1])], "/lm_head/keep/Slice")
 
 
 def lm_head(graph: GraphWriter, shape, weights, quantization):

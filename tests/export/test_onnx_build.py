@@ -148,13 +148,3 @@ def test_unsupported_family_is_refused(tmp_path):
     with pytest.raises(ValueError, match="architecture 'gpt2' is not supported"):
         build_decoder(GPT2Config(n_embd=32, n_layer=1, n_head=2), ModelWeights(torch.nn.Linear(1, 1)), tmp_path)
 
-
-def test_logits_to_keep_is_optional_and_skips_the_other_positions(tmp_path):
-    decoder = build(tiny_model("llama-tied"), tmp_path)
-    assert "logits_to_keep" not in [item.name for item in decoder.session.get_inputs()]  # clients that do not know it run unchanged
-    ids = np.random.default_rng(0).integers(0, 120, (2, 7))
-    feeds = dict(zip(decoder.input_names, [ids, np.ones_like(ids), np.arange(7)[None].repeat(2, 0), *decoder.empty_cache(2)]))
-    every = decoder.session.run(["logits"], feeds)[0]
-    last = decoder.session.run(["logits"], {**feeds, "logits_to_keep": np.array([1])})[0]
-    assert every.shape == (2, 7, 120) and last.shape == (2, 1, 120)
-    assert np.abs(last - every[:, -1:]).max() < 1e-5
