@@ -17,7 +17,7 @@ which builds the transformers model from a small config and checks the entry aga
     learned_positions (GPT-2's position table), config_names (the config.json field of each shape)
     conv1d           linear weights stored transposed, (in, out): transformers' Conv1D (GPT-2)
     transformers_class  the class AutoModelForCausalLM builds for it
-    onnx_export      lorasp_edge.export.onnx_graph traces it
+    onnx_export      lorasp_edge.export.onnx_build writes its graph
     gguf_architecture, gguf_permute_qk   llama.cpp's architecture for it, and whether Q and K rows are
                      permuted for llama.cpp's RoPE (convert_hf_to_gguf.py: Llama and Mistral run
                      interleaved RoPE there; Qwen2/3 run NeoX-style and keep Hugging Face's order)

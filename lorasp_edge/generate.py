@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from lorasp_edge.errors import UserError
-from lorasp_edge.export.onnx_graph import ONNX_FILE, cache_keyword
+from lorasp_edge.export.onnx_graph import ONNX_FILE
 from lorasp_edge.export.onnx_runtime import BoundDecoder, OnnxDecoder
 
 # ----------------------------------------------------------------------------- ONNX decoder
@@ -34,10 +34,11 @@ from lorasp_edge.export.onnx_runtime import BoundDecoder, OnnxDecoder
 
 class OnnxStepper:
     """Batch-1 generation state over an `OnnxDecoder`: prefill once, then one token a step. The KV
-    cache stays in onnxruntime between steps (`BoundDecoder`: I/O binding, no numpy copies of it)."""
+    cache stays in onnxruntime between steps (`BoundDecoder`: I/O binding, one buffer of `capacity`
+    positions per layer updated in place, no numpy copies of it)."""
 
-    def __init__(self, decoder: OnnxDecoder):
-        self.bound = BoundDecoder(decoder)
+    def __init__(self, decoder: OnnxDecoder, capacity: int = 2048):
+        self.bound = BoundDecoder(decoder, capacity)
 
     def prefill(self, token_ids: list[int]) -> np.ndarray:
         self.bound.reset()
@@ -45,6 +46,13 @@ class OnnxStepper:
 
     def step(self, token_id: int) -> np.ndarray:
         return self.bound([token_id])
+
+
+def cache_keyword(decoder) -> str:
+    # transformers 5.x renamed `past_key_values` to `cache` (the old name is deprecated until 5.40).
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
 class TorchStepper:
@@ -206,9 +214,9 @@ def load_tokenizer_for(model_path: Path, backend: str):
 
 
 def load_stepper(model_dir: Path, backend: str, threads: int | None = None, length: int = 2048):
-    """The backend's stepper; `length` (prompt + new tokens) sizes llama.cpp's and genai's context."""
+    """The backend's stepper; `length` (prompt + new tokens) sizes the KV cache of onnxruntime, llama.cpp and genai."""
     if backend == "onnxruntime":
-        return OnnxStepper(OnnxDecoder(model_dir / ONNX_FILE, threads))
+        return OnnxStepper(OnnxDecoder(model_dir / ONNX_FILE, threads), capacity=length)
     if backend == "llama.cpp":
         from lorasp_edge.export.llamacpp import LlamaCppModel
 

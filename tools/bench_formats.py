@@ -3,12 +3,16 @@ size, held-out perplexity and greedy agreement with PyTorch.
 
     python tools/bench_formats.py [--model smollm2-135m] [--threads 2] [--new-tokens 128] [--repeats 5]
                                   [--ttft-tokens 512] [--formats onnx,onnx-int4,...] [--write-docs docs/export.md]
+                                  [--block-size 32] [--accuracy-level 4] [--keep-8bit v_proj,up_proj,down_proj]
 
-Formats: ONNX fp32/int8/int4 (onnxruntime), onnxruntime-genai fp32/int4 (the same graphs), GGUF
-f16/q8_0/q4_0 (llama.cpp through llama-cpp-python); a runtime that is not installed is skipped.
+Formats: ONNX fp32/int8/int4 (onnxruntime through `lorasp-edge generate`'s loop), onnxruntime-genai
+fp32/int8/int4 (the same graph files), GGUF f16/q8_0/q4_0 (llama.cpp through llama-cpp-python); a
+runtime that is not installed is skipped. The ONNX graphs are written by the exporter's own builder
+(`onnx_build.build_decoder`); `--block-size`, `--accuracy-level` and `--keep-8bit` (`none`: every
+linear layer at 4 bits) change the quantized ones, to measure the choices the exporter makes.
 `onnx-numpy`, `onnx-int8-numpy` and `onnx-int4-numpy` (not in the default list) run the same graphs
-with the KV cache passed through numpy every step, as `generate` did before it kept the cache in
-onnxruntime (`BoundDecoder`), so the two steppers are compared in one run; their greedy ids must
+with a growing KV cache passed through numpy every step instead of `generate`'s cache updated in
+place in onnxruntime (`BoundDecoder`), so the two are compared in one run; their greedy ids must
 be the bound stepper's (else the tool exits 1).
 
 Speed: batch 1, greedy, `--new-tokens` tokens after a chat prompt (EOS does not stop it), prefill
@@ -19,7 +23,8 @@ included, the median of `--repeats` runs after one warm-up run, each runtime lim
 Perplexity: the first `--eval-tokens` tokens of the Python language reference, windows of 512.
 Agreement: the share of 128 teacher-forced positions where the format's argmax is PyTorch fp32's
 greedy token (lorasp_edge.export.agreement). Prints a Markdown table, the ONNX int8/int4 speed
-over llama.cpp's q8_0/q4_0 and the bound ONNX stepper's over the numpy one, from the same run;
+over llama.cpp's at the same bits (f16, q8_0, q4_0), `generate` over onnxruntime-genai on the same
+file and the bound ONNX stepper's over the numpy one, from the same run;
 `--write-docs FILE` also puts them into FILE between the lines MARK_START and MARK_END.
 """
 
@@ -38,14 +43,16 @@ import numpy as np
 PROMPT = "Explain in a few sentences why the sky is blue."
 MARK_START = "<!-- bench_formats: start -->"
 MARK_END = "<!-- bench_formats: end -->"
-# (ONNX row, llama.cpp row) pairs whose speed ratio the issue's target names
-RATIOS = (("onnx-int8", "gguf-q8_0"), ("onnx-int4", "gguf-q4_0"))
+# (row, reference row) pairs whose speed ratio the targets name: ONNX against llama.cpp at the same
+# bits, and `generate` against onnxruntime-genai on the same file
+RATIOS = (("onnx", "gguf-f16"), ("onnx-int8", "gguf-q8_0"), ("onnx-int4", "gguf-q4_0"),
+          ("onnx", "genai"), ("onnx-int8", "genai-int8"), ("onnx-int4", "genai-int4"))
 NUMPY = "-numpy"  # suffix of the rows run by NumpyStepper
 
 
 class NumpyStepper:
-    """`generate`'s ONNX stepper before I/O binding: every step feeds the whole cache in as numpy
-    arrays and gets the grown cache back as new ones."""
+    """An ONNX stepper without I/O binding: every step feeds the whole cache in as numpy arrays and
+    gets the grown cache back as new ones."""
 
     def __init__(self, decoder):
         self.decoder = decoder
@@ -98,7 +105,7 @@ def table(rows: list[tuple], header: str, ttft_tokens: int) -> str:
     rates = {key: rate for key, _name, rate, *_ in rows if not isinstance(rate, str)}
     ratios = [f"{ours} / {theirs}: {rates[ours] / rates[theirs]:.2f}x" for ours, theirs in RATIOS if ours in rates and theirs in rates]
     if ratios:
-        lines += ["", "Speed ratios in this run: " + "; ".join(ratios) + " (target: >= 1.0x)."]
+        lines += ["", "Speed ratios in this run: " + "; ".join(ratios) + " (targets: >= 1.0x)."]
     bound = [f"{key}: {rates[key] / rates[key + NUMPY]:.2f}x" for key in rates if key + NUMPY in rates]
     if bound:
         lines += ["", "ONNX tokens/s, I/O-bound stepper over the numpy one: " + "; ".join(bound) + "."]
@@ -125,7 +132,13 @@ def main() -> int:
     parser.add_argument("--write-docs", type=Path, help="also write the table into this file between the markers")
     parser.add_argument("--eval-tokens", type=int, default=1024)
     parser.add_argument("--ttft-tokens", type=int, default=512, help="prompt length for the time to first token")
-    parser.add_argument("--formats", default="onnx,onnx-int8,onnx-int4,genai,genai-int4,gguf-f16,gguf-q8_0,gguf-q4_0")
+    parser.add_argument("--formats", default="onnx,onnx-int8,onnx-int4,genai,genai-int8,genai-int4,gguf-f16,gguf-q8_0,gguf-q4_0")
+    parser.add_argument("--block-size", type=int, default=32, help="MatMulNBits block size of the int8/int4 graphs")
+    parser.add_argument("--accuracy-level", type=int, default=4, help="MatMulNBits accuracy_level of the int8/int4 graphs")
+    parser.add_argument("--llama-extra-buffers", choices=("on", "off"), default="on",
+                        help="llama.cpp's repacked weight buffers (AVX512/AMX kernels); 'off' where they crash")
+    parser.add_argument("--keep-8bit", help="linear layers an int4 graph keeps at 8 bits, comma-separated or 'none' "
+                        "(default: the exporter's mix)")
     args = parser.parse_args()
 
     import torch
@@ -135,9 +148,10 @@ def main() -> int:
     from lorasp_edge.export.gguf_file import write_gguf_file
     from lorasp_edge.export.sources.weights import ModelWeights
     from lorasp_edge.export.hf import write_side_files
-    from lorasp_edge.export.onnx_graph import ONNX_FILE, export_decoder, files_bytes
+    from lorasp_edge.export.onnx_build import Quantization, build_decoder
+    from lorasp_edge.export.onnx_graph import ONNX_FILE, files_bytes
     from lorasp_edge.export.onnx_runtime import OnnxDecoder
-    from lorasp_edge.export.quantize import quantize_decoder
+    from lorasp_edge.export.quantize import INT4_KEEP_8BIT
     from lorasp_edge.export.verify import onnx_logits_fn, perplexity, torch_logits_fn
     from lorasp_edge.generate import OnnxStepper, encode_prompt
 
@@ -161,21 +175,21 @@ def main() -> int:
                  perplexity(torch_logits_fn(model), ids, window), 1.0)]
         greedy_ids = {}  # ONNX row -> its greedy ids in the speed runs
 
-        onnx_dirs = {"onnx": root / "onnx"}
-        onnx_dirs["onnx"].mkdir()
-        export_decoder(model, onnx_dirs["onnx"])
-        write_side_files(model, tokenizer, onnx_dirs["onnx"])
-        for bits in ("int8", "int4"):
-            if {f"onnx-{bits}", f"onnx-{bits}{NUMPY}", f"genai-{bits}"} & set(wanted):
-                onnx_dirs[f"onnx-{bits}"] = root / f"onnx-{bits}"
-                onnx_dirs[f"onnx-{bits}"].mkdir()
-                quantize_decoder(onnx_dirs["onnx"] / ONNX_FILE, onnx_dirs[f"onnx-{bits}"], {"int8": 8, "int4": 4}[bits])
-                write_side_files(model, tokenizer, onnx_dirs[f"onnx-{bits}"])
+        keep = INT4_KEEP_8BIT if args.keep_8bit is None else tuple(part for part in args.keep_8bit.split(",") if part != "none")
+        capacity = max(len(prompt_ids) + args.new_tokens, len(long_ids))  # the KV cache `generate` would allocate
+        onnx_dirs = {}
+        weights = ModelWeights(model)
+        for variant, bits in (("onnx", None), ("onnx-int8", 8), ("onnx-int4", 4)):
+            if {variant, variant + NUMPY, "genai" + variant[4:]} & set(wanted):
+                onnx_dirs[variant] = root / variant
+                quantization = Quantization(bits, args.block_size, args.accuracy_level, keep) if bits else None
+                build_decoder(model.config, weights, onnx_dirs[variant], quantization)
+                write_side_files(model, tokenizer, onnx_dirs[variant])
         quality = {}  # graph folder -> (perplexity, agreement): the same numbers for either stepper
         for name in [n for n in wanted if n.startswith("onnx")]:
             graph = name.removesuffix(NUMPY)
             decoder = OnnxDecoder(onnx_dirs[graph] / ONNX_FILE, threads=args.threads)
-            stepper = NumpyStepper(decoder) if name.endswith(NUMPY) else OnnxStepper(decoder)
+            stepper = NumpyStepper(decoder) if name.endswith(NUMPY) else OnnxStepper(decoder, capacity)
             rate, greedy_ids[name] = speed(stepper, prompt_ids, args.new_tokens, args.repeats)
             if graph in quality:
                 scores = quality[graph]
@@ -204,7 +218,8 @@ def main() -> int:
             for name in [n for n in wanted if n.startswith("gguf")]:
                 type_name = name[5:]
                 path = write_gguf_file(model.config, ModelWeights(model), tokenizer, root / f"{name}.gguf", type_name)
-                runtime = llamacpp.LlamaCppModel(path, context=max(window + 1, len(prompt) + len(continuation), len(long_ids)), threads=args.threads)
+                runtime = llamacpp.LlamaCppModel(path, context=max(window + 1, len(prompt) + len(continuation), len(long_ids)), threads=args.threads,
+                                                 extra_buffers=args.llama_extra_buffers == "on")
                 rows.append((name, f"GGUF {type_name} (llama.cpp)", speed(runtime, prompt_ids, args.new_tokens, args.repeats)[0],
                              first_token_seconds(runtime, long_ids, args.repeats), path.stat().st_size,
                              perplexity(runtime.logits, ids, window), agreement.measure(runtime.logits, prompt, continuation, 0).agreement))
@@ -213,6 +228,11 @@ def main() -> int:
     header = (f"{args.model}: {args.new_tokens} new tokens, batch 1, {args.threads} threads, median of {args.repeats} runs; "
               f"perplexity on {len(ids)} held-out tokens; agreement over {len(continuation)} tokens; "
               f"load average {load:.1f} on {os.cpu_count()} CPUs when it ended.")
+    if any(name.startswith("gguf") for name in wanted) and args.llama_extra_buffers == "off":
+        header += " llama.cpp without its repacked weight buffers (--llama-extra-buffers off)."
+    if {"onnx-int8", "onnx-int4"} & set(wanted):
+        header += (f" ONNX int8/int4: MatMulNBits block {args.block_size}, accuracy level {args.accuracy_level}; "
+                   f"int4 keeps {', '.join(keep) or 'no linear layer'} and the lm_head at 8 bits.")
     text = table(rows, header, args.ttft_tokens)
     print(text, end="")
     if mismatched:

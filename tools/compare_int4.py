@@ -1,12 +1,12 @@
 """Which modules a 4-bit export keeps at 8 bits: held-out perplexity and size of each mix.
 
-    python tools/compare_int4.py EXPORT_DIR     # a `lorasp-edge export` folder (its onnx/ is read)
+    python tools/compare_int4.py EXPORT_DIR     # a `lorasp-edge export` folder (its hf/ and onnx/ are read)
 
-Each mix quantizes the export's fp32 `onnx/model.onnx` with `lorasp_edge.export.onnx_graph.quantize_decoder`
-(MatMulNBits, asymmetric, the lm_head always 8-bit) and scores it as `lorasp-edge export` does:
-perplexity over 1024 tokens of the Python language reference in 512-token windows
-(`lorasp_edge.export.run.perplexity`), as a ratio to the fp32 graph's. The table in docs/export.md
-comes from this tool.
+Each mix is written from the export's merged weights (`hf/`) by the exporter's builder
+(`lorasp_edge.export.onnx_build.build_decoder`: MatMulNBits, asymmetric, the lm_head always 8-bit)
+and scored as `lorasp-edge export` does: perplexity over 1024 tokens of the Python language reference
+in 512-token windows (`lorasp_edge.export.verify.perplexity`), as a ratio to the fp32 graph's
+(`onnx/`). The table in docs/export.md comes from this tool.
 """
 
 from __future__ import annotations
@@ -36,14 +36,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("export_dir", type=Path)
     args = parser.parse_args()
-    source = args.export_dir / "onnx" / "model.onnx"
-    if not source.is_file():
-        raise SystemExit(f"{source}: not found; give a folder written by `lorasp-edge export`")
+    source, merged = args.export_dir / "onnx" / "model.onnx", args.export_dir / "hf"
+    if not source.is_file() or not (merged / "config.json").is_file():
+        raise SystemExit(f"{args.export_dir}: needs onnx/model.onnx and hf/; give a folder written by `lorasp-edge export`")
 
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
+    from lorasp_edge.export.sources.weights import FolderWeights
+    from lorasp_edge.export.onnx_build import Quantization, build_decoder
     from lorasp_edge.export.onnx_runtime import OnnxDecoder
-    from lorasp_edge.export.quantize import INT4_KEEP_8BIT, quantize_decoder
+    from lorasp_edge.export.quantize import INT4_KEEP_8BIT
     from lorasp_edge.export.verify import (
         held_out_ids,
         held_out_text,
@@ -52,6 +54,7 @@ def main() -> None:
     )
 
     tokenizer = AutoTokenizer.from_pretrained(source.parent)
+    config, weights = AutoConfig.from_pretrained(merged), FolderWeights(merged)
     ids = held_out_ids(tokenizer, held_out_text(None), 1024)
     window = 512
     fp32 = perplexity(onnx_logits_fn(OnnxDecoder(source)), ids, window)
@@ -60,7 +63,7 @@ def main() -> None:
     for label, keep, block, accuracy in MIXES:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
-            quantize_decoder(source, out, 4, block, accuracy_level=accuracy, keep_8bit=keep)
+            build_decoder(config, weights, out, Quantization(4, block, accuracy, keep))
             size = sum(path.stat().st_size for path in out.iterdir()) / 1e6
             score = perplexity(onnx_logits_fn(OnnxDecoder(out / "model.onnx")), ids, window)
         shipped = " (shipped)" if keep == INT4_KEEP_8BIT and block == 32 and accuracy == 4 else ""

@@ -6,11 +6,11 @@
 
 genai_config.json names the graph's inputs and outputs (optimum's names: input_ids,
 attention_mask, position_ids, past_key_values.%d.key/value -> logits, present.%d.key/value), the
-KV-cache layout (heads, head size, layers; past and present are separate buffers, because the graph
-concatenates its cache rather than writing into a preallocated one), the context length, token
-ids and search defaults from the generation config. Nothing is read from a model builder, so
-RoPE (in the graph) cannot fall back to a default base the way the builder's does with
-transformers-5 configs.
+KV-cache layout (heads, head size, layers; `past_present_share_buffer`: onnxruntime-genai allocates one
+buffer per layer for the whole context and binds it as both past and present, which the graph's
+GroupQueryAttention updates in place), the context length, token ids and search defaults from the
+generation config. Nothing is read from a model builder, so RoPE (in the graph) cannot fall back to
+a default base the way the builder's does with transformers-5 configs.
 
 Checks against the merged fp32 PyTorch model on held-out text:
 - fp32 graph: onnxruntime-genai's own greedy search, after a 16-token prefill, gives PyTorch's
@@ -34,12 +34,7 @@ from lorasp_edge.errors import UserError, VerificationError
 from lorasp_edge.export import agreement
 from lorasp_edge.export.context import ExportContext
 from lorasp_edge.export.hf import write_side_files
-from lorasp_edge.export.onnx_graph import (
-    ONNX_DATA_FILE,
-    ONNX_FILE,
-    export_decoder,
-    files_bytes,
-)
+from lorasp_edge.export.onnx_graph import ONNX_DATA_FILE, ONNX_FILE, files_bytes
 
 GENAI_CONFIG = "genai_config.json"
 GREEDY_TOKENS = 32
@@ -105,7 +100,7 @@ def genai_config(config, generation_config, context_length: int | None = None) -
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": True,
             "repetition_penalty": float(getattr(generation_config, "repetition_penalty", None) or 1.0),
             "temperature": float(getattr(generation_config, "temperature", None) or 1.0) if sampling else 1.0,
             "top_k": int(getattr(generation_config, "top_k", None) or 50) if sampling else 1,
@@ -127,22 +122,9 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 
 def _place_graph(context: ExportContext, folder: Path, variant: str) -> None:
-    """The graph of `variant` ('' for fp32, 'int8', 'int4') into `folder`: linked from OUT/onnx*
-    when the onnx format wrote it, else made with the onnx writer's functions."""
-    from lorasp_edge.export.quantize import quantize_decoder
-
-    settings = context.settings
+    """The graph of `variant` ('' for fp32, 'int8', 'int4') into `folder`, linked from OUT/onnx*: the
+    onnx format (which genai requires, export/formats) wrote and verified it; genai runs the same file."""
     source = context.folder / (f"onnx-{variant}" if variant else "onnx")
-    if not (source / ONNX_FILE).is_file():
-        fp32 = context.folder / "genai"
-        if not (fp32 / ONNX_FILE).is_file():
-            export_decoder(context.merged, fp32, settings.opset, settings.external_threshold_bytes)
-        if variant:
-            from lorasp_edge.export.onnx_writer import QUANT_BITS
-
-            quantize_decoder(fp32 / ONNX_FILE, folder, QUANT_BITS[variant], settings.block_size,
-                             external_threshold_bytes=settings.external_threshold_bytes)
-        return
     for name in (ONNX_FILE, ONNX_DATA_FILE):
         if (source / name).is_file():
             _link_or_copy(source / name, folder / name)

@@ -38,13 +38,19 @@ class LlamaCppModel:
     copies the weights anyway (it did on an AMX CPU), a mapping keeps both resident."""
 
     def __init__(self, path: str | Path, context: int = 512, threads: int | None = None, lora: str | Path | None = None,
-                 use_mmap: bool = True):
+                 use_mmap: bool = True, extra_buffers: bool = True):
+        """`extra_buffers=False` keeps every weight in llama.cpp's plain CPU buffer: no repacking into
+        the AVX512/AMX kernels' layouts (llama_model_params.use_extra_bufts), which are faster where
+        they work and crash where they do not (ggml-org/llama.cpp issue #20824: a segfault in
+        ggml_backend_amx_mul_mat)."""
         if not available():
             raise UserError(f"{path}: running a GGUF file needs llama-cpp-python: {INSTALL_HINT}")
         import llama_cpp
 
         self.path = Path(path)
         kwargs = {"n_threads": threads, "n_threads_batch": threads} if threads else {}
+        if not extra_buffers:
+            kwargs["use_extra_bufts"] = False
         if lora is not None:
             kwargs["lora_path"] = str(lora)
         try:

@@ -39,7 +39,7 @@ SESSION_FACTOR = 1.05  # onnxruntime CPU session (pre-packing off) over its init
 # a piece's logits; one forward over the window added 1.05 GB; tools/export_memory.py --session).
 ACTIVATION_WINDOW = 512
 PIECE_LOGITS_FACTOR = 5
-IN_MEMORY_FACTOR = 4.0  # in-memory path: base, merged copy, traced graph and session (Qwen2.5-1.5B: 24.3 GB / 6.2 GB)
+IN_MEMORY_FACTOR = 4.0  # in-memory path: base, merged copy, graph and session (Qwen2.5-1.5B: 24.3 GB / 6.2 GB, measured with the earlier traced graph: an upper bound)
 QUANT_BYTES_PER_PARAMETER = {"int8": 1.1, "int4": 0.8}  # int4 keeps v/up/down and the lm_head at 8 bits
 
 

@@ -1,13 +1,10 @@
 """onnxruntime over the exported decoder graph: what verification and `generate` run.
 
-`OnnxDecoder` is one forward per call over numpy arrays (verification compares whole logit
-tensors). `BoundDecoder` is what token-by-token generation runs on the same session: with
-onnxruntime's I/O binding the KV cache stays in onnxruntime's memory, and each forward's
-`present.*` OrtValues are bound as the next forward's `past_key_values.*` inputs, so a step moves
-only its token ids in and one row of logits out. Under a GPU execution provider (not used yet:
-sessions here are CPU) `session.run` would copy the whole cache to the host and back every step;
-on CPU onnxruntime already wraps contiguous numpy inputs and returns outputs as views of its own
-buffers, so there the two run at the same speed (tools/bench_formats.py's `-numpy` rows).
+`OnnxDecoder` is one forward per call over numpy arrays, the cache growing by a copy of it each
+call (verification compares whole logit tensors). `BoundDecoder` is what token-by-token generation
+runs on the same session: with onnxruntime's I/O binding the KV cache stays in onnxruntime's memory,
+one preallocated buffer per layer that the graph updates in place, and a step moves only its token
+ids in and one row of logits out (tools/bench_formats.py's `-numpy` rows measure the difference).
 """
 
 from __future__ import annotations
@@ -17,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from lorasp_edge.errors import UserError
-from lorasp_edge.export.onnx_graph import io_names
+from lorasp_edge.export.onnx_graph import SHARED_CACHE_KEY, io_names
 
 
 def open_session(path: str | Path, threads: int | None = None, prepack: bool = True):
@@ -73,6 +70,8 @@ class OnnxDecoder(DecoderRuntime):
         self.kv_heads, self.head_dim = int(past_inputs[0].shape[1]), int(past_inputs[0].shape[3])
         self.input_names, self.output_names = io_names(self.num_layers)
         self.ranges = [(0, self.num_layers)]  # one session, all the layers
+        # The graph may update one buffer in place as past and present (onnx_build.SHARED_CACHE_KEY).
+        self.shares_cache = self.session.get_modelmeta().custom_metadata_map.get(SHARED_CACHE_KEY) == "1"
 
     def close(self) -> None:
         self.session = None
@@ -85,32 +84,57 @@ class OnnxDecoder(DecoderRuntime):
 
 
 class BoundDecoder:
-    """Batch-1 forwards over an `OnnxDecoder`'s session through I/O binding, the KV cache kept
-    between calls as onnxruntime OrtValues. `open_session` makes CPU sessions only, so everything is
-    bound on the host (a GPU provider would bind the cache on its device). `OrtValue.numpy()` views
-    the logits without a copy and only the last position's row is copied out (the graph computes
-    logits at every position it is fed)."""
+    """Batch-1 forwards over an `OnnxDecoder`'s session through I/O binding, the KV cache kept in
+    onnxruntime's memory between calls; only the token ids go in and one row of logits comes out.
 
-    def __init__(self, decoder: OnnxDecoder):
+    On a graph that says it may (onnx_build: GroupQueryAttention), each layer's cache is one buffer of
+    `capacity` positions, allocated once and bound as both `past_key_values.i` and `present.i`: the
+    graph writes each step's keys and values into it in place, and nothing is copied or allocated
+    per token. On a graph without that flag (an earlier export's) each forward's `present.*` OrtValues
+    are bound as the next forward's `past_key_values.*`, a cache that grows by one copy per step.
+    `open_session` makes CPU sessions only, so everything is bound on the host."""
+
+    def __init__(self, decoder: OnnxDecoder, capacity: int = 2048):
+        import onnxruntime as ort
+
         self.session = decoder.session
         self.past_names, self.present_names = decoder.input_names[3:], decoder.output_names[1:]
-        self.empty = np.zeros((1, decoder.kv_heads, 0, decoder.head_dim), np.float32)
         self.binding = self.session.io_binding()
+        self.shared = decoder.shares_cache
+        self.capacity = capacity
+        # Views of these arrays are bound as the mask and positions: nothing is built per step.
+        self.ones = np.ones((1, capacity), np.int64)
+        self.positions = np.arange(capacity, dtype=np.int64)[None]
+        if self.shared:
+            shape = (1, decoder.kv_heads, capacity, decoder.head_dim)
+            self.cache = [ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, "cpu", 0) for _ in self.past_names]
+            self.binding.bind_output("logits", "cpu")  # bound first: a name bound again keeps its place among the outputs
+            for past, present, value in zip(self.past_names, self.present_names, self.cache):
+                self.binding.bind_ortvalue_input(past, value)
+                self.binding.bind_ortvalue_output(present, value)
+        self.empty = np.zeros((1, decoder.kv_heads, 0, decoder.head_dim), np.float32)
         self.reset()
 
     def reset(self) -> None:
-        """An empty cache: the next call is a prefill."""
-        for name in self.past_names:
-            self.binding.bind_cpu_input(name, self.empty)
+        """An empty cache: the next call is a prefill (a shared buffer is overwritten from slot 0)."""
+        if not self.shared:
+            for name in self.past_names:
+                self.binding.bind_cpu_input(name, self.empty)
         self.length = 0
 
     def __call__(self, token_ids: list[int]) -> np.ndarray:
         """Logits (vocab,) at the last of `token_ids`, fed after the cached positions; the cache grows by them."""
+        if self.length + len(token_ids) > self.capacity:
+            raise ValueError(f"{self.length + len(token_ids)} positions do not fit the cache's {self.capacity}")
         start, self.length = self.length, self.length + len(token_ids)
         binding = self.binding
         binding.bind_cpu_input("input_ids", np.asarray([token_ids], np.int64))
-        binding.bind_cpu_input("attention_mask", np.ones((1, self.length), np.int64))
-        binding.bind_cpu_input("position_ids", np.arange(start, self.length, dtype=np.int64)[None])
+        binding.bind_cpu_input("attention_mask", self.ones[:, : self.length])
+        binding.bind_cpu_input("position_ids", self.positions[:, start : self.length])
+        if self.shared:
+            binding.bind_output("logits", "cpu")
+            self.session.run_with_iobinding(binding)
+            return binding.get_outputs()[0].numpy()[0, -1].copy()
         binding.clear_binding_outputs()  # fresh outputs: last step's present.* are this step's inputs
         binding.bind_output("logits", "cpu")
         for name in self.present_names:

@@ -2,7 +2,7 @@
 
 An fp32 session holds every weight (4 bytes x parameters: 12.9 GB for Llama-3.2-3B), more than the
 device a model of that size is exported on. The verification does not need the whole graph at once:
-its nodes are split by the layer their name scopes them to (the TorchScript exporter names a node
+its nodes are split by the layer their name scopes them to (onnx_build names a layer's nodes
 `/model/layers.N/...`), and each slice is written as its own small graph whose initializers point
 into the same external data file. A forward then opens the slices in order:
 
@@ -14,8 +14,8 @@ holds the two within 1e-6 of the logit scale). The peak is the largest slice's w
 graph's; the cost is that every forward reads the slices' weights again (from the page cache).
 
     nodes scoped to a layer            -> that layer's slice
-    nodes computed from weights only   -> copied into every slice that reads them (norm weights
-                                          shared by Identity, shape constants): never passed along
+    nodes computed from weights only   -> copied into every slice that reads them (the quantized
+                                          table's row view, shape constants): never passed along
     other nodes (embedding, rotary,    -> the latest slice among their inputs' (graph inputs: 0),
     mask, final norm, logits)             so the logits land in the last slice
 """
@@ -96,7 +96,7 @@ def write_slices(path: Path, ranges: list[tuple[int, int]]) -> list[GraphSlice]:
             k = earliest
         if any(name not in produced_in and name not in graph_inputs for name in dynamic):
             raise SliceError(f"node {node.name} reads a tensor no earlier node computes")
-        produced_in.update((name, k) for name in node.output)
+        produced_in.update((name, k) for name in node.output if name)  # '' is an optional output left out
         nodes_of[k].append(index)
     graph_outputs = [value.name for value in graph.output]
     if any(produced_in.get(name) is None for name in graph_outputs):
@@ -110,7 +110,7 @@ def write_slices(path: Path, ranges: list[tuple[int, int]]) -> list[GraphSlice]:
     for k, indices in enumerate(nodes_of):
         for index in indices:
             for name in graph.node[index].input:
-                if name in produced_in or name in graph_inputs:
+                if name and (name in produced_in or name in graph_inputs):
                     read_later[name] = max(read_later.get(name, k), k)
 
     slices = []
@@ -123,7 +123,7 @@ def write_slices(path: Path, ranges: list[tuple[int, int]]) -> list[GraphSlice]:
                 needed.add(index)
                 stack += [name for name in graph.node[index].input if name in constant_producer]
         nodes = [graph.node[i] for i in sorted(needed | set(indices))]
-        own = {name for node in dynamic_nodes for name in node.output}
+        own = {name for node in dynamic_nodes for name in node.output if name}
         reads = []
         for node in nodes:
             reads += [name for name in node.input if name and name not in own and name not in constant_producer and name not in initializers]

@@ -1,5 +1,9 @@
 """OUT/onnx (and OUT/onnx-int8 or onnx-int4): the KV-cache decoder graph, verified by onnxruntime.
 
+Each graph is written from the merged weights (onnx_build.py) by checkpoint key, as the source hands
+them over (`context.weights`): the model in memory, or its safetensors shards read one tensor at a
+time when the export is streamed.
+
 The fp32 graph must match the merged PyTorch model within `tolerance` x the logit scale over a
 prefill and 3 decode steps; a quantized graph must keep its held-out perplexity within a ratio of
 the fp32 graph's (PERPLEXITY_RATIO_LIMIT) and pick the merged model's argmax at a share of the
@@ -15,13 +19,13 @@ from lorasp_edge.export import agreement
 from lorasp_edge.export.context import ExportContext
 from lorasp_edge.export.hf import write_side_files
 from lorasp_edge.export.memory import trim_heap
-from lorasp_edge.export.onnx_graph import ONNX_FILE, export_decoder, files_bytes
+from lorasp_edge.export.onnx_build import Quantization, build_decoder
+from lorasp_edge.export.onnx_graph import ONNX_FILE, files_bytes
 from lorasp_edge.export.onnx_runtime import OnnxDecoder
 from lorasp_edge.export.onnx_slices import SlicedDecoder, SliceError, layer_ranges
-from lorasp_edge.export.onnx_stream import export_decoder_streamed
-from lorasp_edge.export.quantize import quantize_decoder_streamed
 from lorasp_edge.export.verify import (
     DECODE_STEPS,
+    in_place_difference,
     onnx_logit_pieces,
     perplexity,
     reference_steps,
@@ -32,18 +36,18 @@ from lorasp_edge.export.verify import (
 QUANT_BITS = {"int8": 8, "int4": 4}
 # Largest allowed held-out perplexity of a quantized graph over the fp32 graph's.
 PERPLEXITY_RATIO_LIMIT = {"int8": 1.05, "int4": 1.30}
+# The cache updated in place against the growing cache of the same graph: the same arithmetic on the
+# same values, so only reordering separates them (verify.in_place_difference).
+IN_PLACE_TOLERANCE = 1e-5
 
 
 def write_onnx(context: ExportContext) -> None:
     settings, merged, manifest, say = context.settings, context.merged, context.manifest, context.say
     verification, sizes = manifest["verification"], manifest["files"]
-    say(f"exporting the ONNX decoder (opset {settings.opset})")
+    say(f"writing the ONNX decoder (opset {settings.opset})")
     onnx_dir = context.folder / "onnx"
     onnx_dir.mkdir()
-    if context.streamed:  # weights on disk: traced with placeholders, filled from the shards
-        export_decoder_streamed(merged.config, context.weights, onnx_dir, settings.opset, settings.external_threshold_bytes)
-    else:
-        export_decoder(merged, onnx_dir, settings.opset, settings.external_threshold_bytes)
+    build_decoder(merged.config, context.weights, onnx_dir, opset=settings.opset, external_threshold_bytes=settings.external_threshold_bytes)
     write_side_files(merged, context.tokenizer, onnx_dir)
     sizes["onnx"] = files_bytes(onnx_dir)
     sizes["fp32_parameters"] = 4 * sum(p.numel() for p in merged.parameters())
@@ -58,7 +62,8 @@ def write_onnx(context: ExportContext) -> None:
     with fp32_decoder(context, onnx_dir / ONNX_FILE) as fp32:  # one onnxruntime session at a time: this is the largest
         check = verify_onnx(fp32, merged, context.input_ids, context.attention_mask, references=references)
         verification["onnx"] = {**asdict(check), "tolerance": settings.tolerance, "decode_steps": DECODE_STEPS,
-                                "session_layers": [list(layers) for layers in fp32.ranges]}
+                                "session_layers": [list(layers) for layers in fp32.ranges],
+                                "in_place_relative_diff": check_in_place(fp32, references, "ONNX")}
         say(f"  fp32: max |logit diff| {check.max_abs_diff:.2e} ({check.relative_diff:.2e} of the logit scale), greedy agreement {check.greedy_agreement:.1%}")
         if check.relative_diff > settings.tolerance:
             raise VerificationError(
@@ -76,7 +81,16 @@ def write_onnx(context: ExportContext) -> None:
             }
         )
     if settings.quantize != "none":
-        _write_quantized(context, onnx_dir, references, reference_picks)
+        _write_quantized(context, references, reference_picks)
+
+
+def check_in_place(decoder, references: list, label: str) -> float | None:
+    """The cache `generate` and onnxruntime-genai run (updated in place) against the one just verified."""
+    difference = in_place_difference(decoder, references)
+    if difference is not None and difference > IN_PLACE_TOLERANCE:
+        raise VerificationError(f"{label} logits with the cache updated in place differ from the growing cache's by {difference:.2e} "
+                                f"of the logit scale (> {IN_PLACE_TOLERANCE:.0e}); nothing was written")
+    return difference
 
 
 def fp32_decoder(context: ExportContext, path):
@@ -95,19 +109,21 @@ def fp32_decoder(context: ExportContext, path):
     return OnnxDecoder(path, prepack=False)
 
 
-def _write_quantized(context: ExportContext, onnx_dir, references: list, reference_picks: list) -> None:
+def _write_quantized(context: ExportContext, references: list, reference_picks: list) -> None:
     settings, manifest, say = context.settings, context.manifest, context.say
     bits = QUANT_BITS[settings.quantize]
-    say(f"quantizing to {settings.quantize} (MatMulNBits, block {settings.block_size})")
+    say(f"writing the {settings.quantize} decoder (MatMulNBits, block {settings.block_size})")
     name = f"onnx-{settings.quantize}"
     quant_dir = context.folder / name
     quant_dir.mkdir()
-    quantize_decoder_streamed(onnx_dir / ONNX_FILE, quant_dir, bits, settings.block_size, external_threshold_bytes=settings.external_threshold_bytes)
+    build_decoder(context.merged.config, context.weights, quant_dir, Quantization(bits, settings.block_size),
+                  settings.opset, settings.external_threshold_bytes)
     write_side_files(context.merged, context.tokenizer, quant_dir)
     manifest["files"][name] = files_bytes(quant_dir)
     trim_heap()
     quantized = OnnxDecoder(quant_dir / ONNX_FILE, prepack=False)
     check = verify_onnx(quantized, context.merged, context.input_ids, context.attention_mask, references=references)
+    in_place = check_in_place(quantized, references, f"{settings.quantize} ONNX")
     picks: list = []
     quantized_perplexity = perplexity(agreement.argmax_recorder(onnx_logit_pieces(quantized), picks), context.ids, context.window)
     agreed = agreement.held_out_agreement(picks, reference_picks, agreement.limit_for_bits(bits, settings))
@@ -116,7 +132,7 @@ def _write_quantized(context: ExportContext, onnx_dir, references: list, referen
     manifest["perplexity"][name] = quantized_perplexity
     manifest["verification"][name] = {
         **asdict(check), "perplexity_ratio": ratio, "perplexity_ratio_limit": limit, "block_size": settings.block_size,
-        "session_layers": [list(layers) for layers in quantized.ranges],
+        "session_layers": [list(layers) for layers in quantized.ranges], "in_place_relative_diff": in_place,
         "agreement": {**asdict(agreed), "compared": "argmax at every held-out position, teacher-forced on the text, against the merged PyTorch model"},
     }
     say(f"  {settings.quantize}: greedy agreement {agreed.agreement:.1%} over {agreed.positions} held-out positions (limit {agreed.limit:.0%}), "

@@ -52,7 +52,7 @@ PID_FILE = ".lorasp-edge.pid"  # "pid host" of the export writing a temporary fo
 STALE_WITHOUT_PID_S = 3600
 # What a temporary export folder of any version holds: format folders (each format names its own), the
 # manifest, trace scratch.
-_EXPORT_ENTRY = re.compile("(" + "|".join(item.entry_pattern for item in FORMATS.values()) + r"|manifest\.json|\.trace-.*|\.lorasp-edge.*|\..*\.tmp)")
+_EXPORT_ENTRY = re.compile("(" + "|".join(item.entry_pattern for item in FORMATS.values()) + r"|manifest\.json|\.lorasp-edge.*|\..*\.tmp)")
 # Manifest records not of one folder but of the whole export: the merge check, the reference perplexity.
 _EXPORT_WIDE = {"verification": {"merge"}, "perplexity": {"tokens", "window", "source", "pytorch"}}
 RECORD_SECTIONS = ("files", "verification", "perplexity")

@@ -118,6 +118,30 @@ def verify_onnx(decoder, model, input_ids: torch.Tensor, attention_mask: torch.T
     return compare(wanted, candidates, masks)
 
 
+def in_place_difference(decoder, references: list) -> float | None:
+    """Largest |logit difference| / logit scale between the two ways a runtime may hold the graph's
+    cache, on the verification batch's first row (prefill + each decode step of `references`): one
+    buffer per layer updated in place (onnx_runtime.BoundDecoder, what `generate` and
+    onnxruntime-genai run) and the growing cache `verify_onnx` checks against PyTorch. None for a
+    graph that does not offer the shared buffer or runs in layer slices."""
+    from lorasp_edge.export.onnx_runtime import BoundDecoder
+
+    if not getattr(decoder, "shares_cache", False):
+        return None
+    ids = references[-1][0][0].tolist()  # the unpadded row, with every decode step's token
+    start = len(ids) - (len(references) - 1)
+    bound = BoundDecoder(decoder, capacity=len(ids))
+    in_place = [bound(ids[:start])] + [bound([token]) for token in ids[start:]]
+    growing, past = [], decoder.empty_cache(1)
+    for end in range(start, len(ids) + 1):
+        begin = 0 if end == start else end - 1
+        row = np.asarray([ids[begin:end]])
+        logits, past = decoder(row, np.ones((1, end), np.int64), np.arange(begin, end)[None], past)
+        growing.append(logits[0, -1])
+    scale = max(float(np.abs(row).max()) for row in growing)
+    return max(float(np.abs(a - b).max()) for a, b in zip(in_place, growing)) / scale
+
+
 def perplexity(logits_of: Callable[[list[int]], np.ndarray | Iterable[np.ndarray]], ids: list[int], window: int) -> float:
     """exp(mean next-token NLL) over consecutive windows of `window` + 1 tokens.
 

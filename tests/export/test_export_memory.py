@@ -1,5 +1,5 @@
-"""The streamed export: merge tensor by tensor, layer-streamed reference, ONNX traced without weights,
-quantized one weight at a time, peak memory recorded and estimated beforehand. Tiny models."""
+"""The streamed export: merge tensor by tensor, layer-streamed reference, ONNX written from the shards
+one weight at a time, peak memory recorded and estimated beforehand. Tiny models."""
 
 import json
 from types import SimpleNamespace
@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from lorasp_edge.cli import main
 from lorasp_edge.export.sources.layered import LayerStreamed
-from lorasp_edge.export.sources.weights import FolderWeights
+from lorasp_edge.export.sources.weights import FolderWeights, ModelWeights
 from lorasp_edge.export.memory import (
     RUNTIME_BYTES,
     SESSION_FACTOR,
@@ -25,13 +25,12 @@ from lorasp_edge.export.memory import (
     slice_parameters,
 )
 from lorasp_edge.export.sources.merge import merged_model, merged_state_dict
-from lorasp_edge.export.onnx_graph import ONNX_DATA_FILE, TIED_TABLE, export_decoder
+from lorasp_edge.export.onnx_build import Quantization, build_decoder
+from lorasp_edge.export.onnx_graph import ONNX_DATA_FILE, initializer_bytes
 from lorasp_edge.export.onnx_runtime import OnnxDecoder
 from lorasp_edge.export.onnx_slices import SlicedDecoder, layer_ranges
-from lorasp_edge.export.onnx_stream import export_decoder_streamed
 from lorasp_edge.export.formats import in_order
 from lorasp_edge.export.run import ExportSettings, export
-from lorasp_edge.export.quantize import quantize_decoder, quantize_decoder_streamed
 from lorasp_edge.export.sources.shards import (
     BaseWeights,
     Checkpoint,
@@ -41,7 +40,7 @@ from lorasp_edge.export.sources.shards import (
 )
 from lorasp_edge.export.verify import verify_onnx
 from lorasp_edge.models import load_model
-from lorasp_edge.train.adapter_files import load_adapter
+from lorasp_edge.train.adapter import load_adapter
 
 
 @pytest.fixture(scope="module")
@@ -103,40 +102,26 @@ def test_layer_streamed_model_computes_the_whole_model_and_keeps_nothing(tied_qw
     assert all(p.device.type == "meta" for p in streamed.model.parameters())
 
 
-def test_streamed_onnx_matches_the_traced_graph(tied_qwen, tmp_path):
+@pytest.mark.parametrize("bits", [None, 4])
+def test_graph_from_the_shards_equals_the_graph_from_memory(tied_qwen, bits, tmp_path):
     base, _ = tied_qwen
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    export_decoder(model, tmp_path / "a")
-    export_decoder_streamed(model.config, FolderWeights(base), tmp_path / "b", external_threshold_bytes=0)
-    assert (tmp_path / "b" / ONNX_DATA_FILE).is_file()
-    input_ids = torch.randint(0, 200, (2, 7), generator=torch.Generator().manual_seed(1))
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, :2] = 0
-    check = verify_onnx(OnnxDecoder(tmp_path / "b" / "model.onnx"), model, input_ids, attention_mask)
-    assert check.relative_diff < 1e-5 and check.greedy_agreement == 1.0
-    graph = onnx.load(str(tmp_path / "b" / "model.onnx"), load_external_data=False).graph
-    vocab = model.config.vocab_size
-    assert [t.name for t in graph.initializer if vocab in t.dims] == [TIED_TABLE]  # the table once
-    assert not any(node.op_type == "Transpose" and node.input[0] in {t.name for t in graph.initializer} for node in graph.node)
-
-    # quantized one weight at a time: the same tensors onnxruntime's quantizer writes from the whole graph
-    for folder in ("qa", "qb"):
-        (tmp_path / folder).mkdir()
-    quantize_decoder(tmp_path / "a" / "model.onnx", tmp_path / "qa", 4)
-    quantize_decoder_streamed(tmp_path / "b" / "model.onnx", tmp_path / "qb", 4)
-    for folder in ("qa", "qb"):
-        nodes = onnx.load(str(tmp_path / folder / "model.onnx")).graph.node
-        assert sum(node.op_type == "MatMulNBits" for node in nodes) == 2 * 7 + 1
-        assert sum(node.op_type == "GatherBlockQuantized" for node in nodes) == 1
-    # past the protobuf limit the quantized weights go to external data; the shapes stay inline
-    quantize_decoder_streamed(tmp_path / "b" / "model.onnx", tmp_path / "qc", 4, external_threshold_bytes=0)
-    assert (tmp_path / "qc" / ONNX_DATA_FILE).is_file()
+    quantization = Quantization(bits) if bits else None
+    weights = CountingWeights(base)
+    build_decoder(model.config, ModelWeights(model), tmp_path / "memory", quantization)
+    build_decoder(model.config, weights, tmp_path / "shards", quantization, external_threshold_bytes=0)
+    assert (tmp_path / "shards" / ONNX_DATA_FILE).is_file()
+    assert sorted(weights.reads) == sorted(weights.keys())  # each tensor read once, the tied table too
+    decoders = [OnnxDecoder(tmp_path / folder / "model.onnx") for folder in ("memory", "shards")]
     x = np.array([[3, 9, 27, 81]])
-    decoders = [OnnxDecoder(tmp_path / folder / "model.onnx") for folder in ("qa", "qb", "qc")]
     logits = [d(x, np.ones_like(x), np.arange(4)[None], d.empty_cache(1))[0] for d in decoders]
-    assert np.abs(logits[0] - logits[1]).max() == 0.0 and np.abs(logits[0] - logits[2]).max() == 0.0
+    assert np.abs(logits[0] - logits[1]).max() == 0.0
+    if bits is None:
+        input_ids = torch.randint(0, 200, (2, 7), generator=torch.Generator().manual_seed(1))
+        attention_mask = torch.ones_like(input_ids)
+        attention_mask[1, :2] = 0
+        check = verify_onnx(decoders[1], model, input_ids, attention_mask)
+        assert check.relative_diff < 1e-5 and check.greedy_agreement == 1.0
 
 
 def test_export_is_streamed_and_records_its_peak(tied_qwen, tmp_path):
@@ -198,13 +183,11 @@ def test_heap_calls_fork_no_child_that_would_inflate_the_peak():
 
 @pytest.fixture(scope="module")
 def four_layer_graph(tmp_path_factory):
-    """A tied 4-layer Qwen2 traced the streamed way, weights in an external data file."""
+    """A tied 4-layer Qwen2 written from its shards, weights in an external data file."""
     root = tmp_path_factory.mktemp("sliced")
     base = make_model_dir(root / "base", "qwen2", tie_word_embeddings=True, num_hidden_layers=4)
     config = AutoConfig.from_pretrained(base)
-    (root / "onnx").mkdir()
-    export_decoder_streamed(config, FolderWeights(base), root / "onnx", external_threshold_bytes=0)
-    return root / "onnx" / "model.onnx"
+    return build_decoder(config, FolderWeights(base), root / "onnx", external_threshold_bytes=0)
 
 
 @pytest.mark.parametrize("count", [2, 3, 4])
@@ -218,14 +201,17 @@ def test_layer_slices_compute_what_the_whole_graph_computes(four_layer_graph, co
     expected, past = whole(ids, mask, positions, whole.empty_cache(2))
     expected_step, _ = whole(next_ids, next_mask, positions[:, -1:] + 1, past)
     graph = onnx.load(str(four_layer_graph), load_external_data=False).graph
-    whole_bytes = sum(4 * int(np.prod(t.dims)) for t in graph.initializer)
-    table_bytes = next(4 * int(np.prod(t.dims)) for t in graph.initializer if t.name == TIED_TABLE)
+    whole_bytes = sum(initializer_bytes(t) for t in graph.initializer)
+    table_bytes = next(initializer_bytes(t) for t in graph.initializer if t.name == "model.embed_tokens.weight")
+    rotary_bytes = sum(initializer_bytes(t) for t in graph.initializer if t.name.startswith("rotary."))
     with SlicedDecoder(four_layer_graph, layer_ranges(4, count)) as sliced:
         assert sliced.ranges == layer_ranges(4, count) and len(sliced.slices) == count
         got, got_past = sliced(ids, mask, positions, sliced.empty_cache(2))
         got_step, _ = sliced(next_ids, next_mask, positions[:, -1:] + 1, got_past)
-        # each weight in exactly one slice, the tied table in the first (lookup) and the last (logits)
-        assert sum(part.weight_bytes for part in sliced.slices) == whole_bytes + table_bytes
+        # each weight in exactly one slice, the tied table in the first (lookup) and the last (logits),
+        # the rotary tables every layer reads in each (and a few shape constants of a few bytes)
+        once = whole_bytes + table_bytes + (count - 1) * rotary_bytes
+        assert once <= sum(part.weight_bytes for part in sliced.slices) < once + 256
         assert max(part.weight_bytes for part in sliced.slices) < whole_bytes
         files = [part.path for part in sliced.slices]
         assert all(path.is_file() for path in files)

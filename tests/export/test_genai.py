@@ -3,6 +3,7 @@ when onnxruntime-genai is not installed)."""
 
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 from tiny import leftovers, make_model_dir, train_adapter
@@ -32,7 +33,7 @@ def test_config_names_the_graph_and_cache_layout(tiny):
     assert (decoder["num_hidden_layers"], decoder["num_attention_heads"], decoder["num_key_value_heads"], decoder["head_size"]) == (2, 4, 2, 16)
     assert written["model"]["type"] == "qwen2" and written["model"]["context_length"] == 256
     assert written["model"]["eos_token_id"] == [0, 4] and written["model"]["pad_token_id"] == 0
-    assert written["search"]["past_present_share_buffer"] is False  # the graph concatenates its cache
+    assert written["search"]["past_present_share_buffer"] is True  # GroupQueryAttention updates one buffer in place
     assert written["search"]["do_sample"] is False and written["search"]["top_k"] == 1
 
 
@@ -71,17 +72,13 @@ def test_genai_alone_takes_the_onnx_graph_and_a_wrong_graph_exits_4(tiny, tmp_pa
     """--format genai writes the onnx format first (it requires it) and links its graph; when the graph
     it gets computes other weights than the merged model's, genai's own check exits 4."""
     pytest.importorskip("onnxruntime_genai")
-    import copy
-
-    import torch
-
-    from lorasp_edge.export.onnx_graph import export_decoder
+    from lorasp_edge.export.onnx_build import build_decoder
 
     def other_weights(context, folder, variant):  # a graph of different weights than the merged model's
-        model = copy.deepcopy(context.merged)
-        with torch.no_grad():
-            model.model.layers[0].mlp.down_proj.weight.mul_(-1)
-        export_decoder(model, folder)
+        def read(key):
+            return context.weights.read(key) * (-1.0 if key == "model.layers.0.mlp.down_proj.weight" else 1.0)
+
+        build_decoder(context.merged.config, SimpleNamespace(keys=context.weights.keys, read=read), folder)
 
     monkeypatch.setattr(genai, "_place_graph", other_weights)
     code = main(["export", "--adapter", str(tiny[1]), "--out", str(tmp_path / "out"), "--format", "genai", "--source", "memory"])

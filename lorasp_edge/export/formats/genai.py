@@ -1,6 +1,6 @@
 """The `genai` format: folders onnxruntime-genai loads, written by lorasp_edge.export.genai around the
-onnx format's graphs (required: written first and hard-linked, so the graph is traced and quantized
-once, from whichever source the export reads)."""
+onnx format's graphs (required: written first and hard-linked, so the graph is written, quantized and
+verified once, from whichever source the export reads)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ FORMAT = ExportFormat(
     unsupported="lorasp_edge.export.genai:unsupported_reason",
     adapter_refusal=(
         "onnxruntime-genai applies an .onnx_adapter by feeding its tensors to graph inputs of the same names, and the "
-        "genai graph here is traced from the merged model, with the LoRA matrices folded into the base weights and no such inputs"
+        "genai graph here is written from the merged weights, with the LoRA matrices folded into the base weights and no such inputs"
     ),
     entries=r"genai(-int\d)?",
 )

@@ -16,7 +16,7 @@ def flag_problems(settings) -> list[str]:
     if settings.block_size < 16 or settings.block_size & (settings.block_size - 1):
         found.append(f"--block-size must be a power of two >= 16, not {settings.block_size}")
     if not 14 <= settings.opset <= 20:
-        found.append(f"--opset must be between 14 and 20 (the TorchScript exporter's range), not {settings.opset}")
+        found.append(f"--opset must be between 14 and 20 (the range the graph builder is tested on), not {settings.opset}")
     return found
 
 
@@ -41,6 +41,6 @@ FORMAT = ExportFormat(
     flag_problems=flag_problems,
     memory_phases=memory_phases,
     unsupported="lorasp_edge.export.onnx_graph:unsupported_reason",
-    adapter_refusal="the decoder graph is traced from the merged model and has no LoRA inputs to apply an adapter through",
+    adapter_refusal="the decoder graph is written from the merged weights and has no LoRA inputs to apply an adapter through",
     entries=r"onnx(-int\d)?",
 )

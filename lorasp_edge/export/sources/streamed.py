@@ -6,8 +6,8 @@
         hf check:     it against the merge computed in memory per tensor (the files' round trip)
     weights to write: OUT/hf read by key (weights.FolderWeights)
 
-Every format then writes from OUT/hf: ONNX traced with placeholder weights and filled from the shards
-(onnx_stream.py), GGUF converted tensor by tensor; OUT/hf itself is removed again when `hf` was not
+Every format then writes from OUT/hf, one tensor at a time: the ONNX graph written node by node
+(onnx_build.py), GGUF converted tensor by tensor; OUT/hf itself is removed again when `hf` was not
 asked for. Memory is bounded by one layer, one tensor or one onnxruntime session
 (lorasp_edge.export.memory estimates the phases); time is about five times the in-memory source's,
 since every forward reads its weights from disk.
