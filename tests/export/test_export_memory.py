@@ -40,7 +40,7 @@ from lorasp_edge.export.sources.shards import (
 )
 from lorasp_edge.export.verify import verify_onnx
 from lorasp_edge.models import load_model
-from lorasp_edge.train.adapter import load_adapter
+from lorasp_edge.train.adapter_files import load_adapter
 
 
 @pytest.fixture(scope="module")

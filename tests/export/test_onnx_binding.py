@@ -8,7 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lorasp_edge.export.onnx_build import Quantization, build_decoder
 from lorasp_edge.export.onnx_runtime import BoundDecoder, OnnxDecoder
-from lorasp_edge.export.onnx_tensors import ModelWeights
+from lorasp_edge.export.sources.weights import ModelWeights
 from lorasp_edge.generate import OnnxStepper, generate_ids
 
 PROMPT = [5, 17, 42, 8, 99, 3, 61, 27, 14]

@@ -12,7 +12,7 @@ from lorasp_edge.export import agreement
 from lorasp_edge.export.onnx_build import Quantization, build_decoder
 from lorasp_edge.export.onnx_graph import ONNX_DATA_FILE, onnx_weight_bytes
 from lorasp_edge.export.onnx_runtime import OnnxDecoder
-from lorasp_edge.export.onnx_tensors import ModelWeights
+from lorasp_edge.export.sources.weights import ModelWeights
 from lorasp_edge.export.verify import onnx_logit_pieces, onnx_logits_fn, perplexity, torch_logits_fn, verify_onnx
 
 SMALL = dict(vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
