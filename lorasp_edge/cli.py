@@ -227,6 +227,9 @@ def _add_export(subparsers) -> None:
     parser.add_argument("--quantize", choices=["none", "int8", "int4"],
                         help="also write OUT/onnx-int8 or OUT/onnx-int4 (MatMulNBits weight-only; default: none)")
     parser.add_argument("--block-size", type=int, help="quantization block size (default: 32)")
+    parser.add_argument("--keep-8bit", help="--quantize int4: linear layers kept at 8 bits, comma-separated, or 'none' "
+                        "(default: v_proj,down_proj,up_proj, the quality mix; 'none' is llama.cpp q4_0's bits: smaller and faster, "
+                        "higher perplexity; docs/export.md)")
     parser.add_argument("--gguf-type", help="--format gguf: f16, bf16, f32, q8_0, q5_1, q5_0, q4_1 or q4_0 (default: f16)")
     parser.add_argument("--opset", type=int, help="ONNX opset, 14-20 (default: 17)")
     parser.add_argument("--eval-text", type=Path, help="held-out text file for perplexity (default: the Python language reference)")
@@ -250,7 +253,7 @@ def _run_export(args) -> int:
     from lorasp_edge.export.run import ExportSettings, export
 
     # Options left out take ExportSettings' defaults (the one place they are written).
-    options = {name: getattr(args, name) for name in ("format", "quantize", "block_size", "gguf_type", "opset", "mem", "source", "min_agreement") if getattr(args, name) is not None}
+    options = {name: getattr(args, name) for name in ("format", "quantize", "block_size", "keep_8bit", "gguf_type", "opset", "mem", "source", "min_agreement") if getattr(args, name) is not None}
     settings = ExportSettings(adapter=args.adapter, out=args.out, model=args.model, eval_text=args.eval_text, adapter_only=args.adapter_only,
                               overwrite=args.overwrite, **options)
     terminated = []  # set before the raise: an import interrupted by it surfaces as ImportError

@@ -8,8 +8,8 @@ size, held-out perplexity and greedy agreement with PyTorch.
 Formats: ONNX fp32/int8/int4 (onnxruntime through `lorasp-edge generate`'s loop), onnxruntime-genai
 fp32/int8/int4 (the same graph files), GGUF f16/q8_0/q4_0 (llama.cpp through llama-cpp-python); a
 runtime that is not installed is skipped. The ONNX graphs are written by the exporter's own builder
-(`onnx_build.build_decoder`); `--block-size`, `--accuracy-level` and `--keep-8bit` (`none`: every
-linear layer at 4 bits) change the quantized ones, to measure the choices the exporter makes.
+(`onnx_build.build_decoder`); `--block-size`, `--accuracy-level`, `--keep-8bit` (`none`: every
+linear layer at 4 bits) and `--head-bits` change the quantized ones, to measure the choices the exporter makes.
 `onnx-numpy`, `onnx-int8-numpy` and `onnx-int4-numpy` (not in the default list) run the same graphs
 with a growing KV cache passed through numpy every step instead of `generate`'s cache updated in
 place in onnxruntime (`BoundDecoder`), so the two are compared in one run; their greedy ids must
@@ -139,6 +139,8 @@ def main() -> int:
                         help="llama.cpp's repacked weight buffers (AVX512/AMX kernels); 'off' where they crash")
     parser.add_argument("--keep-8bit", help="linear layers an int4 graph keeps at 8 bits, comma-separated or 'none' "
                         "(default: the exporter's mix)")
+    parser.add_argument("--head-bits", type=int, choices=(4, 8), default=8,
+                        help="bits of the lm_head and the vocabulary table in the int8/int4 graphs (default: 8, the exporter's)")
     args = parser.parse_args()
 
     import torch
@@ -182,7 +184,7 @@ def main() -> int:
         for variant, bits in (("onnx", None), ("onnx-int8", 8), ("onnx-int4", 4)):
             if {variant, variant + NUMPY, "genai" + variant[4:]} & set(wanted):
                 onnx_dirs[variant] = root / variant
-                quantization = Quantization(bits, args.block_size, args.accuracy_level, keep) if bits else None
+                quantization = Quantization(bits, args.block_size, args.accuracy_level, keep, args.head_bits) if bits else None
                 build_decoder(model.config, weights, onnx_dirs[variant], quantization)
                 write_side_files(model, tokenizer, onnx_dirs[variant])
         quality = {}  # graph folder -> (perplexity, agreement): the same numbers for either stepper
@@ -232,7 +234,7 @@ def main() -> int:
         header += " llama.cpp without its repacked weight buffers (--llama-extra-buffers off)."
     if {"onnx-int8", "onnx-int4"} & set(wanted):
         header += (f" ONNX int8/int4: MatMulNBits block {args.block_size}, accuracy level {args.accuracy_level}; "
-                   f"int4 keeps {', '.join(keep) or 'no linear layer'} and the lm_head at 8 bits.")
+                   f"int4 keeps {', '.join(keep) or 'no linear layer'} at 8 bits; the lm_head at {args.head_bits} bits.")
     text = table(rows, header, args.ttft_tokens)
     print(text, end="")
     if mismatched:

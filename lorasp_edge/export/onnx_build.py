@@ -73,6 +73,7 @@ class Quantization:
     block_size: int = DEFAULT_BLOCK_SIZE
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL
     keep_8bit: tuple[str, ...] = INT4_KEEP_8BIT
+    head_bits: int = HEAD_BITS  # the lm_head and the vocabulary table (onnx_vocab)
 
     def bits_of(self, name: str) -> int:
         return linear_bits(name, self.bits, self.keep_8bit)
@@ -175,7 +176,7 @@ def estimated_bytes(shape: DecoderShape, quantization: Quantization | None) -> i
     for name, dims in linears.items():
         bits = quantization.bits_of(name) if quantization else None
         total += shape.layers * stored_bytes([dims], bits, quantization.block_size if quantization else 0)
-    table_bits = HEAD_BITS if quantization else None
+    table_bits = quantization.head_bits if quantization else None
     tables = 1 if shape.tied else 2
     total += tables * stored_bytes([(shape.vocab, shape.hidden)], table_bits, quantization.block_size if quantization else 0)
     return total + 4 * shape.context * shape.head_dim  # rotary tables

@@ -8,7 +8,7 @@ A tied table is stored once: fp32, one (vocab, hidden) table read by the Gather 
 (transB=1, so no transposed copy); quantized, the lm_head's MatMulNBits blocks, whose
 (vocab, blocks, block * bits / 8) bytes the lookup reads as rows (GatherBlockQuantized, onnxruntime
 docs/ContribOperators.md). An untied table is quantized the same way on its own. The lm_head and
-the tables are 8-bit in every quantized graph (quantize.HEAD_BITS).
+the tables take `Quantization.head_bits` (8 unless asked: quantize.HEAD_BITS).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from lorasp_edge.export.onnx_tensors import MS, GraphWriter
-from lorasp_edge.export.quantize import HEAD_BITS, quantize_linear
+from lorasp_edge.export.quantize import quantize_linear
 
 
 def lm_head(graph: GraphWriter, shape, weights, quantization):
@@ -33,12 +33,13 @@ def lm_head(graph: GraphWriter, shape, weights, quantization):
 
         return (name if shape.tied else None), head
 
-    packed, scales, zero_points = quantize_linear(table, HEAD_BITS, quantization.block_size)
-    names = [graph.tensor(f"{key}_Q{HEAD_BITS}", packed), graph.tensor(f"{key}.scales", scales), graph.tensor(f"{key}.zero_points", zero_points)]
+    bits = quantization.head_bits
+    packed, scales, zero_points = quantize_linear(table, bits, quantization.block_size)
+    names = [graph.tensor(f"{key}_Q{bits}", packed), graph.tensor(f"{key}.scales", scales), graph.tensor(f"{key}.zero_points", zero_points)]
 
     def head(x: str) -> str:
         return graph.add("MatMulNBits", [x, *names], "/lm_head/MatMulNBits", ["logits"], domain=MS, K=shape.hidden, N=shape.vocab,
-                         bits=HEAD_BITS, block_size=quantization.block_size, accuracy_level=quantization.accuracy_level)[0]
+                         bits=bits, block_size=quantization.block_size, accuracy_level=quantization.accuracy_level)[0]
 
     return ((names, packed.shape) if shape.tied else None), head
 
@@ -65,10 +66,11 @@ def embeddings(graph: GraphWriter, shape, weights, quantization, shared) -> str:
     if shared:
         (packed, scales, zero_points), packed_shape = shared
     else:
-        arrays = quantize_linear(weights.read("model.embed_tokens.weight"), HEAD_BITS, quantization.block_size)
+        arrays = quantize_linear(weights.read("model.embed_tokens.weight"), quantization.head_bits, quantization.block_size)
         packed_shape = arrays[0].shape
-        packed, scales, zero_points = (graph.tensor(f"model.embed_tokens.{part}", array) for part, array in zip(("weight_Q8", "scales", "zero_points"), arrays))
+        parts = (f"weight_Q{quantization.head_bits}", "scales", "zero_points")
+        packed, scales, zero_points = (graph.tensor(f"model.embed_tokens.{part}", array) for part, array in zip(parts, arrays))
     # MatMulNBits stores B as (vocab, blocks, block * bits / 8): the same bytes are the lookup's rows.
     rows = graph.one("Reshape", [packed, graph.tensor(f"{name}.rows", np.array([packed_shape[0], -1], np.int64))], f"{name}/rows")
     return graph.one("GatherBlockQuantized", [rows, "input_ids", scales, zero_points], f"{name}/GatherBlockQuantized", domain=MS,
-                     gather_axis=0, quantize_axis=1, block_size=quantization.block_size, bits=HEAD_BITS)
+                     gather_axis=0, quantize_axis=1, block_size=quantization.block_size, bits=quantization.head_bits)

@@ -17,6 +17,7 @@ from dataclasses import asdict
 from lorasp_edge.errors import VerificationError
 from lorasp_edge.export import agreement
 from lorasp_edge.export.context import ExportContext
+from lorasp_edge.export.formats.onnx import keep_8bit
 from lorasp_edge.export.hf import write_side_files
 from lorasp_edge.export.memory import trim_heap
 from lorasp_edge.export.onnx_build import Quantization, build_decoder
@@ -116,7 +117,8 @@ def _write_quantized(context: ExportContext, references: list, reference_picks: 
     name = f"onnx-{settings.quantize}"
     quant_dir = context.folder / name
     quant_dir.mkdir()
-    build_decoder(context.merged.config, context.weights, quant_dir, Quantization(bits, settings.block_size),
+    kept = keep_8bit(settings) if bits == 4 else ()
+    build_decoder(context.merged.config, context.weights, quant_dir, Quantization(bits, settings.block_size, keep_8bit=kept),
                   settings.opset, settings.external_threshold_bytes)
     write_side_files(context.merged, context.tokenizer, quant_dir)
     manifest["files"][name] = files_bytes(quant_dir)
@@ -132,6 +134,7 @@ def _write_quantized(context: ExportContext, references: list, reference_picks: 
     manifest["perplexity"][name] = quantized_perplexity
     manifest["verification"][name] = {
         **asdict(check), "perplexity_ratio": ratio, "perplexity_ratio_limit": limit, "block_size": settings.block_size,
+        "kept_8bit": list(kept),
         "session_layers": [list(layers) for layers in quantized.ranges], "in_place_relative_diff": in_place,
         "agreement": {**asdict(agreed), "compared": "argmax at every held-out position, teacher-forced on the text, against the merged PyTorch model"},
     }

@@ -207,6 +207,23 @@ def test_quantized_onnx_below_the_agreement_gate_exits_4(llama_adapter, tmp_path
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
 
 
+def test_keep_8bit_sets_the_int4_mix_and_is_recorded(llama_adapter, tmp_path, capsys):
+    # --keep-8bit none: every linear layer at 4 bits (llama.cpp q4_0's bits), the lm_head at 8.
+    code = main(["export", "--adapter", str(llama_adapter[1]), "--out", str(tmp_path / "out"), "--format", "onnx", "--quantize", "int4",
+                 "--keep-8bit", "none", "--min-agreement", "0"])
+    assert code == 0, capsys.readouterr().err
+    capsys.readouterr()
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["verification"]["onnx-int4"]["kept_8bit"] == []
+    nodes = [n for n in onnx.load(str(tmp_path / "out" / "onnx-int4" / "model.onnx"), load_external_data=False).graph.node if n.op_type == "MatMulNBits"]
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in nodes}
+    assert bits.pop("/lm_head/MatMulNBits") == 8 and set(bits.values()) == {4}
+    code = main(["export", "--adapter", str(llama_adapter[1]), "--out", str(tmp_path / "bad"), "--quantize", "int4", "--keep-8bit", "v_proj,lm_head"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(error) == 1 and "--keep-8bit must name linear layers" in error[0] and "'v_proj,lm_head'" in error[0]
+    assert not (tmp_path / "bad").exists()
+
+
 def test_refuses_to_overwrite_a_folder_that_is_not_an_export(llama_adapter, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")

@@ -4,6 +4,7 @@ quantized graphs' layout. Tiny models built here."""
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
@@ -12,6 +13,7 @@ from lorasp_edge.export import agreement
 from lorasp_edge.export.onnx_build import Quantization, build_decoder
 from lorasp_edge.export.onnx_graph import ONNX_DATA_FILE, onnx_weight_bytes
 from lorasp_edge.export.onnx_runtime import OnnxDecoder
+from lorasp_edge.export.quantize import quantize_linear
 from lorasp_edge.export.sources.weights import ModelWeights
 from lorasp_edge.export.verify import onnx_logit_pieces, onnx_logits_fn, perplexity, torch_logits_fn, verify_onnx
 
@@ -104,6 +106,36 @@ def test_tied_table_is_stored_once(bits, tmp_path):
     else:  # the lm_head's blocks, read by the lookup too: no float copy
         assert vocab_sized == ["model.embed_tokens.weight_Q8", "model.embed_tokens.weight.scales", "model.embed_tokens.weight.zero_points"]
         assert op_counts(tmp_path / "model.onnx")["GatherBlockQuantized"] == 1
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2-tied"])
+def test_four_bit_head_and_table(kind, tmp_path):
+    """head_bits=4: the lm_head's MatMulNBits and the lookup's GatherBlockQuantized read 4-bit blocks; the
+    lookup returns exactly the table's dequantized rows (quantize_linear's blocks, unpacked here) and
+    the graph is smaller than with the 8-bit head."""
+    model = tiny_model(kind)
+    eight, four = build(model, tmp_path / "h8", Quantization(4, 16)), build(model, tmp_path / "h4", Quantization(4, 16, head_bits=4))
+    graph = onnx.load(str(tmp_path / "h4" / "model.onnx"))
+    head = next(node for node in graph.graph.node if node.name == "/lm_head/MatMulNBits")
+    lookup = next(node for node in graph.graph.node if node.op_type == "GatherBlockQuantized")
+    assert {a.name: a.i for a in head.attribute}["bits"] == 4 and {a.name: a.i for a in lookup.attribute}["bits"] == 4
+    table = model.get_input_embeddings().weight.detach()
+    packed, scales, zero_points = quantize_linear(table, 4, 16)
+    blocks = table.shape[1] // 16
+    values = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(table.shape[0], blocks, 16).astype(np.float32)
+    zero = np.stack([zero_points & 0x0F, zero_points >> 4], axis=-1).reshape(table.shape[0], -1)[:, :blocks]
+    expected = ((values - zero[..., None]) * scales.reshape(table.shape[0], blocks)[..., None]).reshape(table.shape)
+    graph.graph.output.append(onnx.helper.make_tensor_value_info(lookup.output[0], onnx.TensorProto.FLOAT, None))
+    session = onnxruntime.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([[5, 77, 119, 0]])
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(4)[None]}
+    feeds.update({name: cache for name, cache in zip([i.name for i in session.get_inputs()][3:], four.empty_cache(1))})
+    embedded = session.run([lookup.output[0]], feeds)[0]
+    assert np.abs(embedded[0] - expected[ids[0]]).max() < 1e-6
+    assert np.abs(expected - table.numpy()).max() < 0.1 * np.abs(table.numpy()).max()
+    check4, check8 = verify_onnx(four, model, *padded_batch()), verify_onnx(eight, model, *padded_batch())
+    assert check4.relative_diff < 0.5 and check8.relative_diff < 0.5
+    assert onnx_weight_bytes(tmp_path / "h4" / "model.onnx") < onnx_weight_bytes(tmp_path / "h8" / "model.onnx")
 
 
 def test_quantized_graph_layout(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from lorasp_edge.export.formats.entry import ExportFormat
 
 QUANTIZATIONS = ("none", "int8", "int4")
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 QUANT_BYTES_PER_PARAMETER = {"int8": 1.2, "int4": 0.8}  # int4 keeps v/up/down and the lm_head at 8 bits (files)
 
 
@@ -15,9 +16,17 @@ def flag_problems(settings) -> list[str]:
         found.append(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, not '{settings.quantize}'")
     if settings.block_size < 16 or settings.block_size & (settings.block_size - 1):
         found.append(f"--block-size must be a power of two >= 16, not {settings.block_size}")
+    unknown = [name for name in keep_8bit(settings) if name not in LINEAR_NAMES]
+    if unknown:
+        found.append(f"--keep-8bit must name linear layers ({', '.join(LINEAR_NAMES)}) or be 'none', not '{settings.keep_8bit}'")
     if not 14 <= settings.opset <= 20:
         found.append(f"--opset must be between 14 and 20 (the range the graph builder is tested on), not {settings.opset}")
     return found
+
+
+def keep_8bit(settings) -> tuple[str, ...]:
+    """The linear layers an int4 graph keeps at 8 bits (`--keep-8bit`; 'none' keeps none)."""
+    return tuple(part.strip() for part in settings.keep_8bit.split(",") if part.strip() and part.strip() != "none")
 
 
 def disk_bytes(parameters: int, settings) -> int:
@@ -37,7 +46,7 @@ FORMAT = ExportFormat(
     writer="lorasp_edge.export.onnx_writer:write_onnx",
     disk_bytes=disk_bytes,
     streams=True,
-    flags=("quantize", "block_size", "opset"),
+    flags=("quantize", "block_size", "keep_8bit", "opset"),
     flag_problems=flag_problems,
     memory_phases=memory_phases,
     unsupported="lorasp_edge.export.onnx_graph:unsupported_reason",
