@@ -681,7 +681,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="every run's raw result, written after each run; an existing file of the same settings is continued (runs it holds are skipped)")
     parser.add_argument("--plot", type=Path, help="PNG path (default: docs/results.png with --write-docs, else build/quality.png)")
     parser.add_argument("--write-docs", action="store_true", help="fill the results section of docs/results.md")
-    parser.add_argument("--from-json", type=Path, metavar="JSON", help="only report (tables, plot, --write-docs) from a --json file of an earlier grid")
+    parser.add_argument("--from-json", type=Path, nargs="+", metavar="JSON",
+                        help="only report (tables, plot, --write-docs) from --json files of earlier grids; several files of the "
+                             "same settings (grids run side by side over other seeds) are reported as one")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-seed", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--child-train", help=argparse.SUPPRESS)
@@ -697,7 +699,7 @@ def main() -> None:
         return
 
     if args.from_json:
-        record = json.loads(args.from_json.read_text())
+        record = merged_grids([json.loads(path.read_text()) for path in args.from_json], args.from_json)
         args.task = record["settings"].get("task", "chat")
         report(args, record)
         return
@@ -752,6 +754,23 @@ def main() -> None:
             )
     save(args, record, started)
     report(args, record)
+
+
+def merged_grids(records: list[dict], paths: list[Path]) -> dict:
+    """One grid from several of the same settings: the first file's bases and machine, every file's runs
+    (a method's run of a seed once), the grids' seconds added."""
+    first = records[0]
+    for record, path in zip(records[1:], paths[1:]):
+        if record["settings"] != first["settings"]:
+            raise SystemExit(f"{path}: a grid of other settings than {paths[0]} ({record['settings']} against {first['settings']})")
+        for name, runs in record["runs"].items():
+            seen = {run["seed"] for run in first["runs"].setdefault(name, [])}
+            first["runs"][name].extend(run for run in runs if run["seed"] not in seen)
+        first["methods"] = {**record.get("methods", {}), **first.get("methods", {})}
+        first["total_seconds"] = first.get("total_seconds", 0.0) + record.get("total_seconds", 0.0)
+    if len(records) > 1:
+        first["command"] = " ; ".join(record.get("command", "") for record in records)
+    return first
 
 
 def save(args, record: dict, started: float) -> None:
