@@ -31,6 +31,10 @@ from lorasp_edge import allocator
 # Measured with tools/export_memory.py on Qwen2.5-0.5B/1.5B shapes (docs/export.md "Export memory").
 RUNTIME_BYTES = 900 << 20  # resident set just before the fp32 session opened (1.5B run: 0.90 GB)
 SESSION_FACTOR = 1.05  # onnxruntime CPU session (pre-packing off) over its initializers: 2.05 GB for 1.98 GB (0.5B, --session)
+# onnxruntime-genai keeps onnxruntime's weight pre-packing on: its model over Qwen2.5-0.5B's fp32 graph
+# (1.98 GB of weights) added 2.91 GB once open (1.47x). Held out: Qwen2.5-1.5B's `export --format genai`
+# peaked at 8.79 GB, under the 10.4 GB this factor gives (docs/export.md).
+GENAI_SESSION_FACTOR = 1.47
 # Perplexity window: one forward over it added 0.83 GB (0.5B, --session) and 1.14 GB (1.5B run) to
 # the session, 2.7x and 3.7x its fp32 logits (window x vocab x 4 bytes); 4x is the term used. The
 # PyTorch reference still runs whole windows; a session scores them in pieces of ONNX_PIECE_ROWS
@@ -38,6 +42,11 @@ SESSION_FACTOR = 1.05  # onnxruntime CPU session (pre-packing off) over its init
 # added 0.39 GB to a session over a two-layer graph of Qwen2.5-1.5B's widths and vocabulary (5.0x
 # a piece's logits; one forward over the window added 1.05 GB; tools/export_memory.py --session).
 ACTIVATION_WINDOW = 512
+# Writing a graph inline (one protobuf, under the 2 GB limit) holds it whole while it is built and
+# serialized: measured on the high-water mark, 6.0x its weights for SmolLM2-135M (0.54 GB file,
+# build_decoder alone) and 4.8x for Qwen2.5-0.5B's shape (1.98 GB, inside `export`, sampled every
+# 0.5 s); the larger is the term. Streamed sources write every graph's weights to model.onnx_data.
+INLINE_WRITE_FACTOR = 6.0
 PIECE_LOGITS_FACTOR = 5
 IN_MEMORY_FACTOR = 4.0  # in-memory path: base, merged copy, graph and session (Qwen2.5-1.5B: 24.3 GB / 6.2 GB, measured with the earlier traced graph: an upper bound)
 QUANT_BYTES_PER_PARAMETER = {"int8": 1.1, "int4": 0.8}  # int4 keeps v/up/down and the lm_head at 8 bits
@@ -157,9 +166,9 @@ def onnx_phases(shapes: dict[str, tuple[int, ...]], quantize: str, budget_bytes:
 def genai_phases(shapes: dict[str, tuple[int, ...]], quantize: str) -> dict[str, int]:
     """onnxruntime-genai opens each graph whole (no layer slices), one at a time, with a generator's cache."""
     parameters, _, _, vocab = shapes_summary(shapes)
-    phases = {"onnxruntime-genai fp32 model": int(SESSION_FACTOR * 4 * parameters) + _piece_bytes(vocab)}
+    phases = {"onnxruntime-genai fp32 model": int(GENAI_SESSION_FACTOR * 4 * parameters) + _piece_bytes(vocab)}
     if quantize != "none":
-        phases[f"onnxruntime-genai {quantize} model"] = int(SESSION_FACTOR * QUANT_BYTES_PER_PARAMETER[quantize] * parameters) + _piece_bytes(vocab)
+        phases[f"onnxruntime-genai {quantize} model"] = int(GENAI_SESSION_FACTOR * QUANT_BYTES_PER_PARAMETER[quantize] * parameters) + _piece_bytes(vocab)
     return phases
 
 
@@ -183,10 +192,14 @@ def gguf_phases(shapes: dict[str, tuple[int, ...]], bytes_per_weight: float) -> 
     return phases
 
 
-def estimate_in_memory(shapes: dict[str, tuple[int, ...]]) -> ExportEstimate:
+def estimate_in_memory(shapes: dict[str, tuple[int, ...]], inline_limit_bytes: int = 0) -> ExportEstimate:
+    """The in-memory source's peak: its fp32 copies, or, for a graph small enough to be written inline
+    (under `inline_limit_bytes`), the merged model beside the graph being built whole."""
     parameters = shapes_summary(shapes)[0]
     phases = {"fp32 model copies": int(IN_MEMORY_FACTOR * 4 * parameters)}
-    return ExportEstimate(RUNTIME_BYTES + phases["fp32 model copies"], phases)
+    if 4 * parameters <= inline_limit_bytes:
+        phases["ONNX graph written inline"] = int(4 * parameters + INLINE_WRITE_FACTOR * 4 * parameters)
+    return ExportEstimate(RUNTIME_BYTES + max(phases.values()), phases)
 
 
 def peak_rss_bytes() -> int:

@@ -42,13 +42,20 @@ PERPLEXITY_RATIO_LIMIT = {"int8": 1.05, "int4": 1.30}
 IN_PLACE_TOLERANCE = 1e-5
 
 
+def external_threshold(context: ExportContext) -> int:
+    """Weights above this go to model.onnx_data. A graph written inline is built whole in memory, about
+    INLINE_WRITE_FACTOR times its weights (export/memory.py), so a streamed source, which exists to keep
+    the model out of memory, writes every graph's weights to the data file as they are read."""
+    return 0 if context.streamed else context.settings.external_threshold_bytes
+
+
 def write_onnx(context: ExportContext) -> None:
     settings, merged, manifest, say = context.settings, context.merged, context.manifest, context.say
     verification, sizes = manifest["verification"], manifest["files"]
     say(f"writing the ONNX decoder (opset {settings.opset})")
     onnx_dir = context.folder / "onnx"
     onnx_dir.mkdir()
-    build_decoder(merged.config, context.weights, onnx_dir, opset=settings.opset, external_threshold_bytes=settings.external_threshold_bytes)
+    build_decoder(merged.config, context.weights, onnx_dir, opset=settings.opset, external_threshold_bytes=external_threshold(context))
     write_side_files(merged, context.tokenizer, onnx_dir)
     sizes["onnx"] = files_bytes(onnx_dir)
     sizes["fp32_parameters"] = 4 * sum(p.numel() for p in merged.parameters())
@@ -119,7 +126,7 @@ def _write_quantized(context: ExportContext, references: list, reference_picks: 
     quant_dir.mkdir()
     kept = keep_8bit(settings) if bits == 4 else ()
     build_decoder(context.merged.config, context.weights, quant_dir, Quantization(bits, settings.block_size, keep_8bit=kept),
-                  settings.opset, settings.external_threshold_bytes)
+                  settings.opset, external_threshold(context))
     write_side_files(context.merged, context.tokenizer, quant_dir)
     manifest["files"][name] = files_bytes(quant_dir)
     trim_heap()
