@@ -16,6 +16,11 @@ prints one JSON result with the manifest's own peak_rss_bytes and the `--mem` es
 measures one onnxruntime session over an exported graph as verification opens it (pre-packing
 off): resident set after opening, its high-water mark, and after forwards of 12, 128 and 512
 tokens (the constants of lorasp_edge/export/memory.py).
+
+    python tools/export_memory.py --genai /scratch/exp05/out/genai
+
+measures one onnxruntime-genai model over an exported genai folder (pre-packing on, as the export's
+check opens it): resident set before, once open, after a 32-token greedy run (GENAI_SESSION_FACTOR).
 """
 
 from __future__ import annotations
@@ -96,9 +101,27 @@ def session_memory(folder: Path) -> dict:
     return result
 
 
+def genai_memory(folder: Path) -> dict:
+    """One onnxruntime-genai model over an exported genai folder, as the export's check opens it."""
+    import psutil
+
+    from lorasp_edge.export.genai import GenaiModel
+
+    process = psutil.Process()
+    gb = lambda: round(process.memory_info().rss / 1e9, 2)
+    weights = sum(p.stat().st_size for p in folder.glob("model.onnx*"))
+    before = gb()
+    model = GenaiModel(folder)
+    opened = gb()
+    model.greedy(list(range(100, 116)), 32)
+    return {"data_gb": round(weights / 1e9, 2), "rss_before_gb": before, "rss_open_gb": opened, "rss_after_greedy_gb": gb(),
+            "open_over_weights": round((opened - before) * 1e9 / weights, 2)}
+
+
 def main() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] == "--session":
-        print(json.dumps(session_memory(Path(sys.argv[2])), indent=2))
+    if len(sys.argv) == 3 and sys.argv[1] in ("--session", "--genai"):
+        measure = session_memory if sys.argv[1] == "--session" else genai_memory
+        print(json.dumps(measure(Path(sys.argv[2])), indent=2))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="catalog id, e.g. qwen2.5-1.5b")
