@@ -71,13 +71,20 @@ def make_temp_dir(parent: str | Path, prefix: str) -> Path:
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
+    """`text` into `path` through a temp file of its own beside it (two writers of one path never
+    share a temp file), renamed over `path`, with the modes `open` would have given it."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    descriptor, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        apply_umask(tmp)  # mkstemp makes it 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 

@@ -21,6 +21,11 @@ tokens (the constants of lorasp_edge/export/memory.py).
 
 measures one onnxruntime-genai model over an exported genai folder (pre-packing on, as the export's
 check opens it): resident set before, once open, after a 32-token greedy run (GENAI_SESSION_FACTOR).
+
+    python tools/export_memory.py --inline-graph smollm2-135m      (or a model folder)
+
+writes the fp32 graph of a model in memory inline (one protobuf) and reports the high-water mark
+the write adds over the file's size (INLINE_WRITE_FACTOR).
 """
 
 from __future__ import annotations
@@ -118,10 +123,36 @@ def genai_memory(folder: Path) -> dict:
             "open_over_weights": round((opened - before) * 1e9 / weights, 2)}
 
 
+def inline_graph_memory(model_name: str) -> dict:
+    """The fp32 graph of `model_name` (bundled alias or folder) written inline from the model in memory:
+    the process's high-water mark over its resident set before the write, against the file's size."""
+    import tempfile
+
+    import psutil
+
+    from lorasp_edge.export.onnx_build import build_decoder
+    from lorasp_edge.export.onnx_graph import ONNX_DATA_FILE, PROTOBUF_LIMIT_BYTES
+    from lorasp_edge.export.sources.weights import ModelWeights
+    from lorasp_edge.models import load_model
+
+    model = load_model(model_name, device="cpu", compute_dtype=torch.float32).eval()
+    process = psutil.Process()
+    Path("/proc/self/clear_refs").write_text("5")  # reset the kernel's high-water mark (VmHWM) to the resident set
+    before = process.memory_info().rss
+    with tempfile.TemporaryDirectory(prefix="inline-graph-") as folder:
+        path = build_decoder(model.config, ModelWeights(model), Path(folder), external_threshold_bytes=PROTOBUF_LIMIT_BYTES)
+        inline = not (Path(folder) / ONNX_DATA_FILE).exists()
+        size = path.stat().st_size
+    peak = int(next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM")).split()[1]) * 1024
+    return {"model": model_name, "inline": inline, "file_gb": round(size / 1e9, 3), "rss_before_gb": round(before / 1e9, 2),
+            "peak_gb": round(peak / 1e9, 2), "write_over_file": round((peak - before) / size, 2)}
+
+
 def main() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] in ("--session", "--genai"):
-        measure = session_memory if sys.argv[1] == "--session" else genai_memory
-        print(json.dumps(measure(Path(sys.argv[2])), indent=2))
+    modes = {"--session": lambda folder: session_memory(Path(folder)), "--genai": lambda folder: genai_memory(Path(folder)),
+             "--inline-graph": inline_graph_memory}
+    if len(sys.argv) == 3 and sys.argv[1] in modes:
+        print(json.dumps(modes[sys.argv[1]](sys.argv[2]), indent=2))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="catalog id, e.g. qwen2.5-1.5b")

@@ -30,11 +30,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
+
+from lorasp_edge.files import write_text_atomic
 
 FAMILIES = ("date", "units", "number_words", "addition", "json")
 
@@ -161,23 +161,8 @@ def make_examples(train: int, heldout: int, seed: int) -> tuple[list[dict], list
 def write_jsonl(path: Path, examples: list[dict]) -> Path:
     """One JSON object a line, written to a temp file and renamed (never a half-written file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A temp name of its own: two writers of one folder (grids run side by side) never share a temp file.
-    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            handle.writelines(json.dumps(record) + "\n" for record in examples)
-        os.chmod(handle.name, 0o666 & ~_umask())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in examples))
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -44,9 +44,9 @@ GENAI_SESSION_FACTOR = 1.29
 # a piece's logits; one forward over the window added 1.05 GB; tools/export_memory.py --session).
 ACTIVATION_WINDOW = 512
 # Writing a graph inline (one protobuf, under the 2 GB limit) holds it whole while it is built and
-# serialized: measured on the high-water mark, 6.0x its weights for SmolLM2-135M (0.54 GB file,
-# build_decoder alone) and 4.8x for Qwen2.5-0.5B's shape (1.98 GB, inside `export`, sampled every
-# 0.5 s); the larger is the term. Streamed sources write every graph's weights to model.onnx_data.
+# serialized: the high-water mark rose by 6.04x the file for SmolLM2-135M (0.54 GB) and 5.04x for
+# Qwen2.5-0.5B's shape (1.98 GB; tools/export_memory.py --inline-graph); the larger is the term.
+# Streamed sources write every graph's weights to model.onnx_data.
 INLINE_WRITE_FACTOR = 6.0
 PIECE_LOGITS_FACTOR = 5
 IN_MEMORY_FACTOR = 4.0  # in-memory path: base, merged copy, graph and session (Qwen2.5-1.5B: 24.3 GB / 6.2 GB, measured with the earlier traced graph: an upper bound)
@@ -193,14 +193,21 @@ def gguf_phases(shapes: dict[str, tuple[int, ...]], bytes_per_weight: float) -> 
     return phases
 
 
-def estimate_in_memory(shapes: dict[str, tuple[int, ...]], inline_limit_bytes: int = 0) -> ExportEstimate:
-    """The in-memory source's peak: its fp32 copies, or, for a graph small enough to be written inline
-    (under `inline_limit_bytes`), the merged model beside the graph being built whole."""
+def estimate_in_memory(shapes: dict[str, tuple[int, ...]], formats=(), settings=None) -> ExportEstimate:
+    """The in-memory source's peak: its fp32 copies, or a format's own phase over them (its
+    `in_memory_phases`), whichever is larger."""
     parameters = shapes_summary(shapes)[0]
     phases = {"fp32 model copies": int(IN_MEMORY_FACTOR * 4 * parameters)}
-    if 4 * parameters <= inline_limit_bytes:
-        phases["ONNX graph written inline"] = int(4 * parameters + INLINE_WRITE_FACTOR * 4 * parameters)
+    for item in formats:
+        phases.update(item.in_memory_phases(shapes, settings))
     return ExportEstimate(RUNTIME_BYTES + max(phases.values()), phases)
+
+
+def inline_graph_phases(shapes: dict[str, tuple[int, ...]], limit_bytes: int) -> dict[str, int]:
+    """A graph whose weights stay under `limit_bytes` is written inline from the in-memory source: the
+    merged model beside the graph built whole (INLINE_WRITE_FACTOR)."""
+    weights = 4 * shapes_summary(shapes)[0]
+    return {"ONNX graph written inline": int((1 + INLINE_WRITE_FACTOR) * weights)} if weights <= limit_bytes else {}
 
 
 def peak_rss_bytes() -> int:

@@ -15,7 +15,7 @@ from lorasp_edge.export import formats as export_formats
 from lorasp_edge.export import output
 from lorasp_edge.export.formats.gguf import GGUF_TYPES
 from lorasp_edge.export.onnx_graph import DEFAULT_OPSET, PROTOBUF_LIMIT_BYTES
-from lorasp_edge.export.quantize import INT4_KEEP_8BIT
+from lorasp_edge.export.quantize import DEFAULT_BLOCK_SIZE, INT4_KEEP_8BIT
 
 SOURCES = ("auto", "memory", "streamed")
 
@@ -28,7 +28,7 @@ class ExportSettings:
     format: str = field(default="both", metadata={"help": "formats to write, comma-separated: " + ", ".join([*export_formats.FORMATS, *export_formats.GROUPS])})
     quantize: str = field(default="none", metadata={"help": "also write a weight-only quantized ONNX: none, int8, int4"})
     gguf_type: str = field(default="f16", metadata={"help": "--format gguf: tensor type, one of " + ", ".join(GGUF_TYPES)})
-    block_size: int = field(default=32, metadata={"help": "quantization block along the input dimension (power of 2, >= 16)"})
+    block_size: int = field(default=DEFAULT_BLOCK_SIZE, metadata={"help": "quantization block along the input dimension (power of 2, >= 16)"})
     keep_8bit: str = field(default=",".join(INT4_KEEP_8BIT), metadata={"help": "--quantize int4: linear layers kept at 8 bits, comma-separated, or none"})
     opset: int = field(default=DEFAULT_OPSET, metadata={"help": "ONNX opset"})
     tolerance: float = field(default=1e-3, metadata={"help": "fp32 ONNX: max |logit difference| / max |logit|"})

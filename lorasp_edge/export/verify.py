@@ -138,7 +138,7 @@ def in_place_difference(decoder, references: list) -> float | None:
         row = np.asarray([ids[begin:end]])
         logits, past = decoder(row, np.ones((1, end), np.int64), np.arange(begin, end)[None], past)
         growing.append(logits[0, -1])
-    scale = max(float(np.abs(row).max()) for row in growing)
+    scale = max(float(np.abs(logits).max()) for logits in growing)
     return max(float(np.abs(a - b).max()) for a, b in zip(in_place, growing)) / scale
 
 

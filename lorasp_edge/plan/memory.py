@@ -105,12 +105,17 @@ class Candidate:
         return held_rank(self.rank, self.init)
 
     @property
-    def matmul_rank(self) -> int:  # a float32 base folds the offset in (lorasp_edge.train.adapter): rank r
-        return self.rank if (self.init, self.quant_bits, self.compute_dtype) == ("offset", 16, "float32") else self.held_rank
+    def matmul_rank(self) -> int:
+        return self.rank if folds_offset(self.init, self.quant_bits, self.compute_dtype) else self.held_rank
 
 
 # LoRA-SP's starts (train.adapter.LoRASPConfig.init): zeros, LoRA's B = 0; offset, B random, held as [B, -B0] [A; A0].
 INITS = ("zeros", "offset")
+
+
+def folds_offset(init: str, quant_bits: int, compute_dtype: str) -> bool:
+    """The offset folded into a float32 base (train.adapter.float32_base): the LoRA matmuls at rank r."""
+    return init == "offset" and quant_bits == 16 and compute_dtype == "float32"
 
 
 def held_rank(rank: int, init: str) -> int:
@@ -236,16 +241,12 @@ def _linear_groups(arch: Architecture) -> list[tuple[int, list[str]]]:
 
 
 def linear_input_bytes(arch: Architecture, setting: Candidate, tokens: int) -> int:
-    """Inputs kept for the linears' backward, per layer.
-
-    A frozen float linear keeps no input (autograd saves x only for the weight's gradient).
-    LoRA's A needs its input: on a float base the very tensor the base layer read (shared by q, k
-    and v; lorasp_edge.train.lora_linear never casts it). On a 4/8-bit base PEFT's own layer runs,
-    which under bf16 autocast first casts x to the fp32 adapter dtype (LoraLayer._cast_input_dtype)
-    and autocast casts it back, so each adapted module keeps its own compute-dtype copy. bitsandbytes' 8-bit matmul keeps its input on ctx (MatMul8bitFp on CPU,
-    MatMul8bitLt on CUDA: `ctx.A = A`), outside autograd's saved tensors, so checkpointing
-    does not free it. LoRA's B keeps A's output: T x r.
-    """
+    """Inputs kept for the linears' backward, per layer. A frozen float linear keeps no input.
+    LoRA's A needs its input: on a float base the tensor the base layer read (shared by q, k and v;
+    train.lora_linear never casts it); on a 4/8-bit base PEFT's layer casts x to the fp32 adapter
+    dtype under bf16 autocast and autocast casts it back, a compute-dtype copy per adapted module.
+    bitsandbytes' 8-bit matmul keeps its input on ctx (`ctx.A = A`), outside autograd's saved
+    tensors, so checkpointing does not free it. LoRA's B keeps A's output: T x r."""
     c = DTYPE_BYTES[setting.compute_dtype]
     mixed = c != LORA_BYTES and setting.quant_bits in (4, 8)  # PEFT's layer: a cast copy per module
     kept = 0

@@ -401,6 +401,6 @@ def _start_line(plan) -> str:
     if plan.init != "offset":
         return "zeros: B = 0 (LoRA's)"
     held = memory.held_rank(plan.rank, plan.init)
-    if plan.quant_bits == 16 and plan.compute_dtype == "float32":
+    if memory.folds_offset(plan.init, plan.quant_bits, plan.compute_dtype):
         return f"offset: B random (its frozen half too), B0 A0 folded into the float32 base; trains at rank {plan.rank}, saved as a rank-{held} LoRA"
     return f"offset: B random (its frozen half too), B0 A0 subtracted; held as a rank-{held} LoRA"

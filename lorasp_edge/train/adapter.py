@@ -92,9 +92,10 @@ def apply_lorasp(model: nn.Module, config: LoRASPConfig, fold: bool | None = Non
     problems = config.problems()
     if problems:
         raise ValueError("; ".join(problems))
-    if fold and not (config.init == "offset" and float32_base(model)):
+    foldable = config.init == "offset" and float32_base(model)
+    if fold and not foldable:
         raise ValueError("fold=True needs the offset start on a float32 base")
-    fold = config.init == "offset" and float32_base(model) and fold is not False
+    fold = foldable if fold is None else fold
     lora_config = LoraConfig(
         r=config.rank if fold else config.peft_rank,
         lora_alpha=config.alpha if fold else config.peft_alpha,
@@ -132,7 +133,12 @@ def float32_base(model: nn.Module) -> bool:
 
 def folded(peft_model) -> bool:
     """Whether this model holds the offset folded into its base weights (rank-r LoRA in memory)."""
-    return bool(getattr(peft_model, "lorasp_offset", None))
+    return bool(_offsets(peft_model))
+
+
+def _offsets(peft_model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A folded model's (A0, B0) by layer (`_fold_offset`); empty otherwise."""
+    return getattr(peft_model, "lorasp_offset", None) or {}
 
 
 def _uses_conv1d(model: nn.Module) -> bool:
@@ -273,7 +279,7 @@ def redraw_masks(peft_model, draw: int) -> None:
 def held_matrices(peft_model) -> dict[str, torch.Tensor]:
     """Every LoRA matrix as the adapter file and checkpoints hold it (keys '<layer>.lora_A' /
     '<layer>.lora_B'): a folded model's [A; A0] and [B, -B0], anything else's as it is."""
-    offsets = getattr(peft_model, "lorasp_offset", None) or {}
+    offsets = _offsets(peft_model)
     held = {}
     for name, part, linear in lora_matrices(peft_model):
         weight = linear.weight.detach()
@@ -286,7 +292,7 @@ def held_matrices(peft_model) -> dict[str, torch.Tensor]:
 
 def held_frozen_masks(peft_model) -> dict[str, torch.Tensor]:
     """The frozen masks of `held_matrices`: a folded model's offset rows of A and columns of B are frozen whole."""
-    offsets = getattr(peft_model, "lorasp_offset", None) or {}
+    offsets = _offsets(peft_model)
     masks = {}
     for name, part, linear in lora_matrices(peft_model):
         frozen = ~linear.lorasp_trainable
@@ -303,7 +309,7 @@ def set_lora_matrices(peft_model, matrices: dict[str, torch.Tensor]) -> None:
     '<layer>.lora_B', as checkpoints hold them). A folded model takes the live part, and an offset
     that differs from its own is folded in again in its place."""
     store = lorasp_store(peft_model)
-    offsets = getattr(peft_model, "lorasp_offset", None) or {}
+    offsets = _offsets(peft_model)
     layers = lora_layers(peft_model) if offsets else {}
     for slot, (name, part, linear) in enumerate(lora_matrices(peft_model)):
         weight = matrices[f"{name}.lora_{part}"]
@@ -324,7 +330,7 @@ def set_lora_matrices(peft_model, matrices: dict[str, torch.Tensor]) -> None:
 def count_parameters(peft_model) -> dict[str, int]:
     """lora: all LoRA entries; trainable: those LoRA-SP trains; frozen_lora: the rest; base: base model."""
     store = lorasp_store(peft_model)
-    offsets = getattr(peft_model, "lorasp_offset", None) or {}
+    offsets = _offsets(peft_model)
     folded_entries = sum(a0.numel() + b0.numel() for a0, b0 in offsets.values())
     lora, trainable = sum(store.sizes) + folded_entries, store.values.numel()
     base = sum(_numel(p) for p in peft_model.parameters() if p is not store.values)

@@ -16,9 +16,11 @@ from lorasp_edge.cli import main
 from lorasp_edge.export.sources.layered import LayerStreamed
 from lorasp_edge.export.sources.weights import FolderWeights, ModelWeights
 from lorasp_edge.export.memory import (
+    INLINE_WRITE_FACTOR,
     RUNTIME_BYTES,
     SESSION_FACTOR,
     _piece_bytes,
+    estimate_in_memory,
     estimate_streamed,
     session_slices,
     shapes_summary,
@@ -133,6 +135,8 @@ def test_export_is_streamed_and_records_its_peak(tied_qwen, tmp_path):
     assert manifest["verification"]["merge"]["relative_diff"] < 1e-5
     assert manifest["verification"]["hf_reload"]["max_abs_diff"] == 0.0
     assert manifest["verification"]["onnx"]["relative_diff"] < 1e-5
+    # a streamed source writes every graph's weights to the data file, never a graph built whole in memory
+    assert (report.out / "onnx" / ONNX_DATA_FILE).is_file() and (report.out / "onnx-int4" / ONNX_DATA_FILE).is_file()
     reloaded = AutoModelForCausalLM.from_pretrained(report.out / "hf", dtype=torch.float32)
     expected = merged_model(load_adapter(load_model(str(base), device="cpu"), adapter))
     ids = torch.randint(0, 200, (1, 8), generator=torch.Generator().manual_seed(2))
@@ -161,6 +165,20 @@ def test_estimate_is_the_largest_phase():
     assert estimate.largest_phase == "fp32 ONNX session"
     assert estimate.peak_bytes - max(estimate.phases.values()) == RUNTIME_BYTES
     assert 7e9 < estimate.peak_bytes < 9e9  # the fp32 session: 4 bytes x 1.54e9 parameters, plus the runtime
+
+
+def test_in_memory_estimate_counts_a_graph_written_inline():
+    shapes = {"model.embed_tokens.weight": (1000, 64), **{f"model.layers.{i}.q.weight": (64, 64) for i in range(2)}}
+    weights = 4 * (1000 * 64 + 2 * 64 * 64)
+    inline = SimpleNamespace(quantize="none", external_threshold_bytes=weights)
+    estimate = estimate_in_memory(shapes, in_order(["onnx"]), inline)
+    assert estimate.largest_phase == "ONNX graph written inline"
+    assert estimate.phases["ONNX graph written inline"] == int((1 + INLINE_WRITE_FACTOR) * weights)
+    assert estimate.peak_bytes == RUNTIME_BYTES + estimate.phases["ONNX graph written inline"]
+    assert estimate_in_memory(shapes, in_order(["genai"]), inline).largest_phase == "ONNX graph written inline"  # genai requires onnx
+    assert estimate_in_memory(shapes, in_order(["hf"]), inline).largest_phase == "fp32 model copies"
+    external = SimpleNamespace(quantize="none", external_threshold_bytes=weights - 1)
+    assert estimate_in_memory(shapes, in_order(["onnx"]), external).phases.keys() == {"fp32 model copies"}
 
 
 def test_heap_calls_fork_no_child_that_would_inflate_the_peak():

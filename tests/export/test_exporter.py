@@ -283,3 +283,13 @@ def exporter_model_dir():
     from lorasp_edge.sources import resolve_model
 
     return resolve_model("smollm2-135m")
+
+
+def test_quantization_flags_without_a_quantized_graph_are_refused(tmp_path):
+    # --keep-8bit and --block-size change only a quantized graph: without one they would be ignored.
+    for extra, message in (({"keep_8bit": "none"}, "--keep-8bit is for --quantize int4, not --quantize int8"),
+                           ({"block_size": 64, "quantize": "none"}, "--block-size 64 is for --quantize int8 or int4")):
+        settings = ExportSettings(adapter=tmp_path, out=tmp_path / "o", format="onnx", **{"quantize": "int8", **extra})
+        assert [p for p in settings.problems() if p.startswith(message)], settings.problems()
+    same_mix = ExportSettings(adapter=tmp_path, out=tmp_path / "o", format="onnx", quantize="int8", keep_8bit="up_proj,v_proj,down_proj")
+    assert not [p for p in same_mix.problems() if "--keep-8bit" in p]  # the default mix in another order changes nothing

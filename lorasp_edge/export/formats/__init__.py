@@ -9,6 +9,8 @@ Each format is one module in this folder holding an `ExportFormat`, its facts:
     disk_bytes      (parameters, settings) -> bytes its files take, for the disk check before any work
     memory_phases   (shapes, settings, budget) -> the resident sets of its phases over a streamed
                     source (lorasp_edge.export.memory), and the fp32 graph's layer slices when it has one
+    in_memory_phases  (shapes, settings) -> its phases over the in-memory source that can exceed the
+                    source's own fp32 copies (a graph written inline)
     streams         whether it writes from a streamed source (weights read by key, context.weights)
     requires        formats whose files it reads: written first, removed again when not asked for
     unsupported     "module:function" taking a transformers config: why a model cannot take it

@@ -15,6 +15,10 @@ def no_phases(shapes, settings, budget) -> tuple[dict[str, int], int | None]:
     return {}, None
 
 
+def no_in_memory_phases(shapes, settings) -> dict[str, int]:
+    return {}
+
+
 @dataclass(frozen=True)
 class ExportFormat:
     name: str
@@ -26,6 +30,7 @@ class ExportFormat:
     flags: tuple[str, ...] = ()
     flag_problems: Callable[[object], list[str]] = no_problems
     memory_phases: Callable = no_phases
+    in_memory_phases: Callable = no_in_memory_phases
     unsupported: str | None = None  # "module:function" taking a transformers config
     adapter_writer: str | None = None  # "module:function" for --adapter-only
     adapter_refusal: str = "has no run-time adapter form"

@@ -68,9 +68,7 @@ def choose(settings, formats, model_name: str, base_bits: int | None, config, sa
     folder, why_not = stream_folder(model_name, base_bits, formats)
     if settings.source == "streamed" and folder is None:
         raise UserError(f"--source streamed: {why_not}")
-    # An ONNX graph under the external-data threshold is written inline from the in-memory source.
-    writes_graph = any(item.name == "onnx" or "onnx" in item.requires for item in formats)
-    in_memory = memory.estimate_in_memory(shapes, settings.external_threshold_bytes if writes_graph else 0)
+    in_memory = memory.estimate_in_memory(shapes, formats, settings)
     streamed = memory.estimate_streamed(base_float_shapes(folder, base_bits), formats, settings, budget) if folder is not None else None
     kind = pick(settings.source, in_memory.peak_bytes, streamed.peak_bytes if streamed else None, budget)
     estimate = streamed if kind == "streamed" else in_memory
