@@ -19,8 +19,10 @@ tokens (the constants of lorasp_edge/export/memory.py).
 
     python tools/export_memory.py --genai /scratch/exp05/out/genai
 
-measures one onnxruntime-genai model over an exported genai folder (pre-packing on, as the export's
-check opens it): resident set before, once open, after a 32-token greedy run (GENAI_SESSION_FACTOR).
+measures one onnxruntime-genai model over an exported genai folder as the export's check opens it
+(pre-packing off for the fp32 folder, on for a quantized one; `--genai-prepacked FOLDER` keeps it on,
+as a user's onnxruntime-genai does): resident set before, once open, after a 32-token greedy run, and
+the high-water mark over the weights (lorasp_edge/export/memory.py: GENAI_SESSION_FACTOR, SESSION_FACTOR).
 
     python tools/export_memory.py --inline-graph smollm2-135m      (or a model folder)
 
@@ -106,21 +108,25 @@ def session_memory(folder: Path) -> dict:
     return result
 
 
-def genai_memory(folder: Path) -> dict:
-    """One onnxruntime-genai model over an exported genai folder, as the export's check opens it."""
+def genai_memory(folder: Path, prepack: bool | None = None) -> dict:
+    """One onnxruntime-genai model over an exported genai folder, as the export's check opens it
+    (pre-packing off for the fp32 folder `genai`, on for `genai-int8`/`genai-int4`; `prepack` overrides)."""
     import psutil
 
     from lorasp_edge.export.genai import GenaiModel
 
+    prepack = folder.name != "genai" if prepack is None else prepack
     process = psutil.Process()
     gb = lambda: round(process.memory_info().rss / 1e9, 2)
     weights = sum(p.stat().st_size for p in folder.glob("model.onnx*"))
+    Path("/proc/self/clear_refs").write_text("5")  # reset the kernel's high-water mark (VmHWM) to the resident set
     before = gb()
-    model = GenaiModel(folder)
+    model = GenaiModel(folder, prepack=prepack)
     opened = gb()
     model.greedy(list(range(100, 116)), 32)
-    return {"data_gb": round(weights / 1e9, 2), "rss_before_gb": before, "rss_open_gb": opened, "rss_after_greedy_gb": gb(),
-            "open_over_weights": round((opened - before) * 1e9 / weights, 2)}
+    peak = int(next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM")).split()[1]) * 1024
+    return {"pre_packing": prepack, "data_gb": round(weights / 1e9, 2), "rss_before_gb": before, "rss_open_gb": opened,
+            "rss_after_greedy_gb": gb(), "peak_gb": round(peak / 1e9, 2), "peak_over_weights": round((peak / 1e9 - before) * 1e9 / weights, 2)}
 
 
 def inline_graph_memory(model_name: str) -> dict:
@@ -150,6 +156,7 @@ def inline_graph_memory(model_name: str) -> dict:
 
 def main() -> None:
     modes = {"--session": lambda folder: session_memory(Path(folder)), "--genai": lambda folder: genai_memory(Path(folder)),
+             "--genai-prepacked": lambda folder: genai_memory(Path(folder), prepack=True),
              "--inline-graph": inline_graph_memory}
     if len(sys.argv) == 3 and sys.argv[1] in modes:
         print(json.dumps(modes[sys.argv[1]](sys.argv[2]), indent=2))

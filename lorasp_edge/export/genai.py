@@ -150,7 +150,10 @@ def write_genai(context: ExportContext) -> None:
 class GenaiModel:
     """onnxruntime-genai over a folder: teacher-forced logits, its own greedy search."""
 
-    def __init__(self, folder: str | Path, threads: int | None = None, max_length: int = 2048):
+    def __init__(self, folder: str | Path, threads: int | None = None, max_length: int = 2048, prepack: bool = True):
+        """`prepack=False` opens the graph with onnxruntime's weight pre-packing off: fp32 MatMul then
+        reads its weights from the mapped model.onnx_data instead of a packed copy of each (far less
+        resident, lorasp_edge/export/memory.py), at the same tokens."""
         if not available():
             raise UserError(f"{folder}: running a genai folder needs onnxruntime-genai: {INSTALL_HINT}")
         import onnxruntime_genai as og
@@ -158,10 +161,16 @@ class GenaiModel:
         self.og = og
         self.generator = None
         self.max_length = max_length  # prompt + new tokens, for `prefill`
+        # onnxruntime-genai passes session_options keys it does not know to onnxruntime's AddConfigEntry
+        options: dict = {}
+        if threads:
+            options["intra_op_num_threads"] = threads
+        if not prepack:
+            options["session.disable_prepacking"] = "1"
         try:
             config = og.Config(str(folder))
-            if threads:
-                config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+            if options:
+                config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
             self.model = og.Model(config)
         except RuntimeError as error:  # onnxruntime-genai's load errors (missing file, bad config)
             raise UserError(f"{folder}: onnxruntime-genai cannot load it ({str(error).splitlines()[0]})") from None
@@ -208,9 +217,12 @@ def verify_genai(folder: Path, context: ExportContext, bits: int) -> dict:
     import onnxruntime_genai as og
 
     prompt = context.ids[: agreement.PROMPT_TOKENS]
-    runtime = GenaiModel(folder)
+    # The fp32 graph is checked with pre-packing off (pre-packing is a layout copy of every MatMul
+    # weight; the products are the same, summed in another order): it is the largest model an export opens. A quantized graph keeps it on, since
+    # MatMulNBits packs its blocks for the integer kernels users run.
+    runtime = GenaiModel(folder, prepack=bits != 32)
     continuation = agreement.greedy_continuation(context.merged, prompt)
-    record: dict = {"runtime": f"onnxruntime-genai {og.__version__}"}
+    record: dict = {"runtime": f"onnxruntime-genai {og.__version__}", "pre_packing": bits != 32}
     if bits == 32:
         greedy = runtime.greedy(prompt, GREEDY_TOKENS)
         # Equal up to GREEDY_TOKENS tokens, or up to an EOS where the runtime stopped.

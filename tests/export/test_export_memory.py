@@ -16,6 +16,7 @@ from lorasp_edge.cli import main
 from lorasp_edge.export.sources.layered import LayerStreamed
 from lorasp_edge.export.sources.weights import FolderWeights, ModelWeights
 from lorasp_edge.export.memory import (
+    GENAI_SESSION_FACTOR,
     INLINE_WRITE_FACTOR,
     RUNTIME_BYTES,
     SESSION_FACTOR,
@@ -165,6 +166,13 @@ def test_estimate_is_the_largest_phase():
     assert estimate.largest_phase == "fp32 ONNX session"
     assert estimate.peak_bytes - max(estimate.phases.values()) == RUNTIME_BYTES
     assert 7e9 < estimate.peak_bytes < 9e9  # the fp32 session: 4 bytes x 1.54e9 parameters, plus the runtime
+    # onnxruntime-genai checks the fp32 graph with pre-packing off: an onnxruntime session's factor, not
+    # its pre-packed 1.3x, so the genai export of this shape estimates what the onnx export does (under 8 GB)
+    with_genai = estimate_streamed(shapes, in_order(["onnx", "genai"]), SimpleNamespace(quantize="int4"))
+    parameters = shapes_summary(shapes)[0]
+    fp32_genai = with_genai.phases["onnxruntime-genai fp32 model"]
+    assert SESSION_FACTOR * 4 * parameters < fp32_genai < GENAI_SESSION_FACTOR * 4 * parameters
+    assert with_genai.peak_bytes == estimate.peak_bytes < 8e9
 
 
 def test_in_memory_estimate_counts_a_graph_written_inline():

@@ -5,6 +5,7 @@ import json
 import os
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from tiny import leftovers, make_model_dir, train_adapter
 from transformers import AutoConfig, GenerationConfig
@@ -55,6 +56,8 @@ def test_export_is_verified_by_onnxruntime_genai(tiny, tmp_path, monkeypatch):
     fp32, int8 = report.verification["genai"], report.verification["genai-int8"]
     assert fp32["greedy_equal"] and fp32["agreement"]["agreement"] >= 0.95 and fp32["agreement"]["positions"] == 128
     assert int8["agreement"]["positions"] == 128 and "greedy_equal" not in int8
+    # the fp32 graph is checked with pre-packing off (the largest model an export opens), int8 as users run it
+    assert (fp32["pre_packing"], int8["pre_packing"]) == (False, True)
     out = tmp_path / "out"
     # the genai folders reuse the ONNX graphs: the same file, not a second copy
     assert os.path.samefile(out / "genai" / "model.onnx", out / "onnx" / "model.onnx")
@@ -62,6 +65,9 @@ def test_export_is_verified_by_onnxruntime_genai(tiny, tmp_path, monkeypatch):
     model = genai.GenaiModel(out / "genai")
     ids = [5, 6, 7, 8]
     assert model.greedy(ids, 4) == genai.GenaiModel(out / "genai").greedy(ids, 4)
+    unpacked = genai.GenaiModel(out / "genai", prepack=False)
+    assert unpacked.greedy(ids, 4) == model.greedy(ids, 4)
+    assert np.allclose(unpacked.logits(ids), model.logits(ids), rtol=0, atol=1e-5)  # the same sums in another order
     assert (out / "genai" / "tokenizer.json").is_file() and (out / "genai" / "genai_config.json").is_file()
     # transformers 4.x adds token_type_ids (which generate() rejects) unless the inputs are declared
     tokenizer_config = json.loads((out / "onnx" / "tokenizer_config.json").read_text())
