@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from lorasp_edge.export import agreement
 from lorasp_edge.export.verify import held_out_ids, held_out_text, reference_logits, verification_batch
 
 PERPLEXITY_WINDOW = 512
@@ -60,6 +61,15 @@ class ExportContext:
     merged_folder: Path | None = None  # the merged Hugging Face folder the source wrote, if it wrote one
     is_merged: bool = True  # False: the adapter is unmerged (export --adapter-only)
     reference_record: dict = field(default_factory=dict)  # what the reference is, as a format's manifest record states it
+    continuation: list[int] | None = field(default=None, repr=False)  # see reference_continuation
+
+    def reference_continuation(self) -> list[int]:
+        """The reference's greedy tokens after the held-out prompt (agreement.PROMPT_TOKENS ids), which
+        every runtime's greedy agreement is measured against: computed once per export (a streamed
+        reference reads every weight from disk once a token)."""
+        if self.continuation is None:
+            self.continuation = agreement.greedy_continuation(self.model, self.ids[: agreement.PROMPT_TOKENS])
+        return self.continuation
 
     @property
     def merged(self):

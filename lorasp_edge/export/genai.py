@@ -221,7 +221,7 @@ def verify_genai(folder: Path, context: ExportContext, bits: int) -> dict:
     # weight; the products are the same, summed in another order): it is the largest model an export opens. A quantized graph keeps it on, since
     # MatMulNBits packs its blocks for the integer kernels users run.
     runtime = GenaiModel(folder, prepack=bits != 32)
-    continuation = agreement.greedy_continuation(context.merged, prompt)
+    continuation = context.reference_continuation()
     record: dict = {"runtime": f"onnxruntime-genai {og.__version__}", "pre_packing": bits != 32}
     if bits == 32:
         greedy = runtime.greedy(prompt, GREEDY_TOKENS)

@@ -90,7 +90,7 @@ def verify_gguf(path: Path, type_name: str, context: ExportContext, record: dict
     # Every PyTorch forward first, then llama.cpp: the two resident sets do not add up (a streamed
     # reference reads its weights from disk layer by layer; the runtime maps the whole file).
     say(f"scoring the PyTorch reference for the GGUF check ({label})")
-    continuation = agreement.greedy_continuation(merged, prompt)
+    continuation = context.reference_continuation()
     sequence = prompt + continuation[:GREEDY_TOKENS]
     x = torch.tensor([sequence])
     reference = reference_logits(merged, x, torch.ones_like(x))[0]
