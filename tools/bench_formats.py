@@ -18,7 +18,10 @@ be the bound stepper's (else the tool exits 1).
 Speed: batch 1, greedy, `--new-tokens` tokens after a chat prompt (EOS does not stop it), prefill
 included, the median of `--repeats` runs after one warm-up run, each runtime limited to
 `--threads` threads; token choice is lorasp-edge's own loop over each runtime's logits, as in
-`lorasp-edge generate`. Time to first token: the median of `--repeats` prefills of the first
+`lorasp-edge generate`. Read-bound ceiling: the machine's memory read bandwidth (`read_bandwidth`,
+`--threads` threads) over the file's bytes, what a decode could reach if reading each weight once a
+token were all it did; a format's speed against its own ceiling shows how much of a gap to another
+format is the bytes each reads. Time to first token: the median of `--repeats` prefills of the first
 `--ttft-tokens` held-out tokens (after one warm-up) up to the argmax of the last position's logits.
 Perplexity: the first `--eval-tokens` tokens of the Python language reference, windows of 512.
 Agreement: the share of 128 teacher-forced positions where the format's argmax is PyTorch fp32's
@@ -93,15 +96,33 @@ def first_token_seconds(stepper, prompt_ids: list[int], repeats: int) -> float:
     return statistics.median(times)
 
 
-def table(rows: list[tuple], header: str, ttft_tokens: int) -> str:
+def read_bandwidth(threads: int, gigabytes: float = 1.0, repeats: int = 5) -> float:
+    """Bytes per second this machine reads from memory with `threads` threads: the median of `repeats`
+    sums over a float32 array much larger than any cache (torch's reduction, vectorized and threaded)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    values = torch.ones(int(gigabytes * 1e9) // 4)
+    values.sum()  # pages touched, threads started
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        values.sum()
+        times.append(time.perf_counter() - start)
+    return values.numel() * 4 / statistics.median(times)
+
+
+def table(rows: list[tuple], header: str, ttft_tokens: int, bandwidth: float | None = None) -> str:
     """The Markdown table, then the speed ratios the targets name and those of the bound ONNX
     stepper over the numpy one (rows keyed by format name)."""
-    lines = [header, "", f"| format | tokens/s | first token, {ttft_tokens}-token prompt (ms) | size MB | perplexity | greedy agreement |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for _key, name, rate, seconds, size, value, agreed in rows:
+    ceiling = bandwidth is not None
+    lines = [header, "", f"| format | tokens/s | first token, {ttft_tokens}-token prompt (ms) | size MB | perplexity | greedy agreement |"
+             + (" read-bound ceiling, tokens/s |" if ceiling else ""), "| --- | --- | --- | --- | --- | --- |" + (" --- |" if ceiling else "")]
+    for key, name, rate, seconds, size, value, agreed in rows:
         rate = rate if isinstance(rate, str) else f"{rate:.1f}"
         seconds = seconds if isinstance(seconds, str) else f"{1000 * seconds:.0f}"
-        lines.append(f"| {name} | {rate} | {seconds} | {size / 1e6:.1f} | {value:.3f} | {agreed:.1%} |")
+        bound = f" {bandwidth / size:.1f} |" if ceiling and key != "pytorch" else (" - |" if ceiling else "")
+        lines.append(f"| {name} | {rate} | {seconds} | {size / 1e6:.1f} | {value:.3f} | {agreed:.1%} |{bound}")
     rates = {key: rate for key, _name, rate, *_ in rows if not isinstance(rate, str)}
     ratios = [f"{ours} / {theirs}: {rates[ours] / rates[theirs]:.2f}x" for ours, theirs in RATIOS if ours in rates and theirs in rates]
     if ratios:
@@ -109,6 +130,9 @@ def table(rows: list[tuple], header: str, ttft_tokens: int) -> str:
     bound = [f"{key}: {rates[key] / rates[key + NUMPY]:.2f}x" for key in rates if key + NUMPY in rates]
     if bound:
         lines += ["", "ONNX tokens/s, I/O-bound stepper over the numpy one: " + "; ".join(bound) + "."]
+    if ceiling:
+        lines += ["", f"Memory read bandwidth in this run: {bandwidth / 1e9:.1f} GB/s ({read_bandwidth.__name__}); the ceiling is "
+                  "that over the file's bytes, the rate of a decode that reads every weight once a token and does nothing else."]
     return "\n".join(lines) + "\n"
 
 
@@ -235,7 +259,7 @@ def main() -> int:
     if {"onnx-int8", "onnx-int4"} & set(wanted):
         header += (f" ONNX int8/int4: MatMulNBits block {args.block_size}, accuracy level {args.accuracy_level}; "
                    f"int4 keeps {', '.join(keep) or 'no linear layer'} at 8 bits; the lm_head at {args.head_bits} bits.")
-    text = table(rows, header, args.ttft_tokens)
+    text = table(rows, header, args.ttft_tokens, read_bandwidth(args.threads))
     print(text, end="")
     if mismatched:
         print(f"greedy ids of the numpy stepper differ from the bound one's: {', '.join(mismatched)}")
