@@ -24,6 +24,9 @@ Methods (`METHODS`; all but lorasp-r32 run by default):
     full          every parameter trained (fp32 weights), torch AdamW, FULL_LR
     lorasp-2xlr   LoRA-SP at twice the adapter lr (with half of each matrix frozen, a step updates half as many entries)
     lorasp-r32    LoRA-SP at rank 32: the trainable count of LoRA at rank 16 (not run by default)
+    offset, offset-2xlr, offset-r32-2xlr   LoRA-SP from the offset start (the trainer's default), at 1x/2x lr, rank 16/32
+    offset-2xlr-top-half   offset-2xlr on the last half of the decoder layers only (the backward stops below them)
+    plan-default  the rank, start, targets and layers `lorasp-edge plan` picks, 2x lr
 
 Equal budgets. For seed s every method reads the same packed blocks in the same order (one
 PackedStream over the training file shuffled with seed s), SEQ_LEN x BATCH tokens a step, the same
@@ -107,6 +110,7 @@ class Method:
     lr_scale: float = 1.0
     init: str = "zeros"  # LoRA-SP's B start (LoRASPConfig.init)
     plan_default: bool = False  # rank and init as `lorasp-edge plan` picks them by default (--prefer speed)
+    layer_share: float = 1.0  # adapters on the last round(share x layers) decoder layers, as the planner's layer choices
 
 
 METHODS = {
@@ -120,6 +124,9 @@ METHODS = {
     "offset": Method(f"LoRA-SP r{RANK}, offset init", "lorasp", RANK, init="offset"),
     "offset-2xlr": Method(f"LoRA-SP r{RANK}, offset init, 2x lr", "lorasp", RANK, lr_scale=2.0, init="offset"),
     "offset-r32-2xlr": Method(f"LoRA-SP r{2 * RANK}, offset init, 2x lr", "lorasp", 2 * RANK, lr_scale=2.0, init="offset"),
+    # The backward stops below the lowest adapted layer: what --prefer speed could buy with fewer layers.
+    "offset-2xlr-top-half": Method(f"LoRA-SP r{RANK}, offset init, 2x lr, last half of the layers", "lorasp", RANK, lr_scale=2.0,
+                                   init="offset", layer_share=0.5),
     # What a user gets: the rank and start the planner picks for this model, the trainer's lr ratio.
     "plan-default": Method("LoRA-SP, the plan's default (rank, init), 2x lr", "lorasp", 0, lr_scale=2.0, plan_default=True),
 }
@@ -173,6 +180,12 @@ def build(method: Method, seed: int, lr: float, task_name: str = "chat"):
     model = load_model("smollm2-135m", quant_bits=method.quant_bits, compute_dtype=weight_dtype, device="cpu")
     model.config.use_cache = False
     built = {"rank": method.rank, "init": method.init, "target_modules": "all-linear", "layers": None}
+    if method.layer_share < 1.0:  # PEFT takes a layer list only with the modules named
+        from lorasp_edge.families import family_of
+
+        count = model.config.num_hidden_layers
+        built["layers"] = list(range(count - max(1, round(method.layer_share * count)), count))
+        built["target_modules"] = sorted({name for name, _, _ in family_of(model.config).linears})
     if method.plan_default:
         built = plan_default(task_name)
     alpha = ALPHA_PER_RANK * built["rank"]

@@ -19,6 +19,8 @@ no target; the share is printed); both runs the two one after the other. Methods
   what the offset start (a held rank of 2r) costs in speed and memory;
 - lorasp-edge-peft-layer: the default plan with PEFT's own LoRA Linear put back in place of
   lorasp_edge.train.lora_linear.FusedLoraLinear: what the fused layer saves;
+- lorasp-edge-top-half: the default plan with adapters on the last half of the decoder layers only
+  (the backward stops below the lowest adapted layer): what adapting fewer layers would buy;
 - peft-bf16: PEFT LoraConfig(r=16, lora_alpha=32, target_modules="all-linear") on the base loaded in
   bf16, torch AdamW (fused=True on CUDA, torch's default on CPU), model(input_ids, labels).loss;
 - peft-fp32: the same on an fp32 base (a first PEFT script); qlora: the same on an NF4 base (CUDA).
@@ -44,7 +46,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 METHODS = ("lorasp-edge", "lorasp-edge-r16", "lorasp-edge-r16-compile", "lorasp-edge-zeros", "lorasp-edge-offset", "lorasp-edge-peft-layer",
-           "peft-bf16", "peft-fp32", "qlora")
+           "lorasp-edge-top-half", "peft-bf16", "peft-fp32", "qlora")
 CPU_METHODS = ("lorasp-edge", "lorasp-edge-r16", "peft-bf16", "peft-fp32")
 CUDA_METHODS = ("lorasp-edge", "lorasp-edge-r16", "peft-bf16", "qlora")
 LR = 2e-4
@@ -127,6 +129,8 @@ def run_lorasp(method: str, model: str, device, seq_len: int, batch: int, mem: i
     plan = plan_training(model=model, budget_bytes=mem, seq_len=seq_len, batch=batch, init=init, device=planned_on)
     if method.startswith("lorasp-edge-r16"):
         plan = dataclasses.replace(plan, rank=16, alpha=32.0)
+    if method == "lorasp-edge-top-half":  # adapters on the last half of the layers: the backward stops below them
+        plan = dataclasses.replace(plan, layers=plan.layers[len(plan.layers) // 2 :])
     peft_model = build_model(plan, model, device=device, compile_layers=method.endswith("-compile"))
     if method == "lorasp-edge-peft-layer":
         from peft.tuners.lora.layer import Linear as PeftLoraLinear
@@ -149,7 +153,7 @@ def run_lorasp(method: str, model: str, device, seq_len: int, batch: int, mem: i
         times.append(time.perf_counter() - started)
         losses.append(result["loss"])
     keys = ("quant_bits", "compute_dtype", "rank", "init", "micro_batch", "grad_accum", "gradient_checkpointing", "loss_chunk_tokens")
-    return {"times": times, "losses": losses, "plan": {key: getattr(plan, key) for key in keys}}
+    return {"times": times, "losses": losses, "plan": {**{key: getattr(plan, key) for key in keys}, "adapted_layers": len(plan.layers)}}
 
 
 def run_peft(method: str, model: str, device, data: list[dict]) -> dict:
