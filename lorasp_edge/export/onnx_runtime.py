@@ -113,6 +113,15 @@ class BoundDecoder:
                 self.binding.bind_ortvalue_input(past, value)
                 self.binding.bind_ortvalue_output(present, value)
         self.empty = np.zeros((1, decoder.kv_heads, 0, decoder.head_dim), np.float32)
+        # One-token steps write into these in place: the token and its position go in through OrtValues
+        # over arrays set before each run, and the logits come out into one preallocated row, so a step
+        # allocates nothing and reads no other output back (binding.get_outputs() wraps every present.i).
+        vocab = self.session.get_outputs()[0].shape[-1]
+        self.step_io = None
+        if self.shared and isinstance(vocab, int):
+            token, position, logits = np.zeros((1, 1), np.int64), np.zeros((1, 1), np.int64), np.zeros((1, 1, vocab), np.float32)
+            values = [ort.OrtValue.ortvalue_from_numpy(array) for array in (token, position, logits)]
+            self.step_io = (token, position, logits, *values)
         self.reset()
 
     def reset(self) -> None:
@@ -128,6 +137,15 @@ class BoundDecoder:
             raise ValueError(f"{self.length + len(token_ids)} positions do not fit the cache's {self.capacity}")
         start, self.length = self.length, self.length + len(token_ids)
         binding = self.binding
+        if self.step_io is not None and len(token_ids) == 1:
+            token, position, logits, token_value, position_value, logits_value = self.step_io
+            token[0, 0], position[0, 0] = token_ids[0], start
+            binding.bind_ortvalue_input("input_ids", token_value)
+            binding.bind_cpu_input("attention_mask", self.ones[:, : self.length])
+            binding.bind_ortvalue_input("position_ids", position_value)
+            binding.bind_ortvalue_output("logits", logits_value)
+            self.session.run_with_iobinding(binding)
+            return logits[0, -1].copy()
         binding.bind_cpu_input("input_ids", np.asarray([token_ids], np.int64))
         binding.bind_cpu_input("attention_mask", self.ones[:, : self.length])
         binding.bind_cpu_input("position_ids", self.positions[:, start : self.length])
