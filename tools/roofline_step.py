@@ -1,6 +1,7 @@
 """How close lorasp-edge's training step is to what its matmuls alone take on this machine.
 
     python tools/roofline_step.py [--task text|chat] [--steps 3] [--batch 4] [--seq-len 256] [--mem 8e9] [--json out.json]
+    python tools/roofline_step.py --plan-dtype float32      # the plan of a CPU without native bf16
     python tools/roofline_step.py --model-config qwen2.5-0.5b --device cuda
 
 One step of the planner's plan (build_model / build_optimizer / train_step, what `lorasp-edge train`
@@ -16,12 +17,13 @@ tools/bench_train.py uses (`--task`: plain text, or the README's chat task).
    Scaled dot-product attention kernels are not matrix products here and count as non-matmul time.
 3. The step. The median wall time of `--steps` steps after one warm-up, and the ratio step / floor.
 4. Where the rest goes: torch.profiler over one step, the top ops by self time that are not matrix
-   products (op name, ms per step, share of the step).
+   products (op name, ms per step, share of the step); `--by-shape` splits them by input shapes.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -101,12 +103,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up (median)")
     parser.add_argument("--gemm-reps", type=int, default=5)
     parser.add_argument("--top", type=int, default=12, help="non-matmul ops listed")
+    parser.add_argument("--plan-dtype", choices=("auto", "float32"), default="auto",
+                        help="float32: the plan a CPU without native bf16 gets (an AVX2 laptop's), here")
+    parser.add_argument("--by-shape", action="store_true", help="list the non-matmul ops by op and input shapes (record_shapes)")
     parser.add_argument("--json")
     args = parser.parse_args()
 
     from bench_train import blocks, random_model, split, write_chat_data, write_data
 
-    from lorasp_edge.plan.search import plan_training
+    from lorasp_edge.plan.search import local_device, plan_training
     from lorasp_edge.train.loop import build_model, build_optimizer
     from lorasp_edge.train.loss import ChunkedCausalLMLoss
     from lorasp_edge.train.step import train_step
@@ -115,7 +120,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         data = (write_chat_data if args.task == "chat" else write_data)(Path(folder) / "train.jsonl")
         model_name = str(random_model(args.model_config, Path(folder) / "model")) if args.model_config else args.model
-        plan = plan_training(model=model_name, budget_bytes=int(args.mem), seq_len=args.seq_len, batch=args.batch)
+        planned_on = dataclasses.replace(local_device(), bf16=False) if args.plan_dtype == "float32" else None
+        plan = plan_training(model=model_name, budget_bytes=int(args.mem), seq_len=args.seq_len, batch=args.batch, device=planned_on)
         step_batches = blocks(data, args.seq_len, args.batch, args.steps + 3)
         model = build_model(plan, model_name, device=device)
         optimizer = build_optimizer(model, lr=2e-4)
@@ -134,7 +140,7 @@ def main() -> None:
             started = time.perf_counter()
             run_step()
             step_times.append(time.perf_counter() - started)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=args.by_shape) as profiler:
             run_step()
 
     rows, floor, flops = [], 0.0, 0
@@ -147,7 +153,8 @@ def main() -> None:
                      "ms": seconds * count * 1e3, "gflop_per_s": work / seconds / 1e9})
     step = statistics.median(step_times)
     matmul_names = {f"aten::{name}" for name in MATMUL_OPS}
-    others = [event for event in profiler.key_averages() if event.key not in matmul_names and event.key.startswith("aten::")]
+    averages = profiler.key_averages(group_by_input_shape=args.by_shape)
+    others = [event for event in averages if event.key not in matmul_names and event.key.startswith("aten::")]
     others.sort(key=lambda event: -event.self_cpu_time_total)
     tokens = args.seq_len * args.batch
     print(f"{args.model_config or args.model} on {args.device}, {args.task} data, batch {args.batch} x {args.seq_len}; plan: "
@@ -161,7 +168,8 @@ def main() -> None:
     print("\n| top non-matmul op | ms per step | share of step |\n|---|---:|---:|")
     for event in others[: args.top]:
         ms = event.self_cpu_time_total / 1e3
-        print(f"| {event.key} | {ms:.1f} | {ms / (step * 1e3):.1%} |")
+        name = f"{event.key} {event.input_shapes} x{event.count}" if args.by_shape else event.key
+        print(f"| {name} | {ms:.1f} | {ms / (step * 1e3):.1%} |")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "task": args.task, "step_s": step, "step_times": step_times, "floor_s": floor, "matmul_gflop": flops / 1e9,
