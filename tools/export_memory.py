@@ -22,7 +22,7 @@ tokens (the constants of lorasp_edge/export/memory.py).
 measures one onnxruntime-genai model over an exported genai folder as the export's check opens it
 (pre-packing off for the fp32 folder, on for a quantized one; `--genai-prepacked FOLDER` keeps it on,
 as a user's onnxruntime-genai does): resident set before, once open, after a 32-token greedy run, and
-the high-water mark over the weights (lorasp_edge/export/memory.py: GENAI_SESSION_FACTOR, SESSION_FACTOR).
+the high-water mark over the weights (lorasp_edge/export/memory.py: GENAI_QUANTIZED_FACTOR, SESSION_FACTOR).
 
     python tools/export_memory.py --inline-graph smollm2-135m      (or a model folder)
 

@@ -33,10 +33,13 @@ RUNTIME_BYTES = 900 << 20  # resident set just before the fp32 session opened (1
 SESSION_FACTOR = 1.05  # onnxruntime CPU session (pre-packing off) over its initializers: 2.05 GB for 1.98 GB (0.5B, --session)
 # onnxruntime-genai keeps onnxruntime's weight pre-packing on: its model over Qwen2.5-0.5B's fp32 graph
 # (1.98 GB of weights in model.onnx_data) peaked 1.30x the weights above the resident set before it
-# opened (tools/export_memory.py --genai-prepacked). The quantized graphs are checked that way; the
-# fp32 graph is checked with pre-packing off (export/genai.py), which peaked at 1.03x (--genai), under
-# SESSION_FACTOR, the term used for it.
-GENAI_SESSION_FACTOR = 1.3
+# opened (tools/export_memory.py --genai-prepacked). The export's check opens the fp32 graph with
+# pre-packing off (export/genai.py): 1.03x (--genai), under SESSION_FACTOR, the term used for it.
+# Over a quantized graph (MatMulNBits packs its blocks): Qwen2.5-1.5B's int4 genai folder peaked 2.44
+# GB over the resident set before it opened, 1.54x its 1.58 GB of files (--genai); the phase is this
+# factor over quantized_graph_bytes plus a scoring piece (2.73 GB for that folder). Held out:
+# SmolLM2-135M's int4 genai folder measured 0.32 GB, estimated 0.33.
+GENAI_QUANTIZED_FACTOR = 1.55
 # Perplexity window: one forward over it added 0.83 GB (0.5B, --session) and 1.14 GB (1.5B run) to
 # the session, 2.7x and 3.7x its fp32 logits (window x vocab x 4 bytes); 4x is the term used. The
 # PyTorch reference still runs whole windows; a session scores them in pieces of ONNX_PIECE_ROWS
@@ -51,7 +54,6 @@ ACTIVATION_WINDOW = 512
 INLINE_WRITE_FACTOR = 6.0
 PIECE_LOGITS_FACTOR = 5
 IN_MEMORY_FACTOR = 4.0  # in-memory path: base, merged copy, graph and session (Qwen2.5-1.5B: 24.3 GB / 6.2 GB, measured with the earlier traced graph: an upper bound)
-QUANT_BYTES_PER_PARAMETER = {"int8": 1.1, "int4": 0.8}  # int4 keeps v/up/down and the lm_head at 8 bits
 
 
 @dataclass
@@ -89,6 +91,24 @@ def shapes_summary(shapes: dict[str, tuple[int, ...]]) -> tuple[int, int, int, i
         if "embed" in key and len(shape) == 2:
             vocab = max(vocab, shape[0])
     return parameters, largest, max(units.values(), default=0), vocab
+
+
+def quantized_graph_bytes(shapes: dict[str, tuple[int, ...]], quantize: str, keep_8bit: tuple[str, ...], block_size: int) -> int:
+    """Weight bytes of the int8/int4 graph, from the checkpoint's shapes as onnx_build writes it: each
+    decoder linear at its bits (int4 keeps `keep_8bit` at 8), the vocabulary table and lm_head at
+    HEAD_BITS, vectors (norms, biases) in fp32."""
+    from lorasp_edge.export.quantize import HEAD_BITS, quantized_bytes
+
+    total = 0
+    for key, shape in shapes.items():
+        if len(shape) != 2:
+            total += 4 * math.prod(shape)
+        elif _layer_of(key) is None:
+            total += quantized_bytes(*shape, HEAD_BITS, block_size)
+        else:
+            name = key.rsplit(".", 2)[-2]  # model.layers.3.mlp.up_proj.weight -> up_proj
+            total += quantized_bytes(*shape, 8 if quantize == "int8" or name in keep_8bit else 4, block_size)
+    return total
 
 
 def slice_parameters(shapes: dict[str, tuple[int, ...]], count: int) -> list[int]:
@@ -152,7 +172,8 @@ def estimate_streamed(shapes: dict[str, tuple[int, ...]], formats, settings, bud
     return ExportEstimate(RUNTIME_BYTES + max(phases.values()), phases, slices)
 
 
-def onnx_phases(shapes: dict[str, tuple[int, ...]], quantize: str, budget_bytes: int | None) -> tuple[dict[str, int], int]:
+def onnx_phases(shapes: dict[str, tuple[int, ...]], quantize: str, budget_bytes: int | None, keep_8bit: tuple[str, ...] = (),
+                block_size: int = 32) -> tuple[dict[str, int], int]:
     """The onnx format's phases over a streamed source, and the layer slices its fp32 session takes."""
     parameters, largest, _, vocab = shapes_summary(shapes)
     piece = _piece_bytes(vocab)
@@ -161,17 +182,18 @@ def onnx_phases(shapes: dict[str, tuple[int, ...]], quantize: str, budget_bytes:
     phases = {session: int(SESSION_FACTOR * 4 * max(slice_parameters(shapes, slices))) + piece}
     if quantize != "none":  # the quantizer reads one fp32 weight and writes its blocks
         phases["quantize"] = 2 * 4 * largest
-        phases[f"{quantize} ONNX session"] = int(SESSION_FACTOR * QUANT_BYTES_PER_PARAMETER[quantize] * parameters) + piece
+        phases[f"{quantize} ONNX session"] = int(SESSION_FACTOR * quantized_graph_bytes(shapes, quantize, keep_8bit, block_size)) + piece
     return phases, slices
 
 
-def genai_phases(shapes: dict[str, tuple[int, ...]], quantize: str) -> dict[str, int]:
+def genai_phases(shapes: dict[str, tuple[int, ...]], quantize: str, keep_8bit: tuple[str, ...] = (), block_size: int = 32) -> dict[str, int]:
     """onnxruntime-genai opens each graph whole (no layer slices), one at a time, with a generator's
-    cache; the fp32 graph with pre-packing off."""
+    cache; the fp32 graph with pre-packing off, a quantized one pre-packed."""
     parameters, _, _, vocab = shapes_summary(shapes)
     phases = {"onnxruntime-genai fp32 model": int(SESSION_FACTOR * 4 * parameters) + _piece_bytes(vocab)}
     if quantize != "none":
-        phases[f"onnxruntime-genai {quantize} model"] = int(GENAI_SESSION_FACTOR * QUANT_BYTES_PER_PARAMETER[quantize] * parameters) + _piece_bytes(vocab)
+        quantized = quantized_graph_bytes(shapes, quantize, keep_8bit, block_size)
+        phases[f"onnxruntime-genai {quantize} model"] = int(GENAI_QUANTIZED_FACTOR * quantized) + _piece_bytes(vocab)
     return phases
 
 

@@ -16,13 +16,14 @@ from lorasp_edge.cli import main
 from lorasp_edge.export.sources.layered import LayerStreamed
 from lorasp_edge.export.sources.weights import FolderWeights, ModelWeights
 from lorasp_edge.export.memory import (
-    GENAI_SESSION_FACTOR,
+    GENAI_QUANTIZED_FACTOR,
     INLINE_WRITE_FACTOR,
     RUNTIME_BYTES,
     SESSION_FACTOR,
     _piece_bytes,
     estimate_in_memory,
     estimate_streamed,
+    quantized_graph_bytes,
     session_slices,
     shapes_summary,
     slice_parameters,
@@ -170,9 +171,20 @@ def test_estimate_is_the_largest_phase():
     # its pre-packed 1.3x, so the genai export of this shape estimates what the onnx export does (under 8 GB)
     with_genai = estimate_streamed(shapes, in_order(["onnx", "genai"]), SimpleNamespace(quantize="int4"))
     parameters = shapes_summary(shapes)[0]
-    fp32_genai = with_genai.phases["onnxruntime-genai fp32 model"]
-    assert SESSION_FACTOR * 4 * parameters < fp32_genai < GENAI_SESSION_FACTOR * 4 * parameters
+    assert with_genai.phases["onnxruntime-genai fp32 model"] == int(SESSION_FACTOR * 4 * parameters) + _piece_bytes(vocab)
+    int4 = quantized_graph_bytes(shapes, "int4", ("v_proj", "down_proj", "up_proj"), 32)
+    assert with_genai.phases["onnxruntime-genai int4 model"] == int(GENAI_QUANTIZED_FACTOR * int4) + _piece_bytes(vocab)
     assert with_genai.peak_bytes == estimate.peak_bytes < 8e9
+
+
+def test_quantized_graph_bytes_count_each_weight_at_its_bits():
+    # one layer: q (4-bit in the int4 mix), v (kept at 8), a norm (fp32); a tied table (8-bit head)
+    shapes = {"model.layers.0.self_attn.q_proj.weight": (64, 64), "model.layers.0.self_attn.v_proj.weight": (32, 64),
+              "model.layers.0.input_layernorm.weight": (64,), "model.embed_tokens.weight": (100, 64)}
+    # per row of 64 inputs in blocks of 32: 2 blocks x (packed bytes + a 4-byte scale) + the zero points' bytes
+    int4_row, int8_row = 2 * (16 + 4) + 1, 2 * (32 + 4) + 2
+    assert quantized_graph_bytes(shapes, "int4", ("v_proj",), 32) == 64 * int4_row + 32 * int8_row + 4 * 64 + 100 * int8_row
+    assert quantized_graph_bytes(shapes, "int8", (), 32) == (64 + 32 + 100) * int8_row + 4 * 64
 
 
 def test_in_memory_estimate_counts_a_graph_written_inline():
