@@ -27,7 +27,6 @@ same gradient as one big batch.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -83,7 +82,35 @@ class ChunkedCausalLMLoss(nn.Module):
         logits = self.lm_head(hidden).float()
         if self.logit_softcap:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
-        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        return SummedCrossEntropy.apply(logits, targets)
+
+
+class SummedCrossEntropy(torch.autograd.Function):
+    """sum_i -log softmax(logits_i)[targets_i], its backward in place over the saved log-probabilities.
+
+    F.cross_entropy's backward fills a zero (rows, vocab) gradient, scatters -grad into it, and
+    log_softmax's backward then writes a third (rows, vocab) tensor. The gradient is softmax - onehot,
+    times the incoming grad: here exp_ and mul_ over the saved log-probabilities (which nothing else
+    reads) and one subtraction per row, so backward allocates no (rows, vocab) tensor. Targets must all
+    be valid (ChunkedCausalLMLoss drops IGNORE_INDEX before the loss). The saved tensor is consumed:
+    a second backward through the same graph raises."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        log_probs = torch.log_softmax(logits, dim=-1)
+        ctx.save_for_backward(log_probs, targets)
+        ctx.consumed = False
+        return -log_probs.gather(1, targets.unsqueeze(1)).sum()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if ctx.consumed:
+            raise RuntimeError("SummedCrossEntropy's backward reuses its saved log-probabilities in place: it runs once per forward")
+        ctx.consumed = True
+        log_probs, targets = ctx.saved_tensors
+        gradient = log_probs.exp_().mul_(grad)
+        gradient[torch.arange(targets.numel(), device=targets.device), targets] -= grad
+        return gradient, None
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -66,3 +66,20 @@ def test_lm_head_runs_only_at_targets_with_the_same_loss_and_gradients():
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
     for name, param in model.named_parameters():
         torch.testing.assert_close(ours[name], param.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_summed_cross_entropy_equals_torch_and_runs_backward_once():
+    from lorasp_edge.train.loss import SummedCrossEntropy
+
+    torch.manual_seed(0)
+    logits = (torch.randn(37, 1000) * 4).requires_grad_()
+    targets = torch.randint(0, 1000, (37,))
+    expected = torch.nn.functional.cross_entropy(logits, targets, reduction="sum") / 11
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    ours = SummedCrossEntropy.apply(logits, targets) / 11  # a scaled incoming gradient, as the trainer's normalizer gives
+    (grad,) = torch.autograd.grad(ours, logits, retain_graph=True)
+    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-7)
+    assert abs(float(grad.sum())) < 1e-5  # each row: softmax minus one-hot sums to zero
+    with pytest.raises(RuntimeError, match="runs once per forward"):
+        torch.autograd.grad(ours, logits)
