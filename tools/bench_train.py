@@ -19,6 +19,8 @@ no target; the share is printed); both runs the two one after the other. Methods
   what the offset start (a held rank of 2r) costs in speed and memory;
 - lorasp-edge-peft-layer: the default plan with PEFT's own LoRA Linear put back in place of
   lorasp_edge.train.lora_linear.FusedLoraLinear: what the fused layer saves;
+- lorasp-edge-torch-ce: the default plan with torch's F.cross_entropy in place of the loss's own
+  (lorasp_edge.train.loss.SummedCrossEntropy, whose backward works in place): what that saves;
 - lorasp-edge-top-half: the default plan with adapters on the last half of the decoder layers only
   (the backward stops below the lowest adapted layer): what adapting fewer layers would buy;
 - peft-bf16: PEFT LoraConfig(r=16, lora_alpha=32, target_modules="all-linear") on the base loaded in
@@ -46,7 +48,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 METHODS = ("lorasp-edge", "lorasp-edge-r16", "lorasp-edge-r16-compile", "lorasp-edge-zeros", "lorasp-edge-offset", "lorasp-edge-peft-layer",
-           "lorasp-edge-top-half", "peft-bf16", "peft-fp32", "qlora")
+           "lorasp-edge-top-half", "lorasp-edge-torch-ce", "peft-bf16", "peft-fp32", "qlora")
 CPU_METHODS = ("lorasp-edge", "lorasp-edge-r16", "peft-bf16", "peft-fp32")
 CUDA_METHODS = ("lorasp-edge", "lorasp-edge-r16", "peft-bf16", "qlora")
 LR = 2e-4
@@ -144,6 +146,13 @@ def run_lorasp(method: str, model: str, device, seq_len: int, batch: int, mem: i
     from lorasp_edge.train.loss import ChunkedCausalLMLoss
 
     loss_module = ChunkedCausalLMLoss(peft_model, chunk_tokens=plan.loss_chunk_tokens)
+    if method == "lorasp-edge-torch-ce":  # torch's cross_entropy in place of the loss's own backward
+        import torch.nn.functional as F
+
+        def torch_chunk_loss(hidden, targets):
+            return F.cross_entropy(loss_module.lm_head(hidden).float(), targets, reduction="sum")
+
+        loss_module._chunk_loss = torch_chunk_loss
     times, losses = [], []
     for step_batch in data:
         sync(device)
