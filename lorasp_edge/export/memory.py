@@ -95,19 +95,19 @@ def shapes_summary(shapes: dict[str, tuple[int, ...]]) -> tuple[int, int, int, i
 
 def quantized_graph_bytes(shapes: dict[str, tuple[int, ...]], quantize: str, keep_8bit: tuple[str, ...], block_size: int) -> int:
     """Weight bytes of the int8/int4 graph, from the checkpoint's shapes as onnx_build writes it: each
-    decoder linear at its bits (int4 keeps `keep_8bit` at 8), the vocabulary table and lm_head at
-    HEAD_BITS, vectors (norms, biases) in fp32."""
-    from lorasp_edge.export.quantize import HEAD_BITS, quantized_bytes
+    decoder linear at its bits (quantize.linear_bits: int4 keeps `keep_8bit` at 8), the vocabulary
+    table and lm_head at HEAD_BITS, vectors (norms, biases) in fp32."""
+    from lorasp_edge.export.quantize import HEAD_BITS, linear_bits, quantized_bytes
 
+    bits = {"int8": 8, "int4": 4}[quantize]
     total = 0
     for key, shape in shapes.items():
         if len(shape) != 2:
             total += 4 * math.prod(shape)
         elif _layer_of(key) is None:
             total += quantized_bytes(*shape, HEAD_BITS, block_size)
-        else:
-            name = key.rsplit(".", 2)[-2]  # model.layers.3.mlp.up_proj.weight -> up_proj
-            total += quantized_bytes(*shape, 8 if quantize == "int8" or name in keep_8bit else 4, block_size)
+        else:  # model.layers.3.mlp.up_proj.weight -> up_proj
+            total += quantized_bytes(*shape, linear_bits(key.rsplit(".", 2)[-2], bits, keep_8bit), block_size)
     return total
 
 
@@ -172,8 +172,8 @@ def estimate_streamed(shapes: dict[str, tuple[int, ...]], formats, settings, bud
     return ExportEstimate(RUNTIME_BYTES + max(phases.values()), phases, slices)
 
 
-def onnx_phases(shapes: dict[str, tuple[int, ...]], quantize: str, budget_bytes: int | None, keep_8bit: tuple[str, ...] = (),
-                block_size: int = 32) -> tuple[dict[str, int], int]:
+def onnx_phases(shapes: dict[str, tuple[int, ...]], quantize: str, budget_bytes: int | None, keep_8bit: tuple[str, ...],
+                block_size: int) -> tuple[dict[str, int], int]:
     """The onnx format's phases over a streamed source, and the layer slices its fp32 session takes."""
     parameters, largest, _, vocab = shapes_summary(shapes)
     piece = _piece_bytes(vocab)
@@ -186,7 +186,7 @@ def onnx_phases(shapes: dict[str, tuple[int, ...]], quantize: str, budget_bytes:
     return phases, slices
 
 
-def genai_phases(shapes: dict[str, tuple[int, ...]], quantize: str, keep_8bit: tuple[str, ...] = (), block_size: int = 32) -> dict[str, int]:
+def genai_phases(shapes: dict[str, tuple[int, ...]], quantize: str, keep_8bit: tuple[str, ...], block_size: int) -> dict[str, int]:
     """onnxruntime-genai opens each graph whole (no layer slices), one at a time, with a generator's
     cache; the fp32 graph with pre-packing off, a quantized one pre-packed."""
     parameters, _, _, vocab = shapes_summary(shapes)

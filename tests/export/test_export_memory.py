@@ -156,6 +156,10 @@ def test_mem_too_small_exits_2_with_the_estimate(tied_qwen, tmp_path, capsys):
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
 
 
+# the export's settings as the onnx and genai formats read them: --quantize int4, the default mix and block
+INT4 = SimpleNamespace(quantize="int4", keep_8bit="v_proj,down_proj,up_proj", block_size=32)
+
+
 def test_estimate_is_the_largest_phase():
     # Qwen2.5-1.5B's shapes (tied): 28 layers, hidden 1536, intermediate 8960, vocab 151936, kv 256
     layer = {"q": (1536, 1536), "k": (256, 1536), "v": (256, 1536), "o": (1536, 1536), "g": (8960, 1536), "u": (8960, 1536), "d": (1536, 8960)}
@@ -163,16 +167,17 @@ def test_estimate_is_the_largest_phase():
     shapes["model.embed_tokens.weight"] = (151936, 1536)
     _, largest, unit, vocab = shapes_summary(shapes)
     assert largest == 151936 * 1536 and vocab == 151936 and unit == 151936 * 1536
-    estimate = estimate_streamed(shapes, in_order(["onnx"]), SimpleNamespace(quantize="int4"))
+    estimate = estimate_streamed(shapes, in_order(["onnx"]), INT4)
     assert estimate.largest_phase == "fp32 ONNX session"
     assert estimate.peak_bytes - max(estimate.phases.values()) == RUNTIME_BYTES
     assert 7e9 < estimate.peak_bytes < 9e9  # the fp32 session: 4 bytes x 1.54e9 parameters, plus the runtime
     # onnxruntime-genai checks the fp32 graph with pre-packing off: an onnxruntime session's factor, not
     # its pre-packed 1.3x, so the genai export of this shape estimates what the onnx export does (under 8 GB)
-    with_genai = estimate_streamed(shapes, in_order(["onnx", "genai"]), SimpleNamespace(quantize="int4"))
+    with_genai = estimate_streamed(shapes, in_order(["onnx", "genai"]), INT4)
     parameters = shapes_summary(shapes)[0]
     assert with_genai.phases["onnxruntime-genai fp32 model"] == int(SESSION_FACTOR * 4 * parameters) + _piece_bytes(vocab)
     int4 = quantized_graph_bytes(shapes, "int4", ("v_proj", "down_proj", "up_proj"), 32)
+    assert int4 < quantized_graph_bytes(shapes, "int8", (), 32) < 4 * parameters
     assert with_genai.phases["onnxruntime-genai int4 model"] == int(GENAI_QUANTIZED_FACTOR * int4) + _piece_bytes(vocab)
     assert with_genai.peak_bytes == estimate.peak_bytes < 8e9
 
@@ -286,7 +291,7 @@ def test_session_slices_are_the_fewest_that_fit():
     assert session_slices(shapes, int(needs(260)) - 1) == 3
     assert session_slices(shapes, int(needs(200)) - 1) == 4
     assert session_slices(shapes, 1) == 4  # nothing fits: one layer each, and the estimate says it is over
-    estimate = estimate_streamed(shapes, in_order(["onnx"]), SimpleNamespace(quantize="none"), budget_bytes=int(needs(460)) - 1)
+    estimate = estimate_streamed(shapes, in_order(["onnx"]), SimpleNamespace(quantize="none", keep_8bit=INT4.keep_8bit, block_size=32), budget_bytes=int(needs(460)) - 1)
     assert estimate.session_slices == 2
     assert estimate.phases["fp32 ONNX session (2 layer slices)"] == int(SESSION_FACTOR * 4 * 260) + _piece_bytes(5)
 

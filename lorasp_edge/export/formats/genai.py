@@ -12,10 +12,10 @@ def disk_bytes(parameters: int, settings) -> int:
 
 
 def memory_phases(shapes, settings, budget):
-    from lorasp_edge.export.formats.onnx import block_size, int4_keep
+    from lorasp_edge.export.formats.onnx import keep_8bit
     from lorasp_edge.export.memory import genai_phases
 
-    return genai_phases(shapes, settings.quantize, int4_keep(settings), block_size(settings)), None
+    return genai_phases(shapes, settings.quantize, keep_8bit(settings), settings.block_size), None
 
 
 FORMAT = ExportFormat(

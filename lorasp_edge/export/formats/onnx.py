@@ -48,16 +48,7 @@ def disk_bytes(parameters: int, settings) -> int:
 def memory_phases(shapes, settings, budget):
     from lorasp_edge.export.memory import onnx_phases
 
-    return onnx_phases(shapes, settings.quantize, budget, int4_keep(settings), block_size(settings))
-
-
-def block_size(settings) -> int:
-    return getattr(settings, "block_size", None) or _defaults()[1]
-
-
-def int4_keep(settings) -> tuple[str, ...]:
-    """What an int4 graph keeps at 8 bits: `--keep-8bit`, or the builder's default mix."""
-    return keep_8bit(settings) if getattr(settings, "keep_8bit", None) is not None else _defaults()[0]
+    return onnx_phases(shapes, settings.quantize, budget, keep_8bit(settings), settings.block_size)
 
 
 def in_memory_phases(shapes, settings):
