@@ -191,8 +191,7 @@ def main() -> int:
         root = Path(scratch)
         context = model_context(model, tokenizer, root, eval_tokens=args.eval_tokens)
         ids, window = context.ids, context.window
-        prompt = ids[: agreement.PROMPT_TOKENS]
-        continuation = agreement.greedy_continuation(model, prompt)
+        prompt, continuation = ids[: agreement.PROMPT_TOKENS], context.reference_continuation()
         prompt_ids = encode_prompt(tokenizer, PROMPT, chat=bool(getattr(tokenizer, "chat_template", None)))
         long_ids = ids[: args.ttft_tokens]
         if len(long_ids) < args.ttft_tokens:

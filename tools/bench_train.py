@@ -147,10 +147,14 @@ def run_lorasp(method: str, model: str, device, seq_len: int, batch: int, mem: i
 
     loss_module = ChunkedCausalLMLoss(peft_model, chunk_tokens=plan.loss_chunk_tokens)
     if method == "lorasp-edge-torch-ce":  # torch's cross_entropy in place of the loss's own backward
+        import torch
         import torch.nn.functional as F
 
-        def torch_chunk_loss(hidden, targets):
-            return F.cross_entropy(loss_module.lm_head(hidden).float(), targets, reduction="sum")
+        def torch_chunk_loss(hidden, targets):  # ChunkedCausalLMLoss._chunk_loss with F.cross_entropy
+            logits = loss_module.lm_head(hidden).float()
+            if loss_module.logit_softcap:
+                logits = torch.tanh(logits / loss_module.logit_softcap) * loss_module.logit_softcap
+            return F.cross_entropy(logits, targets, reduction="sum")
 
         loss_module._chunk_loss = torch_chunk_loss
     times, losses = [], []

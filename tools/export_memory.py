@@ -20,7 +20,7 @@ tokens (the constants of lorasp_edge/export/memory.py).
     python tools/export_memory.py --genai /scratch/exp05/out/genai
 
 measures one onnxruntime-genai model over an exported genai folder as the export's check opens it
-(pre-packing off for the fp32 folder, on for a quantized one; `--genai-prepacked FOLDER` keeps it on,
+(pre-packing off for an fp32 graph, on for a quantized one, MatMulNBits in the graph; `--genai-prepacked FOLDER` keeps it on,
 as a user's onnxruntime-genai does): resident set before, once open, after a 32-token greedy run, and
 the high-water mark over the weights (lorasp_edge/export/memory.py: GENAI_QUANTIZED_FACTOR, SESSION_FACTOR).
 
@@ -108,25 +108,40 @@ def session_memory(folder: Path) -> dict:
     return result
 
 
+def reset_high_water_mark() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # the kernel's high-water mark (VmHWM) back to the resident set
+
+
+def high_water_mark() -> int:
+    return int(next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM")).split()[1]) * 1024
+
+
+def quantized_graph(folder: Path) -> bool:
+    """Whether the folder's graph holds MatMulNBits (the rule the export's check opens it by)."""
+    import onnx
+
+    return any(node.op_type == "MatMulNBits" for node in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node)
+
+
 def genai_memory(folder: Path, prepack: bool | None = None) -> dict:
     """One onnxruntime-genai model over an exported genai folder, as the export's check opens it
-    (pre-packing off for the fp32 folder `genai`, on for `genai-int8`/`genai-int4`; `prepack` overrides)."""
+    (pre-packing off for an fp32 graph, on for a quantized one; `prepack` overrides)."""
     import psutil
 
     from lorasp_edge.export.genai import GenaiModel
 
-    prepack = folder.name != "genai" if prepack is None else prepack
+    prepack = quantized_graph(folder) if prepack is None else prepack
     process = psutil.Process()
     gb = lambda: round(process.memory_info().rss / 1e9, 2)
     weights = sum(p.stat().st_size for p in folder.glob("model.onnx*"))
-    Path("/proc/self/clear_refs").write_text("5")  # reset the kernel's high-water mark (VmHWM) to the resident set
-    before = gb()
+    reset_high_water_mark()
+    before = process.memory_info().rss
     model = GenaiModel(folder, prepack=prepack)
     opened = gb()
     model.greedy(list(range(100, 116)), 32)
-    peak = int(next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM")).split()[1]) * 1024
-    return {"pre_packing": prepack, "data_gb": round(weights / 1e9, 2), "rss_before_gb": before, "rss_open_gb": opened,
-            "rss_after_greedy_gb": gb(), "peak_gb": round(peak / 1e9, 2), "peak_over_weights": round((peak / 1e9 - before) * 1e9 / weights, 2)}
+    peak = high_water_mark()
+    return {"pre_packing": prepack, "data_gb": round(weights / 1e9, 2), "rss_before_gb": round(before / 1e9, 2), "rss_open_gb": opened,
+            "rss_after_greedy_gb": gb(), "peak_gb": round(peak / 1e9, 2), "peak_over_weights": round((peak - before) / weights, 2)}
 
 
 def inline_graph_memory(model_name: str) -> dict:
@@ -143,13 +158,13 @@ def inline_graph_memory(model_name: str) -> dict:
 
     model = load_model(model_name, device="cpu", compute_dtype=torch.float32).eval()
     process = psutil.Process()
-    Path("/proc/self/clear_refs").write_text("5")  # reset the kernel's high-water mark (VmHWM) to the resident set
+    reset_high_water_mark()
     before = process.memory_info().rss
     with tempfile.TemporaryDirectory(prefix="inline-graph-") as folder:
         path = build_decoder(model.config, ModelWeights(model), Path(folder), external_threshold_bytes=PROTOBUF_LIMIT_BYTES)
         inline = not (Path(folder) / ONNX_DATA_FILE).exists()
         size = path.stat().st_size
-    peak = int(next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM")).split()[1]) * 1024
+    peak = high_water_mark()
     return {"model": model_name, "inline": inline, "file_gb": round(size / 1e9, 3), "rss_before_gb": round(before / 1e9, 2),
             "peak_gb": round(peak / 1e9, 2), "write_over_file": round((peak - before) / size, 2)}
 

@@ -217,9 +217,9 @@ def verify_genai(folder: Path, context: ExportContext, bits: int) -> dict:
     import onnxruntime_genai as og
 
     prompt = context.ids[: agreement.PROMPT_TOKENS]
-    # The fp32 graph is checked with pre-packing off (pre-packing is a layout copy of every MatMul
-    # weight; the products are the same, summed in another order): it is the largest model an export opens. A quantized graph keeps it on, since
-    # MatMulNBits packs its blocks for the integer kernels users run.
+    # The fp32 graph, the largest model an export opens, is checked with pre-packing off (a layout copy
+    # of every MatMul weight: the same products, summed in another order). A quantized graph keeps it
+    # on: MatMulNBits packs its blocks for the integer kernels users run.
     runtime = GenaiModel(folder, prepack=bits != 32)
     continuation = context.reference_continuation()
     record: dict = {"runtime": f"onnxruntime-genai {og.__version__}", "pre_packing": bits != 32}

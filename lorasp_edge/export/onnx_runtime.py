@@ -117,11 +117,13 @@ class BoundDecoder:
         # over arrays set before each run, and the logits come out into one preallocated row, so a step
         # allocates nothing and reads no other output back (binding.get_outputs() wraps every present.i).
         vocab = self.session.get_outputs()[0].shape[-1]
-        self.step_io = None
-        if self.shared and isinstance(vocab, int):
-            token, position, logits = np.zeros((1, 1), np.int64), np.zeros((1, 1), np.int64), np.zeros((1, 1, vocab), np.float32)
-            values = [ort.OrtValue.ortvalue_from_numpy(array) for array in (token, position, logits)]
-            self.step_io = (token, position, logits, *values)
+        self.steps_in_place = self.shared and isinstance(vocab, int)
+        if self.steps_in_place:
+            self.step_token, self.step_position = np.zeros((1, 1), np.int64), np.zeros((1, 1), np.int64)
+            self.step_logits = np.zeros((1, 1, vocab), np.float32)
+            # OrtValues over these arrays' memory (no copy): setting an array sets what the graph reads
+            self.step_values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in
+                                (("input_ids", self.step_token), ("position_ids", self.step_position), ("logits", self.step_logits))}
         self.reset()
 
     def reset(self) -> None:
@@ -137,15 +139,14 @@ class BoundDecoder:
             raise ValueError(f"{self.length + len(token_ids)} positions do not fit the cache's {self.capacity}")
         start, self.length = self.length, self.length + len(token_ids)
         binding = self.binding
-        if self.step_io is not None and len(token_ids) == 1:
-            token, position, logits, token_value, position_value, logits_value = self.step_io
-            token[0, 0], position[0, 0] = token_ids[0], start
-            binding.bind_ortvalue_input("input_ids", token_value)
+        if self.steps_in_place and len(token_ids) == 1:
+            self.step_token[0, 0], self.step_position[0, 0] = token_ids[0], start
+            binding.bind_ortvalue_input("input_ids", self.step_values["input_ids"])
             binding.bind_cpu_input("attention_mask", self.ones[:, : self.length])
-            binding.bind_ortvalue_input("position_ids", position_value)
-            binding.bind_ortvalue_output("logits", logits_value)
+            binding.bind_ortvalue_input("position_ids", self.step_values["position_ids"])
+            binding.bind_ortvalue_output("logits", self.step_values["logits"])
             self.session.run_with_iobinding(binding)
-            return logits[0, -1].copy()
+            return self.step_logits[0, -1].copy()
         binding.bind_cpu_input("input_ids", np.asarray([token_ids], np.int64))
         binding.bind_cpu_input("attention_mask", self.ones[:, : self.length])
         binding.bind_cpu_input("position_ids", self.positions[:, start : self.length])

@@ -66,7 +66,7 @@ def test_in_place_cache_is_one_buffer_written_by_the_graph(graphs):
     bound([7])
     logits, *outputs = bound.binding.get_outputs()  # logits, then present.* as onnxruntime returns them
     assert [value.data_ptr() for value in outputs] == before  # the bound buffers, not copies
-    row = bound.step_io[2]  # a one-token step writes its logits into the preallocated row
+    row = bound.step_logits  # a one-token step writes its logits into the preallocated row
     assert logits.data_ptr() == row.ctypes.data and row.shape == (1, 1, 120)
     assert all(value.shape() == [1, 2, 32, 16] for value in outputs)
     # the first len(PROMPT) + 1 slots hold what the growing cache holds after the same two forwards
