@@ -19,6 +19,9 @@ no target; the share is printed); both runs the two one after the other. Methods
   what the offset start (a held rank of 2r) costs in speed and memory;
 - lorasp-edge-peft-layer: the default plan with PEFT's own LoRA Linear put back in place of
   lorasp_edge.train.lora_linear.FusedLoraLinear: what the fused layer saves;
+- lorasp-edge-three-ops: the default plan with the fused layer's forward as three autograd ops
+  (base linear, A, then addmm) in place of lorasp_edge.train.lora_linear.LoraLinearFunction: what
+  the one function's backward saves;
 - lorasp-edge-torch-ce: the default plan with torch's F.cross_entropy in place of the loss's own
   (lorasp_edge.train.loss.SummedCrossEntropy, whose backward works in place): what that saves;
 - lorasp-edge-top-half: the default plan with adapters on the last half of the decoder layers only
@@ -48,7 +51,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 METHODS = ("lorasp-edge", "lorasp-edge-r16", "lorasp-edge-r16-compile", "lorasp-edge-zeros", "lorasp-edge-offset", "lorasp-edge-peft-layer",
-           "lorasp-edge-top-half", "lorasp-edge-torch-ce", "peft-bf16", "peft-fp32", "qlora")
+           "lorasp-edge-three-ops", "lorasp-edge-top-half", "lorasp-edge-torch-ce", "peft-bf16", "peft-fp32", "qlora")
 CPU_METHODS = ("lorasp-edge", "lorasp-edge-r16", "peft-bf16", "peft-fp32")
 CUDA_METHODS = ("lorasp-edge", "lorasp-edge-r16", "peft-bf16", "qlora")
 LR = 2e-4
@@ -142,6 +145,10 @@ def run_lorasp(method: str, model: str, device, seq_len: int, batch: int, mem: i
         for layer in lora_layers(peft_model).values():  # the fused layer is a subclass that changes forward only
             if type(layer).__name__ == "FusedLoraLinear":
                 layer.__class__ = PeftLoraLinear
+    if method == "lorasp-edge-three-ops":
+        from lorasp_edge.train.lora_linear import FusedLoraLinear
+
+        FusedLoraLinear._one_function = lambda self, name: False
     optimizer = build_optimizer(peft_model, lr=LR)
     from lorasp_edge.train.loss import ChunkedCausalLMLoss
 

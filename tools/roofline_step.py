@@ -9,7 +9,7 @@ runs) on the bundled SmolLM2-135M-Instruct (or a random-init model of a catalog 
 tools/bench_train.py uses (`--task`: plain text, or the README's chat task).
 
 1. Matmul work. A TorchDispatchMode records every matrix product the step runs (aten mm, addmm,
-   bmm, baddbmm: lm_head, the base linears, LoRA A and B, attention where it is not fused, forward
+   addmm_, bmm, baddbmm: lm_head, the base linears, LoRA A and B, attention where it is not fused, forward
    and backward), with its shapes and dtype; FLOPs = 2 M N K each (times the batch for bmm).
 2. The floor. Each distinct (op, shapes, dtype) is timed alone on this machine (median of
    `--gemm-reps` runs after a warm-up) and multiplied by how often the step ran it: the time the
@@ -35,13 +35,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-MATMUL_OPS = ("mm", "addmm", "bmm", "baddbmm")
+MATMUL_OPS = ("mm", "addmm", "addmm_", "bmm", "baddbmm")
 
 
 def matmul_flops(op: str, shapes: tuple[tuple[int, ...], ...]) -> int:
-    """2 M N K for mm/addmm (addmm's first input is the bias), times the batch for bmm/baddbmm."""
-    first, second = (shapes[1], shapes[2]) if op in ("addmm", "baddbmm") else (shapes[0], shapes[1])
-    if op in ("mm", "addmm"):
+    """2 M N K for mm/addmm/addmm_ (addmm's first input is the bias, or the output addmm_ adds to),
+    times the batch for bmm/baddbmm."""
+    first, second = (shapes[1], shapes[2]) if op in ("addmm", "addmm_", "baddbmm") else (shapes[0], shapes[1])
+    if op in ("mm", "addmm", "addmm_"):
         return 2 * first[0] * first[1] * second[1]
     return 2 * first[0] * first[1] * first[2] * second[2]
 

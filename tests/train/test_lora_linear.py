@@ -124,3 +124,40 @@ def test_lorasp_model_equals_its_peft_twin(init):
         losses.append((float(loss), m.lorasp_store.values.grad.clone()))
     assert losses[0][0] == pytest.approx(losses[1][0], rel=1e-6)
     torch.testing.assert_close(losses[0][1], losses[1][1], rtol=1e-4, atol=1e-7)
+
+
+def test_one_function_equals_the_three_ops_with_a_bias():
+    """LoraLinearFunction against base linear + A + addmm as separate autograd ops, fp32, with a bias."""
+    from lorasp_edge.train.lora_linear import LoraLinearFunction
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 24, generator=generator, requires_grad=True)
+    weight, bias = torch.randn(40, 24, generator=generator), torch.randn(40, generator=generator)
+    a = torch.randn(4, 24, generator=generator, requires_grad=True)
+    b = torch.randn(40, 4, generator=generator, requires_grad=True)
+    out = LoraLinearFunction.apply(x, weight, bias, a, b, 2.0)
+    grad = torch.randn(out.shape, generator=generator)
+    fused = torch.autograd.grad(out, (x, a, b), grad)
+    reference_out = torch.nn.functional.linear(x, weight, bias) + 2.0 * (x @ a.t()) @ b.t()
+    reference = torch.autograd.grad(reference_out, (x, a, b), grad)
+    torch.testing.assert_close(out, reference_out, rtol=1e-5, atol=1e-5)
+    for got, want in zip(fused, reference):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # An input that needs no gradient (the first layer's, under a frozen embedding) gets none computed.
+    out = LoraLinearFunction.apply(x.detach(), weight, None, a, b, 2.0)
+    assert out.grad_fn is not None and len(torch.autograd.grad(out.sum(), (a, b))) == 2
+
+
+def test_the_model_runs_the_one_function_where_it_applies():
+    _, fused = twins()
+    layer = next(iter(lora_layers(fused).values()))
+    x = torch.randn(2, 3, layer.in_features)
+    assert type(layer(x).grad_fn).__name__ == "LoraLinearFunctionBackward"
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's casts, then the function in bf16
+        out = layer(x.bfloat16())
+    assert out.dtype == torch.bfloat16 and type(out.grad_fn).__name__ == "LoraLinearFunctionBackward"
+    out.float().sum().backward()
+    assert {p.grad.dtype for n, p in layer.named_parameters() if "lora_" in n} == {torch.float32}
+    _, with_dropout = twins(dropout=0.5)  # A reads a dropped-out input: the three ops
+    layer = next(iter(lora_layers(with_dropout).values()))
+    assert type(layer(x).grad_fn).__name__ != "LoraLinearFunctionBackward"
