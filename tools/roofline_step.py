@@ -17,7 +17,8 @@ tools/bench_train.py uses (`--task`: plain text, or the README's chat task).
    Scaled dot-product attention kernels are not matrix products here and count as non-matmul time.
 3. The step. The median wall time of `--steps` steps after one warm-up, and the ratio step / floor.
 4. Where the rest goes: torch.profiler over one step, the top ops by self time that are not matrix
-   products (op name, ms per step, share of the step); `--by-shape` splits them by input shapes.
+   products (aten ops, and bitsandbytes' dequantization on a 4/8-bit base; op name, ms per step,
+   share of the step); `--by-shape` splits them by input shapes.
 """
 
 from __future__ import annotations
@@ -155,7 +156,8 @@ def main() -> None:
     step = statistics.median(step_times)
     matmul_names = {f"aten::{name}" for name in MATMUL_OPS}
     averages = profiler.key_averages(group_by_input_shape=args.by_shape)
-    others = [event for event in averages if event.key not in matmul_names and event.key.startswith("aten::")]
+    # bitsandbytes' ops (a 4/8-bit base's dequantization) are torch custom ops outside aten.
+    others = [event for event in averages if event.key not in matmul_names and event.key.startswith(("aten::", "bitsandbytes::"))]
     others.sort(key=lambda event: -event.self_cpu_time_total)
     tokens = args.seq_len * args.batch
     print(f"{args.model_config or args.model} on {args.device}, {args.task} data, batch {args.batch} x {args.seq_len}; plan: "

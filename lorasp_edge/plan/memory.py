@@ -346,12 +346,11 @@ def _int8_inputs(arch: Architecture, setting: Candidate, tokens: int) -> int:
 
 
 def loss_bytes(arch: Architecture, setting: Candidate) -> int:
-    """The chunked loss (lorasp_edge.loss): lm_head + fp32 cross-entropy over `chunk` tokens at a
-    time, recomputed in backward. At the chunk's backward peak three fp32 chunk x V tensors live:
-    the saved log-softmax, the gradient nll_loss hands back and the gradient log-softmax makes
-    (the compute-dtype logits are freed by then: .float() keeps no input)."""
+    """The chunked loss (lorasp_edge.train.loss), `chunk` tokens at a time: two fp32 chunk x V
+    tensors when log-softmax writes beside the fp32 logits (.float() keeps no input; the backward
+    works in place). Gemma 2's soft cap keeps tanh's output beside them: three."""
     chunk = min(setting.loss_chunk_tokens, setting.micro_batch * (setting.seq_len - 1))
-    return chunk * arch.vocab_size * 12
+    return chunk * arch.vocab_size * (12 if arch.family.logit_softcap else 8)
 
 
 def saved_with_grad_bytes(activations: dict[str, int], setting: Candidate) -> int:
