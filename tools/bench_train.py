@@ -148,7 +148,7 @@ def run_lorasp(method: str, model: str, device, seq_len: int, batch: int, mem: i
     if method == "lorasp-edge-three-ops":
         from lorasp_edge.train.lora_linear import FusedLoraLinear
 
-        FusedLoraLinear._one_function = lambda self, name: False
+        FusedLoraLinear._plain_adapter = lambda self, name: False  # the float layer's three-op path
     optimizer = build_optimizer(peft_model, lr=LR)
     from lorasp_edge.train.loss import ChunkedCausalLMLoss
 

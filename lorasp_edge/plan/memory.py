@@ -242,13 +242,13 @@ def _linear_groups(arch: Architecture) -> list[tuple[int, list[str]]]:
 
 def linear_input_bytes(arch: Architecture, setting: Candidate, tokens: int) -> int:
     """Inputs kept for the linears' backward, per layer. A frozen float linear keeps no input.
-    LoRA's A needs its input: on a float base the tensor the base layer read (shared by q, k and v;
-    train.lora_linear never casts it); on a 4/8-bit base PEFT's layer casts x to the fp32 adapter
-    dtype under bf16 autocast and autocast casts it back, a compute-dtype copy per adapted module.
+    LoRA's A needs its input: on a float or 4-bit base the tensor the base layer read (shared by q,
+    k and v; train.lora_linear never casts it); on an 8-bit base PEFT's layer casts x to the fp32
+    adapter dtype under bf16 autocast and autocast casts it back, a compute-dtype copy per module.
     bitsandbytes' 8-bit matmul keeps its input on ctx (`ctx.A = A`), outside autograd's saved
     tensors, so checkpointing does not free it. LoRA's B keeps A's output: T x r."""
     c = DTYPE_BYTES[setting.compute_dtype]
-    mixed = c != LORA_BYTES and setting.quant_bits in (4, 8)  # PEFT's layer: a cast copy per module
+    mixed = c != LORA_BYTES and setting.quant_bits == 8  # PEFT's layer: a cast copy per module
     kept = 0
     for group, (width, names) in enumerate(_linear_groups(arch)):
         adapted = [name for name in names if name in setting.target_modules]

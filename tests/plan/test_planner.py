@@ -174,10 +174,13 @@ def test_activations_bf16_share_the_input_on_a_float_base():
     assert per_layer == norms + attention + mlp + inputs
 
 
-def test_inputs_bf16_keep_a_copy_per_adapted_module_on_a_quantized_base():
-    # PEFT's own layer (4/8-bit bases) casts x to the fp32 adapter dtype; autocast casts it back: a copy each.
-    kept = memory.linear_input_bytes(TINY, tiny_setting(compute_dtype="bfloat16", quant_bits=4), 64)
-    assert kept == (3 * 64 + 64 + 2 * 64 + 128) * 64 * 2 + 7 * 64 * 8 * 2
+def test_inputs_bf16_keep_a_copy_per_adapted_module_on_an_8bit_base():
+    # PEFT's own layer (8-bit bases) casts x to the fp32 adapter dtype; autocast casts it back: a copy each.
+    kept = memory.linear_input_bytes(TINY, tiny_setting(compute_dtype="bfloat16", quant_bits=8), 64)
+    assert kept == (64 + 64 + 128) * 64 * 2 + (3 * 64 + 64 + 2 * 64 + 128) * 64 * 2 + 7 * 64 * 8 * 2
+    # The fused 4-bit layer (train.lora_linear) shares the input the base read, as on a float base.
+    four = memory.linear_input_bytes(TINY, tiny_setting(compute_dtype="bfloat16", quant_bits=4), 64)
+    assert four == memory.linear_input_bytes(TINY, tiny_setting(compute_dtype="bfloat16"), 64)
 
 
 def test_int8_inputs_survive_checkpointing():

@@ -161,3 +161,54 @@ def test_the_model_runs_the_one_function_where_it_applies():
     _, with_dropout = twins(dropout=0.5)  # A reads a dropped-out input: the three ops
     layer = next(iter(lora_layers(with_dropout).values()))
     assert type(layer(x).grad_fn).__name__ != "LoraLinearFunctionBackward"
+
+
+def _quantized_twins(tmp_path, compute_dtype=torch.float32):
+    """A LoRA-SP model on a 4-bit base with the fused 4-bit layer, and the same with PEFT's put back."""
+    from lorasp_edge.models import load_model
+    from lorasp_edge.train.lora_linear import FusedLoraLinear4bit, PeftLoraLinear4bit
+
+    tiny_llama(hidden_size=64, intermediate_size=128).save_pretrained(tmp_path / "base")
+    base = load_model(str(tmp_path / "base"), quant_bits=4, compute_dtype=compute_dtype, device="cpu")
+    model = apply_lorasp(base, LoRASPConfig(rank=4, alpha=8, init="offset", seed=2))
+    assert {type(layer) for layer in lora_layers(model).values()} == {FusedLoraLinear4bit}
+    twin = copy.deepcopy(model)
+    for layer in lora_layers(twin).values():
+        layer.__class__ = PeftLoraLinear4bit
+    return model, twin
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+def test_4bit_one_function_equals_peft_layer(tmp_path, compute_dtype):
+    """The same NF4 weights dequantized the same way: the loss and LoRA-SP gradient of PEFT's 4-bit
+    layer. fp32: to rounding. bf16 (under autocast, as a bf16 plan trains): PEFT rounds the adapter's
+    output, its scaled copy and the sum in bf16, addmm_ once, so to bf16 rounding."""
+    model, twin = _quantized_twins(tmp_path, compute_dtype)
+    x = tokens()
+    results = []
+    for m in (model, twin):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute_dtype == torch.bfloat16):
+            out = m(x, labels=x)
+            probe = next(iter(lora_layers(m).values()))
+            grad_fn = type(probe(torch.randn(2, probe.in_features, dtype=compute_dtype)).grad_fn).__name__
+        out.loss.backward()
+        results.append((float(out.loss), m.lorasp_store.values.grad.clone(), grad_fn))
+    assert results[0][2] == "LoraLinearFunctionBackward" and results[1][2] != "LoraLinearFunctionBackward"
+    if compute_dtype == torch.float32:
+        assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+        torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-7)
+    else:
+        assert results[0][0] == pytest.approx(results[1][0], rel=1e-2)
+        assert float((results[0][1] - results[1][1]).norm() / results[1][1].norm()) < 0.05
+
+
+def test_4bit_layer_outside_training_is_peft_forward(tmp_path):
+    model, twin = _quantized_twins(tmp_path)
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, twin(x).logits, rtol=0, atol=0)
+    # Under bf16 autocast over an fp32-compute base, bitsandbytes computes in fp32: PEFT's forward.
+    layer = next(iter(lora_layers(model).values()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer._compute_dtype(torch.zeros(2, layer.in_features, dtype=torch.bfloat16)) is None
+    assert layer._compute_dtype(torch.zeros(2, layer.in_features)) == torch.float32
