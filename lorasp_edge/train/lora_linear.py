@@ -29,9 +29,9 @@ so the losses and gradients agree with PEFT's up to the summation order inside t
 (tested). Measured in docs/performance.md (tools/bench_train.py, PEFT's layer against this one).
 
 Float nn.Linear bases take this layer, and bitsandbytes 4-bit ones its 4-bit twin
-(`custom_modules`); 8-bit bases and GPT-2's Conv1D keep PEFT's own. Anything this forward does not cover (adapters disabled or merged, several active
-adapters, mixed-batch adapter names, LoRA variants such as DoRA, a dtype mismatch outside autocast)
-goes through PEFT's forward unchanged.
+(`custom_modules`); 8-bit bases and GPT-2's Conv1D keep PEFT's own. Anything this forward does
+not cover (adapters disabled or merged, several active adapters, mixed-batch adapter names, LoRA
+variants such as DoRA, a dtype mismatch outside autocast) goes through PEFT's forward unchanged.
 """
 
 from __future__ import annotations
