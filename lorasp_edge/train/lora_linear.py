@@ -108,9 +108,11 @@ if PeftLoraLinear4bit is not None:
         compute dtype), PEFT's forward runs unchanged."""
 
         def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-            name = self.active_adapters[0] if self.active_adapters else None
+            if not torch.is_grad_enabled() or not self._fusable(x, kwargs):
+                return super().forward(x, *args, **kwargs)
+            name = self.active_adapters[0]
             dtype = self._compute_dtype(x)
-            if dtype is None or not torch.is_grad_enabled() or not self._fusable(x, kwargs) or not self._plain_adapter(name):
+            if dtype is None or not self._plain_adapter(name):
                 return super().forward(x, *args, **kwargs)
             import bitsandbytes.functional as bnb_functional
 
@@ -138,11 +140,11 @@ else:
 
 class LoraLinearFunction(torch.autograd.Function):
     """x W^T + bias + s (x A^T) B^T over a frozen W and bias, its backward without the extra passes
-    (module docstring). All tensors in one dtype; x may have any leading shape. With `dequantize`
-    (weight None), W is made by that call in forward and again in backward, never kept."""
+    (module docstring). All tensors in one dtype; x may have any leading shape. `dequantize` is None
+    for a float W; otherwise (weight None) it makes W, in forward and again in backward, never kept."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, dequantize=None):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, dequantize):
         rows = x.reshape(-1, x.shape[-1])
         h = rows @ lora_a.t()
         full = dequantize() if dequantize is not None else weight  # a 4-bit base: made again in backward
@@ -155,7 +157,7 @@ class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, lora_a, lora_b, h = ctx.saved_tensors
-        needs_x, _, _, needs_a, needs_b = ctx.needs_input_grad[:5]
+        needs_x, _, _, needs_a, needs_b, _, _ = ctx.needs_input_grad
         grad = grad.reshape(-1, grad.shape[-1])
         grad_x = grad_a = grad_b = None
         if needs_b:
@@ -167,7 +169,7 @@ class LoraLinearFunction(torch.autograd.Function):
             if needs_x:
                 full = ctx.dequantize() if ctx.dequantize is not None else weight
                 grad_x = (grad_h @ lora_a).addmm_(grad, full).view(x.shape)
-        return (grad_x, None, None, grad_a, grad_b) + (None,) * (len(ctx.needs_input_grad) - 5)
+        return grad_x, None, None, grad_a, grad_b, None, None
 
 
 def quantized_layers(model: nn.Module) -> bool:

@@ -135,7 +135,7 @@ def test_one_function_equals_the_three_ops_with_a_bias():
     weight, bias = torch.randn(40, 24, generator=generator), torch.randn(40, generator=generator)
     a = torch.randn(4, 24, generator=generator, requires_grad=True)
     b = torch.randn(40, 4, generator=generator, requires_grad=True)
-    out = LoraLinearFunction.apply(x, weight, bias, a, b, 2.0)
+    out = LoraLinearFunction.apply(x, weight, bias, a, b, 2.0, None)
     grad = torch.randn(out.shape, generator=generator)
     fused = torch.autograd.grad(out, (x, a, b), grad)
     reference_out = torch.nn.functional.linear(x, weight, bias) + 2.0 * (x @ a.t()) @ b.t()
@@ -143,9 +143,15 @@ def test_one_function_equals_the_three_ops_with_a_bias():
     torch.testing.assert_close(out, reference_out, rtol=1e-5, atol=1e-5)
     for got, want in zip(fused, reference):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    # An input that needs no gradient (the first layer's, under a frozen embedding) gets none computed.
-    out = LoraLinearFunction.apply(x.detach(), weight, None, a, b, 2.0)
-    assert out.grad_fn is not None and len(torch.autograd.grad(out.sum(), (a, b))) == 2
+    # An input that needs no gradient (the first layer's, under a frozen embedding): A's and B's
+    # gradients are the same without it.
+    out = LoraLinearFunction.apply(x.detach(), weight, bias, a, b, 2.0, None)
+    for got, want in zip(torch.autograd.grad(out, (a, b), grad), reference[1:]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # A weight made by `dequantize` (a 4-bit base) gives the same as the weight passed in.
+    out = LoraLinearFunction.apply(x, None, bias, a, b, 2.0, lambda: weight.clone())
+    for got, want in zip(torch.autograd.grad(out, (x, a, b), grad), reference):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_the_model_runs_the_one_function_where_it_applies():
